@@ -1,0 +1,59 @@
+"""Errors raised by shallowmark. One class per kind of failure, all under :class:`ShallowmarkError`.
+
+Each message names what was wrong and what the valid choices are, so a caller can fix the input
+without reading the source.
+"""
+
+from __future__ import annotations
+
+
+class ShallowmarkError(Exception):
+    """Base class of every error shallowmark raises on purpose."""
+
+
+class InvalidParameterError(ShallowmarkError, ValueError):
+    """A parameter is out of range or of the wrong kind (t* outside (0, 1), a negative strength...)."""
+
+
+class InvalidImageError(ShallowmarkError, ValueError):
+    """An image cannot be used: undecodable, too small, too large, wrong shape or dtype, NaN."""
+
+
+class InvalidShapeError(ShallowmarkError, ValueError):
+    """A latent or tensor has a shape the model or method does not accept."""
+
+
+class UnknownNameError(ShallowmarkError, KeyError):
+    """A name (backend, method, attack, descriptor...) is not registered. The message lists valid ones."""
+
+    def __init__(self, kind: str, name: str, valid):
+        self.kind, self.name, self.valid = kind, name, sorted(valid)
+        super().__init__(f"unknown {kind} {name!r}; valid choices: {', '.join(self.valid)}")
+
+    def __str__(self) -> str:  # KeyError would otherwise print the repr with quotes
+        return self.args[0]
+
+
+class KeyMaterialError(ShallowmarkError, ValueError):
+    """A key is malformed, too short, or was derived for another method."""
+
+
+class KeystoreError(ShallowmarkError):
+    """The keystore file cannot be read or written (wrong passphrase, tampered, bad format)."""
+
+
+class MissingDependencyError(ShallowmarkError, ImportError):
+    """An optional extra is needed for this feature. The message names the pip extra to install."""
+
+    def __init__(self, feature: str, extra: str, cause: Exception | None = None):
+        msg = f"{feature} needs the '{extra}' extra: pip install 'shallowmark[{extra}]'"
+        if cause is not None:
+            msg += f" ({cause})"
+        super().__init__(msg)
+
+
+def check_choice(kind: str, name: str, valid) -> str:
+    """Return ``name`` if it is in ``valid``; otherwise raise :class:`UnknownNameError` listing them."""
+    if name not in valid:
+        raise UnknownNameError(kind, name, valid)
+    return name

@@ -1,0 +1,343 @@
+"""Watermark keys and the per-method material derived from them.
+
+A :class:`WatermarkKey` is 32 random bytes (the *master secret*) plus a little metadata. It never
+leaves the caller's machine: before talking to a server, call :meth:`WatermarkKey.for_method` to get
+a :class:`MethodKey`, which holds only material scoped to one watermark method. A leaked
+``MethodKey`` for ``tree-ring`` reveals nothing about the master secret or about the material of any
+other method.
+
+Typical use::
+
+    key = WatermarkKey.generate(label="prod")
+    mk = key.for_method("shallow-diffuse")
+    seed = ring_seed(mk)               # what the Fourier-ring methods draw their pattern from
+    wire = mk.to_bytes()               # what goes into a request
+
+Derivation scheme (version 1, pinned by test vectors, so never change it silently):
+
+* ``key_id``   = ``"sm1_" + hex(HKDF-SHA256(secret, info=b"shallowmark/v1/key-id", 16 bytes))``
+* ``material`` = ``HKDF-SHA256(secret, info=b"shallowmark/v1/" + method, 32 bytes)``
+* each value derived from a ``MethodKey`` is ``HKDF-Expand-SHA256(material,
+  info=b"shallowmark/v1/" + method + b"/" + label)`` with its own label (``ring-seed``,
+  ``chacha20``, ``payload-bits/<n>``, ``seed/<purpose>``).
+
+HKDF is one-way, so publishing ``key_id`` (in ledgers, logs, verify results) is safe.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import struct
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
+
+from shallowmark.errors import InvalidParameterError, KeyMaterialError, check_choice
+
+__all__ = [
+    "METHODS",
+    "SECRET_BYTES",
+    "WatermarkKey",
+    "MethodKey",
+    "ring_seed",
+    "chacha20_key_nonce",
+    "payload_bits",
+    "method_seed",
+]
+
+#: Watermark methods a key can be scoped to. The names are part of the derivation: renaming one
+#: changes every key's material for it.
+METHODS: tuple[str, ...] = (
+    "shallow-diffuse",
+    "tree-ring",
+    "ringid",
+    "gaussian-shading",
+    "dwtdct",
+    "dwtdctsvd",
+    "rivagan",
+)
+
+#: Length of a master secret and of a method's material, in bytes.
+SECRET_BYTES = 32
+
+_DOMAIN = b"shallowmark/v1/"
+_KEY_ID_PREFIX = "sm1_"
+_KEY_ID_BYTES = 16
+_MAX_PAYLOAD_BITS = 4096
+
+# Which derivations make sense for which method. Refusing the others stops a caller from, say,
+# reusing Tree-Ring material as a ChaCha20 key: the same bytes under two algorithms is a classic
+# way to leak a key, and it is always a bug here.
+_RING_METHODS = frozenset({"shallow-diffuse", "tree-ring", "ringid"})
+_CHACHA_METHODS = frozenset({"gaussian-shading"})
+_PAYLOAD_METHODS = frozenset({"gaussian-shading", "dwtdct", "dwtdctsvd", "rivagan", "ringid"})
+
+
+def _hkdf(secret: bytes, info: bytes, length: int) -> bytes:
+    # No salt: the input is already 32 uniformly random bytes, so HKDF-Extract with the default
+    # all-zero salt is sound (RFC 5869 §3.1) and keeps the scheme reproducible from the secret alone.
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(secret)
+
+
+def _expand(material: bytes, info: bytes, length: int) -> bytes:
+    # Method material is already a uniform pseudorandom key, so Expand alone is enough.
+    return HKDFExpand(algorithm=hashes.SHA256(), length=length, info=info).derive(material)
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _check_method(method: str) -> str:
+    if not isinstance(method, str):
+        raise KeyMaterialError(f"method must be a str, got {type(method).__name__}")
+    return check_choice("method", method, METHODS)
+
+
+@dataclass(frozen=True)
+class WatermarkKey:
+    """A master watermark key: 32 secret bytes plus metadata.
+
+    Create one with :meth:`generate` (or get one from a :class:`~shallowmark.keystore.Keystore`).
+    Treat ``secret`` like a private key: store it only in a keystore, and send only
+    :meth:`for_method` output to a server. ``repr()`` never shows the secret.
+
+    Attributes:
+        secret: the 32 secret bytes.
+        created: creation time, ISO 8601 in UTC (``2025-01-31T12:00:00+00:00``).
+        label: free text for people ("prod", "staging-2025"); not secret, not part of derivations.
+        retired: True once the key was rotated out; it should no longer embed but still verifies.
+
+    Raises:
+        KeyMaterialError: ``secret`` is not exactly 32 bytes.
+    """
+
+    secret: bytes = field(repr=False)
+    created: str = field(default_factory=_utc_now)
+    label: str = ""
+    retired: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.secret, (bytearray, memoryview)):
+            object.__setattr__(self, "secret", bytes(self.secret))
+        if not isinstance(self.secret, bytes) or len(self.secret) != SECRET_BYTES:
+            got = len(self.secret) if isinstance(self.secret, bytes) else type(self.secret).__name__
+            raise KeyMaterialError(f"a watermark key secret must be {SECRET_BYTES} bytes, got {got}")
+        if not isinstance(self.created, str) or not isinstance(self.label, str):
+            raise KeyMaterialError("created and label must be str")
+        if not isinstance(self.retired, bool):
+            raise KeyMaterialError("retired must be a bool")
+
+    @classmethod
+    def generate(cls, label: str = "") -> "WatermarkKey":
+        """Make a new key from the operating system's CSPRNG, stamped with the current UTC time."""
+        return cls(secret=secrets.token_bytes(SECRET_BYTES), label=label)
+
+    @classmethod
+    def from_hex(cls, hex_secret: str, *, label: str = "", created: str | None = None,
+                 retired: bool = False) -> "WatermarkKey":
+        """Rebuild a key from the 64 hex characters :meth:`to_hex` printed.
+
+        Raises:
+            KeyMaterialError: not hex, or not 32 bytes once decoded.
+        """
+        try:
+            secret = bytes.fromhex(hex_secret.strip())
+        except (ValueError, AttributeError) as exc:
+            raise KeyMaterialError(f"key secret is not valid hex: {exc}") from None
+        return cls(secret=secret, created=created or _utc_now(), label=label, retired=retired)
+
+    def to_hex(self) -> str:
+        """The secret as 64 lowercase hex characters. Sensitive: anyone holding it can embed."""
+        return self.secret.hex()
+
+    @property
+    def key_id(self) -> str:
+        """Public fingerprint ``sm1_<32 hex>``; safe to log and to send. Reveals nothing about the secret."""
+        return _KEY_ID_PREFIX + _hkdf(self.secret, _DOMAIN + b"key-id", _KEY_ID_BYTES).hex()
+
+    def for_method(self, method: str) -> "MethodKey":
+        """Derive the material for one watermark method; this, not the key, is what a server sees.
+
+        Raises:
+            UnknownNameError: ``method`` is not one of :data:`METHODS` (the message lists them).
+        """
+        _check_method(method)
+        material = _hkdf(self.secret, _DOMAIN + method.encode("ascii"), SECRET_BYTES)
+        return MethodKey(method=method, key_id=self.key_id, material=material)
+
+    def __repr__(self) -> str:
+        return (f"WatermarkKey(key_id={self.key_id!r}, label={self.label!r}, "
+                f"created={self.created!r}, retired={self.retired!r})")
+
+
+_WIRE_MAGIC = b"SMK1"
+
+
+@dataclass(frozen=True)
+class MethodKey:
+    """Key material scoped to one watermark method; the only key form that should leave the SDK.
+
+    Attributes:
+        method: one of :data:`METHODS`.
+        key_id: the public fingerprint of the master key it came from (to name the match in results).
+        material: 32 pseudorandom bytes. Secret for this method, but useless for any other method
+            and never revealing the master secret.
+
+    Wire format (:meth:`to_bytes`): ``b"SMK1" | len(method): u8 | method (ASCII) |
+    key_id fingerprint (16 raw bytes) | material (32 bytes)``.
+
+    Raises:
+        KeyMaterialError: material not 32 bytes, or a malformed ``key_id``.
+        UnknownNameError: unknown method.
+    """
+
+    method: str
+    key_id: str
+    material: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.material, (bytearray, memoryview)):
+            object.__setattr__(self, "material", bytes(self.material))
+        _check_method(self.method)
+        _key_id_bytes(self.key_id)  # validates the format
+        if not isinstance(self.material, bytes) or len(self.material) != SECRET_BYTES:
+            got = len(self.material) if isinstance(self.material, bytes) else type(self.material).__name__
+            raise KeyMaterialError(f"method key material must be {SECRET_BYTES} bytes, got {got}")
+
+    def to_bytes(self) -> bytes:
+        """Serialize for a request (see the class docstring for the layout)."""
+        m = self.method.encode("ascii")
+        return _WIRE_MAGIC + bytes([len(m)]) + m + _key_id_bytes(self.key_id) + self.material
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "MethodKey":
+        """Parse :meth:`to_bytes` output.
+
+        Raises:
+            KeyMaterialError: wrong magic, truncated or trailing bytes.
+            UnknownNameError: the method named inside is unknown.
+        """
+        data = bytes(data)
+        if len(data) < len(_WIRE_MAGIC) + 1 or data[:4] != _WIRE_MAGIC:
+            raise KeyMaterialError("not a serialized MethodKey (expected it to start with b'SMK1')")
+        n = data[4]
+        want = 5 + n + _KEY_ID_BYTES + SECRET_BYTES
+        if len(data) != want:
+            raise KeyMaterialError(f"serialized MethodKey has {len(data)} bytes, expected {want}")
+        try:
+            method = data[5:5 + n].decode("ascii")
+        except UnicodeDecodeError:
+            raise KeyMaterialError("serialized MethodKey has a non-ASCII method name") from None
+        fp = data[5 + n:5 + n + _KEY_ID_BYTES]
+        return cls(method=method, key_id=_KEY_ID_PREFIX + fp.hex(), material=data[5 + n + _KEY_ID_BYTES:])
+
+    def __eq__(self, other: object) -> bool:
+        # Constant-time on the secret part, so equality checks on a server do not leak timing.
+        if not isinstance(other, MethodKey):
+            return NotImplemented
+        return (self.method == other.method and self.key_id == other.key_id
+                and hmac.compare_digest(self.material, other.material))
+
+    def __hash__(self) -> int:
+        return hash((self.method, self.key_id, self.material))
+
+
+def _key_id_bytes(key_id: str) -> bytes:
+    ok = isinstance(key_id, str) and key_id.startswith(_KEY_ID_PREFIX)
+    raw = b""
+    if ok:
+        hexpart = key_id[len(_KEY_ID_PREFIX):]
+        ok = len(hexpart) == 2 * _KEY_ID_BYTES and hexpart == hexpart.lower()
+        try:
+            raw = bytes.fromhex(hexpart)
+        except ValueError:
+            ok = False
+    if not ok:
+        raise KeyMaterialError(f"malformed key_id {key_id!r}; expected 'sm1_' followed by 32 lowercase hex digits")
+    return raw
+
+
+def _material_for(mk: MethodKey, derivation: str, allowed: frozenset[str] | None) -> bytes:
+    """Check that ``mk`` may feed ``derivation`` and return its material."""
+    if isinstance(mk, WatermarkKey):
+        raise KeyMaterialError(f"{derivation} takes a MethodKey, not the master key; call key.for_method(method) first")
+    if not isinstance(mk, MethodKey):
+        raise KeyMaterialError(f"{derivation} takes a MethodKey, got {type(mk).__name__}")
+    # Re-check the material even though __post_init__ did: object.__setattr__ can bypass frozen.
+    if not isinstance(mk.material, bytes) or len(mk.material) != SECRET_BYTES:
+        raise KeyMaterialError(f"method key material must be {SECRET_BYTES} bytes")
+    if allowed is not None and mk.method not in allowed:
+        raise KeyMaterialError(
+            f"key derived for method {mk.method!r} cannot be used for {derivation}, which is for "
+            f"{', '.join(sorted(allowed))}; derive a key with key.for_method(...) for that method")
+    return mk.material
+
+
+def _info(mk: MethodKey, label: str) -> bytes:
+    return _DOMAIN + mk.method.encode("ascii") + b"/" + label.encode("utf-8")
+
+
+def ring_seed(mk: MethodKey) -> int:
+    """64-bit seed for the Fourier ring pattern (``shallow-diffuse``, ``tree-ring``, ``ringid``).
+
+    Raises:
+        KeyMaterialError: ``mk`` was derived for another method, or is malformed.
+    """
+    material = _material_for(mk, "ring_seed", _RING_METHODS)
+    return struct.unpack(">Q", _expand(material, _info(mk, "ring-seed"), 8))[0]
+
+
+def chacha20_key_nonce(mk: MethodKey) -> tuple[bytes, bytes]:
+    """ChaCha20 ``(key, nonce)`` for Gaussian Shading, shaped for ``cryptography``'s ``ChaCha20``.
+
+    ``key`` is 32 bytes. ``nonce`` is 16 bytes as ``cryptography`` takes it: a 4-byte little-endian
+    block counter, set to 0, then a 12-byte derived nonce (RFC 7539 layout). Starting the counter at
+    zero matches other ChaCha20 libraries given the same 12-byte nonce and can never wrap for a
+    message of 4096 bits. Fixed per key by design: the same key must encrypt the same message
+    identically so detection can decrypt it.
+
+    Raises:
+        KeyMaterialError: ``mk`` is not a ``gaussian-shading`` key, or is malformed.
+    """
+    material = _material_for(mk, "chacha20_key_nonce", _CHACHA_METHODS)
+    out = _expand(material, _info(mk, "chacha20"), 32 + 12)
+    return out[:32], b"\x00\x00\x00\x00" + out[32:]
+
+
+def payload_bits(mk: MethodKey, n_bits: int) -> np.ndarray:
+    """``n_bits`` pseudorandom message bits (uint8 array of 0/1) for methods that carry a payload.
+
+    Valid for ``gaussian-shading``, ``dwtdct``, ``dwtdctsvd``, ``rivagan`` and ``ringid``. The length
+    is part of the derivation label, so 32 bits are not a prefix of 256 bits: a message for one
+    configuration never partly matches another.
+
+    Raises:
+        InvalidParameterError: ``n_bits`` is not an int in 1..4096.
+        KeyMaterialError: ``mk`` was derived for a method without a payload, or is malformed.
+    """
+    if isinstance(n_bits, bool) or not isinstance(n_bits, (int, np.integer)) or not 1 <= n_bits <= _MAX_PAYLOAD_BITS:
+        raise InvalidParameterError(f"n_bits must be an int in 1..{_MAX_PAYLOAD_BITS}, got {n_bits!r}")
+    n_bits = int(n_bits)
+    material = _material_for(mk, "payload_bits", _PAYLOAD_METHODS)
+    raw = _expand(material, _info(mk, f"payload-bits/{n_bits}"), (n_bits + 7) // 8)
+    return np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="big")[:n_bits].copy()
+
+
+def method_seed(mk: MethodKey, purpose: str) -> int:
+    """64-bit seed for any other keyed randomness of a method (e.g. ``purpose="noise-channel"``).
+
+    Different ``purpose`` strings give independent seeds. Valid for every method.
+
+    Raises:
+        InvalidParameterError: ``purpose`` is empty or not a str.
+        KeyMaterialError: ``mk`` is malformed.
+    """
+    if not isinstance(purpose, str) or not purpose:
+        raise InvalidParameterError(f"purpose must be a non-empty str, got {purpose!r}")
+    material = _material_for(mk, "method_seed", None)
+    return struct.unpack(">Q", _expand(material, _info(mk, "seed/" + purpose), 8))[0]
