@@ -21,8 +21,9 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/shallowmark demo --out demo-out
 
+# One torch thread per worker: two workers on two cores, no OpenMP spin-wait fights.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --durations=15
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --durations=15
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m '' --durations=15

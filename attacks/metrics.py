@@ -176,11 +176,9 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
     Peak 255, MSE over all pixels and channels; ``inf`` for identical images.
     """
-    a, b = _pair(a, b)
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    if mse == 0.0:
-        return float("inf")
-    return float(10.0 * np.log10(255.0**2 / mse))
+    from shallowmark.core.images import psnr as _psnr
+
+    return _psnr(*_pair(a, b))
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:

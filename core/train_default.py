@@ -89,7 +89,7 @@ class CropSampler:
 
     def __init__(self, photos: dict[str, np.ndarray], device: torch.device, generator: torch.Generator):
         self.names = sorted(photos)
-        self.images = [torch.from_numpy(photos[n]).permute(2, 0, 1).float().div(127.5).sub(1).to(device)
+        self.images = [torch.tensor(photos[n]).permute(2, 0, 1).float().div(127.5).sub(1).to(device)
                        for n in self.names]
         area = np.array([im.shape[1] * im.shape[2] for im in self.images], dtype=np.float64)
         self.weights = torch.tensor(np.sqrt(area) / np.sqrt(area).sum())  # big photos more often, not dominant
@@ -207,7 +207,7 @@ def train_default(cfg: TrainConfig, log=print) -> dict:
         prior = {}
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     vae_log, step = list(prior.get("vae_log", [])), int(prior.get("vae_steps", 0))
-    while time.perf_counter() < vae_deadline:
+    while time.perf_counter() < vae_deadline or (step == 0 and not cfg.vae_from):  # at least one step
         frac = (time.perf_counter() - t0) / (vae_deadline - t0)
         for group in opt.param_groups:
             group["lr"] = _lr_at(frac, cfg.vae_lr)
@@ -245,8 +245,9 @@ def train_default(cfg: TrainConfig, log=print) -> dict:
     # the UNet sees zero-mean, unit-variance channels. With one global shift the channels keep
     # different means, and the model learns to read them off x_T instead of generating them.
     with torch.no_grad():
-        latents = torch.cat([vae.encode(sampler.from_pool(pool, 64, 256, colour=0.3)).latent_dist.mode().float()
-                             for _ in range(max(1, cfg.pool // 64))])
+        chunk = min(64, cfg.pool)
+        latents = torch.cat([vae.encode(sampler.from_pool(pool, chunk, 256, colour=0.3)).latent_dist.mode().float()
+                             for _ in range(max(1, cfg.pool // chunk))])
     mean_c = latents.mean(dim=(0, 2, 3))
     std_c = latents.std(dim=(0, 2, 3))
     vae.register_to_config(scaling_factor=1.0, shift_factor=None, latents_mean=mean_c.tolist(),
@@ -264,7 +265,7 @@ def train_default(cfg: TrainConfig, log=print) -> dict:
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.0)
     unet_log, step, t1 = [], 0, time.perf_counter()
-    while time.perf_counter() < deadline:
+    while time.perf_counter() < deadline or step == 0:  # at least one step, whatever the budget
         frac = (time.perf_counter() - t1) / max(deadline - t1, 1e-9)
         for group in opt.param_groups:
             group["lr"] = _lr_at(frac, cfg.unet_lr)

@@ -51,6 +51,55 @@ def _cmd_train_default(args) -> int:
     return 0
 
 
+# -- models ----------------------------------------------------------------------------------------
+def _cmd_models(args) -> int:
+    _need("core", "models")
+    from shallowmark.core.backends import DEFAULT_BACKEND, backend_names, load_backend
+
+    rows = []
+    for name in backend_names():
+        if name == "stable-diffusion":  # needs a model folder or hub id: describe, don't load
+            rows.append(dict(name=name, latent_shape="(4, H/8, W/8) of the pipeline", parameters="of the pipeline",
+                             default=False, description="any diffusers StableDiffusionPipeline (folder or hub id), CFG"))
+            continue
+        info = load_backend(name).info()
+        rows.append(dict(name=name, latent_shape=str(tuple(info.latent_shape)), parameters=info.parameters,
+                         default=name == DEFAULT_BACKEND, description=info.description))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<18}{'latent shape':<34}{'parameters':<18}{'default':<9}description")
+    for r in rows:
+        print(f"{r['name']:<18}{r['latent_shape']:<34}{str(r['parameters']):<18}{'yes' if r['default'] else '':<9}"
+              f"{r['description']}")
+    return 0
+
+
+# -- bench-core ------------------------------------------------------------------------------------
+def _cmd_bench_core(args) -> int:
+    _need("core", "bench-core")
+    from shallowmark.core.backends import load_backend
+    from shallowmark.core.backends.tiny_ldm import DEFAULT_PATH
+    from shallowmark.core.foundation_report import measure, write_reports
+
+    model_dir = Path(args.model) if args.model else DEFAULT_PATH
+    backend = load_backend("tiny-ldm", path=model_dir)
+    res = measure(backend, quick=args.quick)
+    card_dir = None if args.no_card else model_dir
+    write_reports(res, Path(args.out), card_dir, "shallowmark " + " ".join(sys.argv[1:]) if args.argv is None
+                  else "shallowmark " + " ".join(args.argv))
+    print(Path(args.out, "report.md").read_text())
+    return 0
+
+
+# -- demo ------------------------------------------------------------------------------------------
+def _cmd_demo(args) -> int:
+    _need("core", "demo")
+    from shallowmark.core.demo import run_demo
+
+    return run_demo(Path(args.out))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shallowmark", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -70,6 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
     t.add_argument("--photos", help="folder of photos to train on instead of the bundled ones")
     t.set_defaults(func=_cmd_train_default)
+
+    m = sub.add_parser("models", help="list the diffusion backends")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=_cmd_models)
+
+    b = sub.add_parser("bench-core", help="measure tiny-ldm and DDIM; write a report and the model card")
+    b.add_argument("--out", default="docs/benchmarks/core")
+    b.add_argument("--model", help="tiny-ldm folder (default: the embedded one)")
+    b.add_argument("--quick", action="store_true", help="fewer repeats and batches (for tests)")
+    b.add_argument("--no-card", action="store_true", help="do not rewrite the model card")
+    b.set_defaults(func=_cmd_bench_core, argv=None)
+
+    d = sub.add_parser("demo", help="the newcomer's tour on the embedded model")
+    d.add_argument("--out", default="demo-out")
+    d.set_defaults(func=_cmd_demo)
     return p
 
 

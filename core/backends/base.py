@@ -35,7 +35,11 @@ class BackendInfo:
 
 
 class Backend:
-    """Base class of the diffusion backends. Subclasses fill in the model-specific parts."""
+    """Base class of the diffusion backends. Subclasses fill in the model-specific parts.
+
+    Backends with a diffusers ``AutoencoderKL`` in ``self.vae`` call ``_init_vae_latents()`` and get
+    ``encode``/``decode`` with diffusers' latent normalisation for free.
+    """
 
     name: str = "base"
     latent_shape: tuple[int, int, int]
@@ -51,10 +55,28 @@ class Backend:
         raise NotImplementedError
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Latents of images in [-1, 1] (NCHW at ``image_size``)."""
+        self.check_images(images)
+        z = self.vae.encode(images.to(self.device, self.dtype)).latent_dist.mode()
+        return (z - self._latent_mean) * self._latent_scale
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Images in [-1, 1] (float32 NCHW) from latents."""
+        self.check_latents(latents)
+        x = self.vae.decode(latents.to(self.device, self.dtype) / self._latent_scale + self._latent_mean).sample
+        return x.clamp(-1, 1).float()
+
+    def _init_vae_latents(self) -> None:
+        """diffusers' conventions: per-channel ``latents_mean``/``latents_std`` when the VAE config has
+        them (as SDXL), else a global ``shift_factor``; both times ``scaling_factor``."""
+        c = self.vae.config
+        n = int(c.latent_channels)
+        mean, std = getattr(c, "latents_mean", None), getattr(c, "latents_std", None)
+        mean = list(mean) if mean is not None else [float(getattr(c, "shift_factor", None) or 0.0)] * n
+        std = list(std) if std is not None else [1.0] * n
+        self._latent_mean = torch.tensor(mean, dtype=self.dtype, device=self.device).view(1, n, 1, 1)
+        self._latent_scale = (float(c.scaling_factor) / torch.tensor(std, dtype=self.dtype, device=self.device)
+                              ).view(1, n, 1, 1)
 
     def encode_prompt(self, prompts: Sequence[str] | None, batch: int) -> Any:
         """Conditioning for ``batch`` samples; unconditional models return ``None``."""

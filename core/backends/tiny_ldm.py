@@ -29,21 +29,14 @@ class TinyLDM(Backend):
         path = Path(path) if path else DEFAULT_PATH
         self.path = path
         self.device, self.dtype = torch.device(device), dtype
-        self.vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype).to(self.device).eval()
-        self.unet = UNet2DModel.from_pretrained(path / "unet", torch_dtype=dtype).to(self.device).eval()
+        self.vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, low_cpu_mem_usage=False).to(self.device).eval()
+        self.unet = UNet2DModel.from_pretrained(path / "unet", torch_dtype=dtype, low_cpu_mem_usage=False).to(self.device).eval()
         self.vae.requires_grad_(False)
         self.unet.requires_grad_(False)
         sched = DDIMScheduler.from_pretrained(path / "scheduler")
         self.scheduler_config = dict(sched.config)
         self.alphas_cumprod = sched.alphas_cumprod.double()
-        # diffusers' conventions: per-channel latents_mean/std when present (as SDXL), else a
-        # global shift_factor and scaling_factor.
-        c = self.vae.config
-        n = int(c.latent_channels)
-        mean = c.latents_mean if c.latents_mean is not None else [c.shift_factor or 0.0] * n
-        std = c.latents_std if c.latents_std is not None else [1.0] * n
-        self._mean = torch.tensor(mean, dtype=dtype, device=self.device).view(1, n, 1, 1)
-        self._scale = (float(c.scaling_factor) / torch.tensor(std, dtype=dtype, device=self.device)).view(1, n, 1, 1)
+        self._init_vae_latents()
         self.latent_shape = (int(self.vae.config.latent_channels), int(self.unet.config.sample_size),
                              int(self.unet.config.sample_size))
         self.image_size = int(self.unet.config.sample_size) * 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -51,16 +44,6 @@ class TinyLDM(Backend):
     def eps(self, x_t: torch.Tensor, t: torch.Tensor | int, cond: Any = None) -> torch.Tensor:
         t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0]) if torch.as_tensor(t).dim() == 0 else t
         return self.unet(x_t.to(self.dtype), t.to(x_t.device)).sample
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        self.check_images(images)
-        z = self.vae.encode(images.to(self.device, self.dtype)).latent_dist.mode()
-        return (z - self._mean) * self._scale
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        self.check_latents(latents)
-        x = self.vae.decode(latents.to(self.device, self.dtype) / self._scale + self._mean).sample
-        return x.clamp(-1, 1)
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.vae.parameters()) + sum(p.numel() for p in self.unet.parameters())

@@ -1,0 +1,48 @@
+"""Conversions between the public image type (uint8 RGB, H×W×3 numpy) and model tensors
+(float NCHW in [-1, 1])."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from shallowmark.errors import InvalidImageError
+
+
+def to_tensor(images, size: int | None = None) -> torch.Tensor:
+    """uint8 RGB image(s) (H×W×3 or N×H×W×3) -> float32 NCHW in [-1, 1].
+
+    With ``size``, every image must already be ``size``×``size``: resizing is the caller's choice.
+    """
+    arr = np.asarray(images)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise InvalidImageError(f"expected RGB image(s) of shape (H, W, 3) or (N, H, W, 3); got {arr.shape}")
+    if arr.dtype != np.uint8:
+        raise InvalidImageError(f"expected uint8 pixels; got {arr.dtype}")
+    if size is not None and arr.shape[1:3] != (size, size):
+        raise InvalidImageError(f"expected {size}×{size} images; got {arr.shape[2]}×{arr.shape[1]}")
+    return torch.tensor(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """float NCHW in [-1, 1] -> uint8 N×H×W×3 (rounded, clipped)."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round()
+    return x.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def grid(images: np.ndarray, cols: int) -> np.ndarray:
+    """Tile N×H×W×3 images into one picture, ``cols`` per row (missing cells stay black)."""
+    n, h, w, c = images.shape
+    rows = -(-n // cols)
+    out = np.zeros((rows * h, cols * w, c), dtype=images.dtype)
+    for i, im in enumerate(images):
+        r, q = divmod(i, cols)
+        out[r * h:(r + 1) * h, q * w:(q + 1) * w] = im
+    return out
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * np.log10(255.0 ** 2 / mse)
