@@ -92,6 +92,30 @@ def _cmd_bench_core(args) -> int:
     return 0
 
 
+# -- bench-methods ---------------------------------------------------------------------------------
+def _cmd_bench_methods(args) -> int:
+    _need("bench", "bench-methods")
+    from shallowmark.attacks.methods_report import run
+
+    cmd = "shallowmark bench-methods " + " ".join(sys.argv[2:])
+    run(Path(args.out), n_null=args.n_null, n_ident=args.n_ident, n_fidelity=args.n_fidelity,
+        n_nullspace=args.n_nullspace, log=lambda m: print(m, flush=True), command=cmd.strip())
+    print(Path(args.out, "report.md").read_text())
+    return 0
+
+
+# -- analyze ---------------------------------------------------------------------------------------
+def _cmd_analyze(args) -> int:
+    _need("core", "analyze")
+    if args.analysis == "molrg":
+        from shallowmark.core.molrg_theory import run_molrg_analysis
+
+        out = args.out or "docs/analysis/molrg"
+        run_molrg_analysis(out, quick=args.quick, seed=args.seed)
+    print(Path(out, "report.md").read_text())
+    return 0
+
+
 # -- demo ------------------------------------------------------------------------------------------
 def _cmd_demo(args) -> int:
     _need("core", "demo")
@@ -130,6 +154,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="fewer repeats and batches (for tests)")
     b.add_argument("--no-card", action="store_true", help="do not rewrite the model card")
     b.set_defaults(func=_cmd_bench_core, argv=None)
+
+    bm = sub.add_parser("bench-methods", help="every watermark method on tiny-ldm, clean images; writes a report")
+    bm.add_argument("--out", default="docs/benchmarks/methods")
+    bm.add_argument("--n-null", type=int, default=200, help="unwatermarked images for the FPR check")
+    bm.add_argument("--n-ident", type=int, default=32, help="watermarked images (one key each) per method")
+    bm.add_argument("--n-fidelity", type=int, default=8)
+    bm.add_argument("--n-nullspace", type=int, default=4)
+    bm.set_defaults(func=_cmd_bench_methods)
+
+    an = sub.add_parser("analyze", help="the research analyses; each writes report.md, report.json and PNGs")
+    an.add_argument("analysis", choices=["molrg"], help="molrg: MoLRG posterior mean, DAE = PCA, phase transition")
+    an.add_argument("--out", help="output folder (default docs/analysis/<analysis>)")
+    an.add_argument("--quick", action="store_true", help="a small run that finishes in seconds")
+    an.add_argument("--seed", type=int, default=0)
+    an.set_defaults(func=_cmd_analyze)
 
     d = sub.add_parser("demo", help="the newcomer's tour on the embedded model")
     d.add_argument("--out", default="demo-out")

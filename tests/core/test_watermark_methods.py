@@ -1,0 +1,117 @@
+"""Shallow Diffuse, Tree-Ring and RingID on tiny-ldm, and what every method does with bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+from shallowmark import WatermarkKey
+from shallowmark.core.watermarks import load_method, method_names
+from shallowmark.core.watermarks import rings
+from shallowmark.core.watermarks.shallow_diffuse import ShallowDiffuse, ShallowDiffuseConfig
+from shallowmark.errors import InvalidImageError, InvalidParameterError, InvalidShapeError, KeyMaterialError, UnknownNameError
+
+
+def _keys(method, n, offset=1):
+    return [WatermarkKey.from_hex(f"{offset + i:064x}").for_method(method) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def sd(tiny_ldm):
+    return ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(num_steps=20))
+
+
+def test_ring_p_values_are_uniform_under_the_null_even_for_another_keys_ring():
+    """Images carrying key A's ring, scored against 2000 independent keys: p-values are uniform."""
+    geom = rings.RingGeometry(64, 10, "nyquist")
+    a = rings.ring_values_from_seed(3, 10, 4.0)
+    x = rings.inject(torch.randn(4, 4, 64, 64, dtype=torch.float64), 3, rings.pattern(geom, a)[None].expand(4, -1, -1), geom)
+    others = torch.stack([rings.ring_values_from_seed(100 + i, 10, 4.0) for i in range(2000)])
+    p = rings.p_values(rings.cosines(x, 3, others, geom), 10).ravel()
+    assert abs(float(np.mean(p <= 0.01)) - 0.01) < 0.006 and abs(float(np.mean(p <= 0.1)) - 0.1) < 0.02
+    assert rings.p_values(rings.cosines(x, 3, a[None], geom), 10).max() < 1e-6
+
+
+def test_ring_pattern_is_hermitian_so_injection_is_lossless():
+    for centre in rings.CENTRES:
+        geom = rings.RingGeometry(64, 10, centre)
+        w = rings.pattern(geom, rings.ring_values_from_seed(5, 10))
+        x = torch.randn(2, 4, 64, 64, dtype=torch.float64)
+        y = rings.inject(x, 3, w[None].expand(2, -1, -1), geom)
+        spec = torch.fft.fft2(y[:, 3], norm="ortho")
+        assert torch.allclose(spec[:, rings.mask(geom)].real, w[rings.mask(geom)].expand(2, -1), atol=1e-9)
+        assert torch.equal(y[:, :3], x[:, :3])
+
+
+def test_shallow_diffuse_generate_detect_identify(sd):
+    keys = _keys("shallow-diffuse", 4)
+    wm = sd.generate(keys[:2], [11, 12])
+    det = sd.detect(wm, keys)
+    assert [d.key_id for d in det] == [keys[0].key_id, keys[1].key_id]
+    assert all(d.detected and d.p_value < 1e-6 for d in det)
+    assert det[0].model_evals == sd.k_star == 6  # 0.3 of 20 steps: only the shallow inversion
+    assert not sd.detect(wm[:1], [keys[3]])[0].detected
+    assert not any(d.detected for d in sd.detect(sd.reference([11, 12]), keys))
+
+
+def test_shallow_diffuse_user_scenario_both_outputs(tiny_ldm, sd):
+    from shallowmark.core.images import psnr
+    from shallowmark.core.photos import center_crop, heldout_photo
+
+    photo = center_crop(heldout_photo(), 256)
+    key = _keys("shallow-diffuse", 1)
+    out = {}
+    for mode in ("decode", "residual"):
+        m = ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(num_steps=20, output=mode))
+        wm = m.embed(key, photo)
+        out[mode] = psnr(wm[0], photo)
+        assert m.detect(wm, key)[0].p_value < 1e-6
+    assert out["residual"] > out["decode"]  # residual keeps the photo's own detail
+
+
+def test_tree_ring_and_ringid_full_inversion(tiny_ldm):
+    for name in ("tree-ring", "ringid"):
+        m = load_method(name, tiny_ldm, num_steps=20)
+        keys = _keys(name, 3)
+        det = m.detect(m.generate(keys[:1], [21]), keys)[0]
+        assert det.detected and det.key_id == keys[0].key_id and det.model_evals == 20
+        with pytest.raises(NotImplementedError, match="cannot watermark an existing image"):
+            m.embed(keys[:1], np.zeros((256, 256, 3), np.uint8))
+
+
+def test_ringid_keys_are_discrete_codes(tiny_ldm):
+    m = load_method("ringid", tiny_ldm)
+    vals = m.ring_values(_keys("ringid", 1)[0])
+    assert vals.shape == (11,) and set(vals.abs().tolist()) == {1.0}
+
+
+@pytest.mark.parametrize("name", ["shallow-diffuse", "tree-ring", "ringid", "gaussian-shading"])
+def test_bad_input_diffusion_methods(tiny_ldm, name):
+    m = load_method(name, tiny_ldm)
+    keys = _keys(name, 1)
+    img = np.zeros((256, 256, 3), np.uint8)
+    with pytest.raises(InvalidImageError, match="256×256"):
+        m.detect(np.zeros((128, 128, 3), np.uint8), keys)
+    with pytest.raises(InvalidImageError, match="grayscale"):
+        m.detect(np.zeros((256, 256), np.uint8), keys)
+    with pytest.raises(InvalidImageError, match="RGBA"):
+        m.detect(np.zeros((256, 256, 4), np.uint8), keys)
+    with pytest.raises(KeyMaterialError, match="derived for method 'dwtdct'"):
+        m.detect(img, _keys("dwtdct", 1))
+    with pytest.raises(InvalidParameterError, match="target_fpr"):
+        m.detect(img, keys, target_fpr=0.0)
+    nan = torch.full((1, 4, 64, 64), float("nan"))
+    with pytest.raises(InvalidShapeError, match="NaN"):
+        from shallowmark.core import ddim
+
+        ddim.invert(tiny_ldm, nan, ddim.make_grid(tiny_ldm, 50), 0, 15)
+
+
+def test_unknown_method_and_bad_config(tiny_ldm):
+    with pytest.raises(UnknownNameError, match="valid choices: .*shallow-diffuse"):
+        load_method("stegastamp", tiny_ldm)
+    assert set(method_names()) == {"shallow-diffuse", "tree-ring", "ringid", "gaussian-shading", "dwtdct",
+                                   "dwtdctsvd", "rivagan"}
+    with pytest.raises(InvalidParameterError, match="t_star"):
+        load_method("shallow-diffuse", tiny_ldm, t_star=1.2)
+    with pytest.raises(UnknownNameError, match="injection mode"):
+        load_method("shallow-diffuse", tiny_ldm, injection="orthogonal")
