@@ -148,10 +148,17 @@ class GaussianShading(WatermarkMethod):
         return x.to(self.backend.device, self.backend.dtype)
 
     # -- WatermarkMethod --------------------------------------------------------------------------
+    def generate_latents(self, keys: Sequence[MethodKey], seeds: Sequence[int], prompts=None) -> torch.Tensor:
+        """Watermarked clean latents x_0 (before decoding)."""
+        x = self.watermarked_noise(keys, seeds)
+        with torch.no_grad():
+            return denoise(self.backend, x, self.grid, self.grid.num_steps, 0,
+                           cond=self.backend.encode_prompt(prompts, x.shape[0]))
+
     def generate(self, keys: Sequence[MethodKey], seeds: Sequence[int], prompts=None) -> np.ndarray:
         """Images (N×H×W×3 uint8) from watermarked x_T, one key for all seeds or one per seed."""
-        x = self.watermarked_noise(keys, seeds)
-        return self._sample(x, prompts)
+        with torch.no_grad():
+            return to_uint8(self.backend.decode(self.generate_latents(keys, seeds, prompts)))
 
     def reference(self, seeds: Sequence[int], prompts=None) -> np.ndarray:
         """Same-seed images from plain N(0, 1) noise (``backend.randn_latents``).

@@ -102,14 +102,18 @@ class ShallowDiffuse(rings.RingKeyed, WatermarkMethod):
 
     # -- server scenario ----------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, keys: Sequence[MethodKey], seeds: Sequence[int], prompts=None) -> np.ndarray:
+    def generate_latents(self, keys: Sequence[MethodKey], seeds: Sequence[int], prompts=None) -> torch.Tensor:
+        """Watermarked clean latents x_0 (before decoding)."""
         keys = self.check_keys(keys, len(seeds))
         cond = self.backend.encode_prompt(prompts, len(seeds)) if prompts is not None else None
         x_star = ddim.denoise(self.backend, self.backend.randn_latents(seeds), self.grid,
                               self.grid.num_steps, self.k_star, cond=cond)
         z_wm, _ = self._finish(x_star, keys, cond)
         self.last_model_evals = self.grid.num_steps + self.k_star
-        return to_uint8(self.backend.decode(z_wm))
+        return z_wm
+
+    def generate(self, keys: Sequence[MethodKey], seeds: Sequence[int], prompts=None) -> np.ndarray:
+        return to_uint8(self.backend.decode(self.generate_latents(keys, seeds, prompts)))
 
     @torch.no_grad()
     def reference(self, seeds: Sequence[int], prompts=None) -> np.ndarray:

@@ -43,12 +43,15 @@ class TreeRing(rings.RingKeyed, WatermarkMethod):
         return rings.inject(x_T, self.config.channel, self._patterns(keys), self.geom)
 
     @torch.no_grad()
-    def generate(self, keys: Sequence[MethodKey], seeds: Sequence[int], prompts=None) -> np.ndarray:
+    def generate_latents(self, keys: Sequence[MethodKey], seeds: Sequence[int], prompts=None) -> torch.Tensor:
+        """Watermarked clean latents x_0 (before decoding)."""
         keys = self.check_keys(keys, len(seeds))
         cond = self.backend.encode_prompt(prompts, len(seeds)) if prompts is not None else None
-        z = ddim.denoise(self.backend, self.initial_noise(keys, seeds), self.grid, self.grid.num_steps, 0, cond=cond)
         self.last_model_evals = self.grid.num_steps
-        return to_uint8(self.backend.decode(z))
+        return ddim.denoise(self.backend, self.initial_noise(keys, seeds), self.grid, self.grid.num_steps, 0, cond=cond)
+
+    def generate(self, keys: Sequence[MethodKey], seeds: Sequence[int], prompts=None) -> np.ndarray:
+        return to_uint8(self.backend.decode(self.generate_latents(keys, seeds, prompts)))
 
     @torch.no_grad()
     def reference(self, seeds: Sequence[int], prompts=None) -> np.ndarray:

@@ -30,3 +30,19 @@ def tiny_sd_pipeline():
     """A tiny random-weight ``StableDiffusionPipeline`` built offline from configs (sd_tiny.py).
     Shared by the session: treat it as read-only."""
     return _load_local("sd_tiny").build_tiny_sd_pipeline(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_watermark_backend():
+    """A tiny random-weight SD pipeline with 32×32 latents (room for a radius-8 ring) behind the
+    adapter. Its UNet output is scaled down (×0.01) so that DDIM inversion with random weights is
+    nearly exact; its random VAE is not invertible, so tests check the latent and conditioning path."""
+    import torch
+
+    from shallowmark.core.backends.stable_diffusion import StableDiffusion
+
+    pipe = _load_local("sd_tiny").build_tiny_sd_pipeline(seed=0, latent_size=32)
+    with torch.no_grad():
+        pipe.unet.conv_out.weight.mul_(0.01)
+        pipe.unet.conv_out.bias.mul_(0.01)
+    return StableDiffusion(pipeline=pipe, guidance_scale=3.0)

@@ -73,7 +73,7 @@ def build_tiny_tokenizer(tmpdir: str | Path | None = None):
     return CLIPTokenizer.from_pretrained(d)
 
 
-def build_tiny_sd_pipeline(tmpdir: str | Path | None = None, seed: int = 0):
+def build_tiny_sd_pipeline(tmpdir: str | Path | None = None, seed: int = 0, latent_size: int = 8):
     """A tiny random-weight ``StableDiffusionPipeline`` (no safety checker), built offline.
 
     ``seed`` fixes all weights. The tokenizer goes the file route (``vocab.json``/``merges.txt`` in
@@ -89,7 +89,7 @@ def build_tiny_sd_pipeline(tmpdir: str | Path | None = None, seed: int = 0):
         tokenizer = build_tiny_tokenizer(d)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
@@ -97,7 +97,7 @@ def build_tiny_sd_pipeline(tmpdir: str | Path | None = None, seed: int = 0):
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=16, scaling_factor=0.18215)
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), sample_size=2 * latent_size, scaling_factor=0.18215)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
