@@ -104,6 +104,34 @@ def _cmd_bench_methods(args) -> int:
     return 0
 
 
+# -- bench -----------------------------------------------------------------------------------------
+def _cmd_bench(args) -> int:
+    _need("core", "bench")
+    from shallowmark.attacks.bench import BenchConfig, parse_attacks, run_bench
+
+    kw = {}
+    if args.methods is not None:
+        kw["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    if args.attacks is not None:
+        kw["attacks"] = parse_attacks(args.attacks)
+    for name in ("n", "seed", "batch", "target_fpr"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    if args.keys is not None:
+        kw["n_keys"] = args.keys
+    if args.steps is not None:
+        kw["num_steps"] = args.steps
+    # the command as parsed (also right when main() is called with an argv list)
+    opts = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+            if k not in ("command", "func", "quick", "no_progress") and v is not None]
+    cmd = " ".join(["shallowmark bench"] + (["--quick"] if args.quick else []) + opts)
+    kw.update(out_dir=args.out, cache_dir=args.cache, server=args.server, command=cmd)
+    config = BenchConfig.quick_config(**kw) if args.quick else BenchConfig(**kw)
+    run_bench(config, progress=not args.no_progress, log=lambda m: print(m, flush=True))
+    print(Path(args.out, "report.md").read_text())
+    return 0
+
+
 # -- analyze ---------------------------------------------------------------------------------------
 def _cmd_analyze(args) -> int:
     _need("core", "analyze")
@@ -114,6 +142,215 @@ def _cmd_analyze(args) -> int:
         run_molrg_analysis(out, quick=args.quick, seed=args.seed)
     print(Path(out, "report.md").read_text())
     return 0
+
+
+# -- serve -----------------------------------------------------------------------------------------
+def _cmd_serve(args) -> int:
+    try:
+        import grpc_health  # noqa: F401
+    except ImportError as e:
+        raise MissingDependencyError("serve", "server", e)
+    _need("server", "serve")
+    import logging
+    import secrets
+
+    from shallowmark.server.app import serve
+    from shallowmark.server.config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = dict(host=args.host, port=args.port, device=args.device,
+                     models=tuple(args.model) if args.model else None,
+                     state_dir=Path(args.state_dir) if args.state_dir else None)
+    dev_token = None
+    if args.config is None:
+        # Development mode: loopback only, one fresh token per start, tiny-ldm unless --model says otherwise.
+        dev_token = secrets.token_urlsafe(24)
+        overrides["tokens"] = {dev_token: "dev"}
+    cfg = load_config(args.config, **overrides)
+    if args.config is None and cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        raise ShallowmarkError("without --config the server listens on loopback only; write a config file "
+                               "(tokens, TLS) to listen on other interfaces")
+
+    def ready(app):
+        print(f"shallowmark server on {app.address} ({'TLS' if cfg.tls else 'plaintext'}); "
+              f"models {', '.join(cfg.models)} loading in the background", flush=True)
+        if dev_token:
+            print(f"development token (tenant 'dev'): {dev_token}\n"
+                  f"  export SHALLOWMARK_TOKEN={dev_token}", flush=True)
+
+    serve(cfg, on_ready=ready)
+    return 0
+
+
+# -- keys ------------------------------------------------------------------------------------------
+def _passphrase(confirm: bool = False) -> str:
+    import os
+
+    env = os.environ.get("SHALLOWMARK_PASSPHRASE")
+    if env:
+        return env
+    if not sys.stdin.isatty():
+        raise ShallowmarkError("no passphrase: set SHALLOWMARK_PASSPHRASE or run in a terminal to be asked")
+    import getpass
+
+    pw = getpass.getpass("keystore passphrase: ")
+    if confirm and getpass.getpass("again: ") != pw:
+        raise ShallowmarkError("the passphrases differ")
+    return pw
+
+
+def _cmd_keys(args) -> int:
+    from shallowmark.keystore import Keystore
+
+    path = Path(args.keystore)
+    if args.keys_command == "new":
+        if path.exists():
+            ks = Keystore.open(path, _passphrase())
+        else:
+            ks = Keystore.create(path, _passphrase(confirm=True))
+            print(f"created keystore {path}", file=sys.stderr)
+        key = ks.rotate(label=args.label) if args.rotate else ks.new_key(label=args.label)
+        print(key.key_id)
+        return 0
+    ks = Keystore.open(path, _passphrase())
+    rows = ks.list()
+    if args.json:
+        print(json.dumps([r.__dict__ for r in rows], indent=2))
+        return 0
+    print(f"{'key_id':<38}{'active':<8}{'retired':<9}{'created':<27}label")
+    for r in rows:
+        print(f"{r.key_id:<38}{'yes' if r.active else '':<8}{'yes' if r.retired else '':<9}{r.created:<27}{r.label}")
+    return 0
+
+
+# -- embed / verify (client side) ------------------------------------------------------------------
+def _client(args):
+    import os
+
+    from shallowmark.client import Client
+
+    return Client(args.server, token=os.environ.get("SHALLOWMARK_TOKEN"), tls=True if args.tls else None,
+                  root_certificates=args.ca, client_cert=args.client_cert, client_key=args.client_key,
+                  timeout=args.timeout)
+
+
+def _cmd_embed(args) -> int:
+    from shallowmark.keystore import Keystore
+
+    ks = Keystore.open(args.keystore, _passphrase())
+    key = ks.get(args.key) if args.key else ks.active()
+    if args.image is None and args.seed is None:
+        raise ShallowmarkError("give --seed N (with an optional --prompt) to generate, or --image FILE to watermark")
+    with _client(args) as c:
+        if args.image is not None:
+            res = c.embed(key, method=args.method, model=args.model or "", image=Path(args.image))
+        else:
+            res = c.embed(key, method=args.method, model=args.model or "", seed=args.seed, prompt=args.prompt)
+    res.save(args.out)
+    info = dict(out=str(args.out), key_id=res.key_id, method=res.method, model=res.model,
+                image_sha256=res.image_sha256, request_id=res.request_id, notes=list(res.notes))
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(f"wrote {args.out}: key {res.key_id}, {res.method} on {res.model}, sha256 {res.image_sha256}")
+        for n in res.notes:
+            print(f"  note: {n}")
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from shallowmark.attestation import verify_attestation
+    from shallowmark.keystore import Keystore
+
+    ks = Keystore.open(args.keystore, _passphrase())
+    methods = args.method or ["shallow-diffuse"]
+    keys = [k.for_method(m) for k in ks.verification_keys() for m in methods]
+    failed = 0
+    with _client(args) as c:
+        for f in args.files:
+            try:
+                data = Path(f).read_bytes()
+                res = c.verify(data, keys, target_fpr=args.target_fpr, model=args.model or "")
+                verify_attestation(res, args.trusted_key, image=data)
+            except (OSError, ShallowmarkError) as e:
+                failed += 1
+                if args.json:
+                    print(json.dumps({"file": f, "error": str(e)}), flush=True)
+                else:
+                    print(f"{f}: error: {e}", file=sys.stderr, flush=True)
+                continue
+            best = res.best
+            if args.json:
+                print(json.dumps({"file": f, "detected": res.detected, "key_id": res.identified_key_id,
+                                  "p_value": best.p_value, "p_value_corrected": best.p_value_corrected,
+                                  "method": best.method, "request_id": res.request_id, "attested": True}),
+                      flush=True)
+            elif res.detected:
+                print(f"{f}: watermarked with {res.identified_key_id} ({best.method}, p={best.p_value:.3g}, "
+                      f"corrected p={best.p_value_corrected:.3g})", flush=True)
+            else:
+                print(f"{f}: no watermark from these keys (best p={best.p_value_corrected:.3g} corrected, "
+                      f"target FPR {res.target_fpr:g})", flush=True)
+    return 2 if failed else 0
+
+
+def _add_service_commands(sub) -> None:
+    s = sub.add_parser("serve", help="run the gRPC server (needs the 'server' extra)")
+    s.add_argument("--config", help="TOML config (tokens, TLS, models, limits); without it: development "
+                                    "mode on loopback with a printed token")
+    s.add_argument("--host", help="listen address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (default 50051; 0 picks a free one)")
+    s.add_argument("--model", action="append", help="model to serve (repeatable; default tiny-ldm)")
+    s.add_argument("--device", help="torch device, e.g. cuda")
+    s.add_argument("--state-dir", help="folder for the default ledger and attestation key "
+                                       "(default ~/.local/state/shallowmark)")
+    s.set_defaults(func=_cmd_serve)
+
+    k = sub.add_parser("keys", help="manage a keystore (passphrase from SHALLOWMARK_PASSPHRASE or a prompt)")
+    ksub = k.add_subparsers(dest="keys_command", required=True)
+    kn = ksub.add_parser("new", help="add a key and make it active (creates the keystore if missing)")
+    kn.add_argument("--keystore", required=True)
+    kn.add_argument("--label", default="")
+    kn.add_argument("--rotate", action="store_true", help="retire the previously active key")
+    kl = ksub.add_parser("list", help="list keys (public metadata only)")
+    kl.add_argument("--keystore", required=True)
+    kl.add_argument("--json", action="store_true")
+    k.set_defaults(func=_cmd_keys)
+
+    def client_flags(p):
+        import os
+
+        p.add_argument("--server", default=os.environ.get("SHALLOWMARK_SERVER", "127.0.0.1:50051"),
+                       help="server address host:port (default $SHALLOWMARK_SERVER or 127.0.0.1:50051); "
+                            "the token comes from $SHALLOWMARK_TOKEN")
+        p.add_argument("--keystore", required=True)
+        p.add_argument("--tls", action="store_true", help="TLS with the system root certificates")
+        p.add_argument("--ca", help="CA certificate (PEM) of the server; implies TLS")
+        p.add_argument("--client-cert", help="client certificate (PEM) for mutual TLS")
+        p.add_argument("--client-key", help="client private key (PEM) for mutual TLS")
+        p.add_argument("--timeout", type=float, default=300.0, help="seconds per call, retries included")
+        p.add_argument("--model", help="server model (default: the server's default)")
+
+    e = sub.add_parser("embed", help="watermark an image through a server")
+    client_flags(e)
+    e.add_argument("--key", help="key_id to use (default: the keystore's active key)")
+    e.add_argument("--method", default="shallow-diffuse")
+    src = e.add_mutually_exclusive_group()
+    src.add_argument("--seed", type=int, help="generate a new image from this seed")
+    src.add_argument("--image", help="watermark this PNG/JPEG file (must be the model's size)")
+    e.add_argument("--prompt", help="prompt for text-conditioned models (with --seed)")
+    e.add_argument("--out", required=True, help="output PNG")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=_cmd_embed)
+
+    v = sub.add_parser("verify", help="check images against every key in a keystore through a server")
+    client_flags(v)
+    v.add_argument("files", nargs="+", metavar="FILE")
+    v.add_argument("--method", action="append", help="method(s) to check (repeatable; default shallow-diffuse)")
+    v.add_argument("--target-fpr", type=float, default=0.01)
+    v.add_argument("--trusted-key", help="the server's attestation public key (hex) to pin")
+    v.add_argument("--json", action="store_true", help="one JSON object per image")
+    v.set_defaults(func=_cmd_verify)
 
 
 # -- demo ------------------------------------------------------------------------------------------
@@ -163,12 +400,34 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--n-nullspace", type=int, default=4)
     bm.set_defaults(func=_cmd_bench_methods)
 
+    be = sub.add_parser("bench", help="robustness under attacks: AUC and TPR@1%%FPR per method and attack; "
+                                      "writes report.json, report.md, roc.png")
+    be.add_argument("--methods", help="comma-separated methods (default: all seven)")
+    be.add_argument("--attacks", help="comma-separated attacks, name or name:strength, e.g. clean,jpeg,blur:3,regen "
+                                      "(default: clean and every registered attack at its reference strength)")
+    be.add_argument("--n", type=int, help="watermarked images per method and unwatermarked images (default 100)")
+    be.add_argument("--seed", type=int, help="first seed (default 10000)")
+    be.add_argument("--keys", type=int, help="test keys per method; image i carries key i mod keys (default 1)")
+    be.add_argument("--steps", type=int, help="DDIM steps of the diffusion methods (default: theirs, 50)")
+    be.add_argument("--batch", type=int, help="images per model call (default 8)")
+    be.add_argument("--target-fpr", type=float, help="target FPR of the verdicts (default 0.01)")
+    be.add_argument("--out", default="bench-out", help="report folder")
+    be.add_argument("--cache", help="cache folder for images and scores (default ~/.cache/shallowmark/bench); "
+                                    "an interrupted run resumes from it")
+    be.add_argument("--quick", action="store_true",
+                    help="small grid: shallow-diffuse,tree-ring × clean,jpeg,blur, n=4, 10 steps (options still apply)")
+    be.add_argument("--server", metavar="ADDR", help="run through the SDK against a server (not in this version)")
+    be.add_argument("--no-progress", action="store_true", help="no progress bar")
+    be.set_defaults(func=_cmd_bench)
+
     an = sub.add_parser("analyze", help="the research analyses; each writes report.md, report.json and PNGs")
     an.add_argument("analysis", choices=["molrg"], help="molrg: MoLRG posterior mean, DAE = PCA, phase transition")
     an.add_argument("--out", help="output folder (default docs/analysis/<analysis>)")
     an.add_argument("--quick", action="store_true", help="a small run that finishes in seconds")
     an.add_argument("--seed", type=int, default=0)
     an.set_defaults(func=_cmd_analyze)
+
+    _add_service_commands(sub)
 
     d = sub.add_parser("demo", help="the newcomer's tour on the embedded model")
     d.add_argument("--out", default="demo-out")

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs (root). Do not edit: run ``python protos/generate.py``."""

@@ -1,0 +1,165 @@
+"""Check the server's signature on a Verify result (Ed25519, no torch needed).
+
+A shallowmark server signs every ``Verify`` result: it serializes the result as canonical JSON (the
+*payload*) and signs those bytes with its Ed25519 key. :func:`verify_attestation` checks that
+
+1. the signature over the payload is valid for the server's public key — the one you trust, when you
+   pass ``trusted_public_key`` (get it once from ``Client.info().attestation_public_key`` at
+   deployment time, or from your operator);
+2. the payload says the same thing as the result you hold (verdicts, identified key, image hash,
+   request id...), so nobody swapped the result while keeping a valid signature;
+3. optionally, that the payload's image hash is the hash of the image you have.
+
+Without ``trusted_public_key`` the check uses the key inside the attestation, which proves the
+result was not altered after signing but not *who* signed it. Pass the trusted key in production.
+
+Payload layout (``payload_format = "shallowmark.verify.v1"``): a JSON object, UTF-8, keys sorted,
+no whitespace, floats in Python's shortest round-trip form::
+
+    {"detected": bool, "format": "shallowmark.verify.v1", "identified_key_id": str,
+     "image_sha256": hex, "issued_at": "YYYY-MM-DDTHH:MM:SS.ffffffZ", "method_score": float,
+     "model": str, "bits": hex of the packed bits, "num_bits": int, "request_id": str,
+     "target_fpr": float,
+     "verdicts": [{"detected", "key_id", "method", "p_value", "p_value_corrected", "score"}, ...]}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from shallowmark.errors import ShallowmarkError
+
+__all__ = ["AttestationError", "PAYLOAD_FORMAT", "canonical_json", "verify_attestation", "load_public_key"]
+
+PAYLOAD_FORMAT = "shallowmark.verify.v1"
+_VERDICT_FIELDS = ("key_id", "method", "score", "p_value", "p_value_corrected", "detected")
+
+
+class AttestationError(ShallowmarkError):
+    """An attestation is missing, malformed, signed by another key, or does not match its result."""
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The deterministic serialization used for payloads: sorted keys, no whitespace, ASCII.
+
+    Raises:
+        ValueError: ``obj`` holds NaN or infinity (JSON cannot represent them).
+    """
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False).encode("ascii")
+
+
+def load_public_key(key: Any) -> Ed25519PublicKey:
+    """An Ed25519 public key from 32 raw bytes, PEM (bytes or str), hex (64 characters), or a key object.
+
+    Raises:
+        AttestationError: not an Ed25519 public key.
+    """
+    if isinstance(key, Ed25519PublicKey):
+        return key
+    try:
+        if isinstance(key, str):
+            text = key.strip()
+            if "BEGIN" in text:
+                key = text.encode("ascii")
+            else:
+                key = bytes.fromhex(text)
+        key = bytes(key)
+        if key.startswith(b"-----BEGIN"):
+            loaded = serialization.load_pem_public_key(key)
+            if not isinstance(loaded, Ed25519PublicKey):
+                raise AttestationError(f"trusted key is a {type(loaded).__name__}, not Ed25519")
+            return loaded
+        if len(key) != 32:
+            raise AttestationError(f"an Ed25519 public key is 32 raw bytes; got {len(key)}")
+        return Ed25519PublicKey.from_public_bytes(key)
+    except AttestationError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise AttestationError(f"cannot read the public key: {e}") from None
+
+
+def _raw(pub: Ed25519PublicKey) -> bytes:
+    return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        try:
+            return float(a) == float(b) or (math.isnan(float(a)) and math.isnan(float(b)))
+        except (TypeError, ValueError):
+            return False
+    return a == b
+
+
+def verify_attestation(result: Any, trusted_public_key: Any = None, *, image: bytes | None = None) -> dict:
+    """Check the signature on a :class:`~shallowmark.client.VerifyResult` and that it matches the result.
+
+    Args:
+        result: what ``Client.verify`` returned (anything with ``attestation`` and the result fields).
+        trusted_public_key: the server key you trust: 32 raw bytes, hex, PEM, or an
+            ``Ed25519PublicKey``. ``None`` trusts the key carried in the attestation (integrity only).
+        image: the image bytes you verified; if given, its SHA-256 must be the one that was signed.
+
+    Returns:
+        The decoded payload (a dict), e.g. to archive with the image.
+
+    Raises:
+        AttestationError: no attestation, another signer, a bad signature, or a payload that differs
+            from ``result`` (the message names the first differing field).
+    """
+    att = getattr(result, "attestation", None)
+    if att is None or not getattr(att, "payload", b"") or not getattr(att, "signature", b""):
+        raise AttestationError("the result carries no attestation")
+    if getattr(att, "payload_format", PAYLOAD_FORMAT) != PAYLOAD_FORMAT:
+        raise AttestationError(f"unknown attestation payload format {att.payload_format!r}; expected {PAYLOAD_FORMAT!r}")
+    carried = load_public_key(att.public_key)
+    if trusted_public_key is not None:
+        trusted = load_public_key(trusted_public_key)
+        if _raw(trusted) != _raw(carried):
+            raise AttestationError("the result was signed by a different key than the trusted one")
+        carried = trusted
+    try:
+        carried.verify(bytes(att.signature), bytes(att.payload))
+    except InvalidSignature:
+        raise AttestationError("invalid signature: the attestation payload was altered or not signed by this key") from None
+
+    try:
+        payload = json.loads(bytes(att.payload).decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise AttestationError("the attestation payload is not JSON") from None
+    if not isinstance(payload, dict) or payload.get("format") != PAYLOAD_FORMAT:
+        raise AttestationError(f"the attestation payload is not a {PAYLOAD_FORMAT} object")
+
+    checks = {
+        "request_id": getattr(result, "request_id", None),
+        "image_sha256": getattr(result, "image_sha256", None),
+        "model": getattr(result, "model", None),
+        "target_fpr": getattr(result, "target_fpr", None),
+        "detected": getattr(result, "detected", None),
+        "identified_key_id": getattr(result, "identified_key_id", None) or "",
+        "method_score": getattr(result, "method_score", None),
+        "num_bits": getattr(result, "num_bits", None),
+        "bits": (getattr(result, "bits_packed", b"") or b"").hex(),
+    }
+    for name, value in checks.items():
+        if name not in payload or not _same(payload[name], value):
+            raise AttestationError(f"the signed payload does not match the result: field {name!r} differs")
+    verdicts = list(getattr(result, "verdicts", []))
+    signed = payload.get("verdicts")
+    if not isinstance(signed, list) or len(signed) != len(verdicts):
+        raise AttestationError("the signed payload does not match the result: the verdict lists differ")
+    for i, (s, v) in enumerate(zip(signed, verdicts)):
+        for f in _VERDICT_FIELDS:
+            if not isinstance(s, dict) or f not in s or not _same(s[f], getattr(v, f, None)):
+                raise AttestationError(f"the signed payload does not match the result: verdicts[{i}].{f} differs")
+    if image is not None and hashlib.sha256(bytes(image)).hexdigest() != payload["image_sha256"]:
+        raise AttestationError("the image given is not the one whose verification was signed (SHA-256 differs)")
+    return payload

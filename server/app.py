@@ -1,0 +1,185 @@
+"""Build, start and stop the gRPC server.
+
+Lifecycle of :class:`ServerApp`:
+
+1. construction opens the ledger and the attestation key and binds the port (``port=0`` picks a
+   free one; read it back from ``app.port``);
+2. :meth:`ServerApp.start` starts serving at once with health ``NOT_SERVING`` and loads the models
+   in a background thread; calls that need a model answer UNAVAILABLE until it is loaded; then
+   health turns ``SERVING``;
+3. :meth:`ServerApp.stop` (SIGTERM/SIGINT under :func:`serve`) turns health ``NOT_SERVING`` (for
+   ``Watch`` streams), refuses new calls with UNAVAILABLE (health checks included, so readiness
+   probes fail and load balancers stop sending), lets in-flight calls finish for ``grace_s``
+   seconds, then cancels the rest.
+
+Health (``grpc.health.v1.Health``, service names ``""`` and ``shallowmark.v1.Watermark``) and
+reflection need no token. ``grpc.max_receive_message_length`` and ``max_send_message_length``
+are set to ``max_message_bytes``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from pathlib import Path
+from typing import Any, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from shallowmark._proto.shallowmark.v1 import watermark_pb2 as pb
+from shallowmark._proto.shallowmark.v1 import watermark_pb2_grpc as pb_grpc
+from shallowmark.errors import InvalidParameterError
+from shallowmark.server.attestation import Signer
+from shallowmark.server.auth import BearerAuthInterceptor
+from shallowmark.server.config import ServerConfig
+from shallowmark.server.ledger import open_ledger
+from shallowmark.server.servicer import ModelPool, WatermarkServicer
+
+__all__ = ["ServerApp", "serve", "SERVICE_NAME"]
+
+log = logging.getLogger("shallowmark.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Watermark"].full_name  # "shallowmark.v1.Watermark"
+
+
+def _read(path: Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise InvalidParameterError(f"cannot read the TLS {what} {path}: {e}") from None
+
+
+class ServerApp:
+    """One shallowmark gRPC server.
+
+    Args:
+        config: the :class:`ServerConfig`.
+        backend_loader: ``f(name, **options) -> backend`` (tests inject one; default ``load_backend``).
+        signer: the attestation signer (default: loaded or created at ``config.resolved_attestation_key()``).
+
+    Raises:
+        InvalidParameterError: unreadable TLS files, or the address cannot be bound.
+        LedgerError, KeystoreError: the ledger or the attestation key cannot be opened.
+    """
+
+    def __init__(self, config: ServerConfig, *, backend_loader: Callable[..., Any] | None = None,
+                 signer: Signer | None = None):
+        self.config = config
+        self.ledger = open_ledger(config.resolved_ledger_url())
+        self.signer = signer or Signer.load_or_create(config.resolved_attestation_key())
+        self.pool = ModelPool(config, backend_loader)
+        self.health = health.HealthServicer()
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        options = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # two servers must not silently share a port
+        ]
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
+                                  interceptors=[BearerAuthInterceptor(config.token_digests())], options=options)
+        pb_grpc.add_WatermarkServicer_to_server(WatermarkServicer(config, self.pool, self.ledger, self.signer),
+                                                self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        if config.reflection:
+            from grpc_reflection.v1alpha import reflection
+
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+                self.server)
+        try:
+            if config.tls is None:
+                self.port = self.server.add_insecure_port(config.address)
+            else:
+                ca = _read(config.tls.client_ca, "client CA")
+                creds = grpc.ssl_server_credentials(
+                    [(_read(config.tls.key, "key"), _read(config.tls.cert, "certificate"))],
+                    root_certificates=ca, require_client_auth=ca is not None)
+                self.port = self.server.add_secure_port(config.address, creds)
+        except RuntimeError as e:
+            raise InvalidParameterError(f"cannot listen on {config.address}: {e}") from None
+        if not self.port:
+            raise InvalidParameterError(f"cannot listen on {config.address} (in use, or not a local address)")
+        self._loader_thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+
+    def _set_health(self, status) -> None:
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
+    @property
+    def address(self) -> str:
+        """``host:port`` actually bound (useful with ``port=0``)."""
+        host = self.config.host
+        if host in ("0.0.0.0", "::", "[::]"):
+            host = "127.0.0.1"
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"{host}:{self.port}"
+
+    def start(self, *, load_models: bool = True) -> "ServerApp":
+        """Start serving (health NOT_SERVING); load the models in the background unless told not to."""
+        self.server.start()
+        log.info("listening on %s (%s)", self.address, "TLS" if self.config.tls else "plaintext")
+        if load_models:
+            self._loader_thread = threading.Thread(target=self.load_models, name="model-loader", daemon=True)
+            self._loader_thread.start()
+        return self
+
+    def load_models(self) -> bool:
+        """Load every model (blocking); health turns SERVING if all loaded. Returns that."""
+        self.pool.load_all()
+        if self.pool.ready and not self._stopped.is_set():
+            self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            log.info("ready: serving %s", ", ".join(self.config.models))
+        return self.pool.ready
+
+    def wait_until_ready(self, timeout: float | None = None) -> bool:
+        """Block until the background model load finishes; True if every model loaded."""
+        if self._loader_thread is not None:
+            self._loader_thread.join(timeout)
+        return self.pool.ready
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drain and stop: NOT_SERVING, refuse new calls, wait up to ``grace`` s (default ``grace_s``)."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.enter_graceful_shutdown()
+        grace = self.config.grace_s if grace is None else grace
+        log.info("stopping: draining in-flight calls for up to %.0f s", grace)
+        self.server.stop(grace).wait()
+        self.ledger.close()
+        log.info("stopped")
+
+    def wait(self) -> None:
+        """Block until the server stops."""
+        self.server.wait_for_termination()
+
+
+def serve(config: ServerConfig, *, on_ready: Callable[[ServerApp], None] | None = None) -> None:
+    """Run a server in the foreground until SIGTERM or SIGINT, then drain for ``grace_s`` seconds.
+
+    Must be called from the main thread (it installs the signal handlers).
+    """
+    app = ServerApp(config)
+    drain: list[threading.Thread] = []
+
+    def _terminate(signum, frame):
+        log.info("received %s", signal.Signals(signum).name)
+        if not drain:  # a second signal does not start a second drain
+            drain.append(threading.Thread(target=app.stop, name="drain"))
+            drain[0].start()
+
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
+    app.start()
+    if on_ready is not None:
+        on_ready(app)
+    app.wait()
+    for t in drain:
+        t.join()

@@ -1,0 +1,225 @@
+"""Server configuration: one typed dataclass, loaded from a TOML file and/or command-line flags.
+
+Example ``server.toml`` (every key is optional; the values shown are the defaults unless noted)::
+
+    host = "127.0.0.1"              # "0.0.0.0" or "[::]" to listen on every interface
+    port = 50051
+    models = ["tiny-ldm"]           # the first is the default model
+    device = "cpu"                  # torch device for the models, e.g. "cuda"
+    max_message_bytes = 16777216    # grpc.max_receive_message_length (16 MiB)
+    max_image_pixels = 16777216     # width x height, checked before decoding (4096 x 4096)
+    max_batch = 8                   # most requests run together as one model batch
+    max_keys_per_verify = 64
+    max_queue = 32                  # model jobs waiting or running; beyond it RESOURCE_EXHAUSTED
+    workers = 8                     # gRPC handler threads
+    grace_s = 30.0                  # drain time on SIGTERM
+    state_dir = "~/.local/state/shallowmark"
+    ledger_url = "sqlite:////var/lib/shallowmark/ledger.sqlite3"  # or a plain path; default: <state_dir>/ledger.sqlite3
+    attestation_key = "/var/lib/shallowmark/attestation.pem"      # default: <state_dir>/attestation_ed25519.pem
+
+    [tls]                           # omit the table for plaintext (loopback / behind a TLS proxy only)
+    cert = "/etc/shallowmark/server.crt"
+    key = "/etc/shallowmark/server.key"
+    client_ca = "/etc/shallowmark/clients-ca.crt"   # set it to require client certificates (mTLS)
+
+    [tokens]                        # bearer token -> tenant
+    "sha256:9f86d081884c7d65..." = "acme"   # preferred: the SHA-256 of the token, so the file holds no secret
+    "dev-token-123" = "local"               # a plain token also works
+
+    [methods.shallow-diffuse]       # keyword arguments for load_method(name, backend, **options)
+    num_steps = 50
+
+    [model.stable-diffusion]        # keyword arguments for load_backend(name, **options)
+    model = "/models/sd-1.5"
+
+Relative paths in the file are resolved against the file's folder. Command-line flags
+(``shallowmark serve --port ...``) override the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from shallowmark.errors import InvalidParameterError
+
+__all__ = ["ServerConfig", "TLSConfig", "load_config", "token_digest"]
+
+
+def token_digest(token: str) -> str:
+    """``"sha256:<hex>"`` of a bearer token, the form to put in ``[tokens]`` instead of the token."""
+    return "sha256:" + hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Server TLS. With ``client_ca`` set, clients must present a certificate signed by it (mTLS)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``shallowmark serve`` needs. Build with :func:`load_config` or directly.
+
+    Attributes:
+        host, port: where to listen. ``port=0`` picks a free port (see ``ServerApp.port``).
+        tokens: bearer token (or ``"sha256:<hex>"`` of it) -> tenant name. Empty means every call
+            on the Watermark service is refused with UNAUTHENTICATED.
+        tls: certificate and key for TLS, and optionally the client CA for mutual TLS.
+        models: backend names to load (see ``shallowmark models``); the first is the default.
+        model_options: per model, keyword arguments for ``load_backend`` (e.g. a Stable Diffusion path).
+        method_options: per method, keyword arguments for ``load_method`` (e.g. ``num_steps``).
+        device: torch device for the models.
+        max_message_bytes: ``grpc.max_receive_message_length`` and send length.
+        max_image_pixels: largest image accepted (width x height), checked before decoding.
+        max_batch: most requests run as one batch (reported in GetInfo; see the server notes).
+        max_keys_per_verify: most candidate keys in one Verify.
+        max_queue: model jobs waiting or running at once; more get RESOURCE_EXHAUSTED.
+        workers: gRPC handler threads.
+        grace_s: seconds to let in-flight calls finish after SIGTERM.
+        state_dir: where the default ledger and attestation key live.
+        ledger_url: ``sqlite:////abs/path``, ``sqlite:///rel/path`` or a plain path;
+            ``postgresql://`` is not implemented yet.
+        attestation_key: Ed25519 private key file (PEM); created with mode 0600 if missing.
+        reflection: serve gRPC reflection (for grpcurl and friends).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    tokens: Mapping[str, str] = field(default_factory=dict)
+    tls: TLSConfig | None = None
+    models: tuple[str, ...] = ("tiny-ldm",)
+    model_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    device: str = "cpu"
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    max_batch: int = 8
+    max_keys_per_verify: int = 64
+    max_queue: int = 32
+    workers: int = 8
+    grace_s: float = 30.0
+    state_dir: Path = field(default_factory=lambda: Path("~/.local/state/shallowmark").expanduser())
+    ledger_url: str | None = None
+    attestation_key: Path | None = None
+    reflection: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise InvalidParameterError(f"port must be an int in 0..65535; got {self.port!r}")
+        for name in ("max_message_bytes", "max_image_pixels", "max_batch", "max_keys_per_verify",
+                     "max_queue", "workers"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InvalidParameterError(f"{name} must be a positive int; got {v!r}")
+        if self.max_message_bytes < 1024:
+            raise InvalidParameterError(f"max_message_bytes must be at least 1024; got {self.max_message_bytes}")
+        if not isinstance(self.grace_s, (int, float)) or self.grace_s < 0:
+            raise InvalidParameterError(f"grace_s must be >= 0; got {self.grace_s!r}")
+        if isinstance(self.models, str) or not self.models:
+            raise InvalidParameterError(f"models must be a non-empty list of backend names; got {self.models!r}")
+        object.__setattr__(self, "models", tuple(self.models))
+        for tok, tenant in self.tokens.items():
+            if not isinstance(tok, str) or not tok or not isinstance(tenant, str) or not tenant:
+                raise InvalidParameterError("tokens must map non-empty token strings to non-empty tenant names")
+            if tok.startswith("sha256:") and len(tok) != 7 + 64:
+                raise InvalidParameterError("a hashed token must be 'sha256:' followed by 64 hex digits")
+        object.__setattr__(self, "state_dir", Path(self.state_dir).expanduser())
+
+    @property
+    def default_model(self) -> str:
+        return self.models[0]
+
+    @property
+    def address(self) -> str:
+        host = self.host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"{host}:{self.port}"
+
+    def resolved_ledger_url(self) -> str:
+        return self.ledger_url or f"sqlite:///{self.state_dir / 'ledger.sqlite3'}"
+
+    def resolved_attestation_key(self) -> Path:
+        return Path(self.attestation_key) if self.attestation_key else self.state_dir / "attestation_ed25519.pem"
+
+    def token_digests(self) -> dict[str, str]:
+        """``"sha256:<hex>"`` -> tenant for every configured token (plain tokens are hashed here)."""
+        return {(t.lower() if t.startswith("sha256:") else token_digest(t)): tenant
+                for t, tenant in self.tokens.items()}
+
+    def with_overrides(self, **overrides: Any) -> "ServerConfig":
+        """A copy with the given fields replaced; ``None`` values are ignored (unset flags)."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ImportError:
+            raise InvalidParameterError("reading a TOML config on Python 3.10 needs 'tomli' (pip install tomli)") from None
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise InvalidParameterError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise InvalidParameterError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) -> ServerConfig:
+    """Read ``path`` (TOML; see the module docstring) and apply ``overrides`` (``None`` = unset).
+
+    Raises:
+        InvalidParameterError: unreadable file, unknown key (the message lists the valid ones), or
+            a value out of range.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        raw = _read_toml(path)
+        base = path.resolve().parent
+        known = {f.name for f in fields(ServerConfig)}
+        unknown = set(raw) - known - {"methods", "model"}
+        if unknown:
+            raise InvalidParameterError(f"unknown key(s) in {path}: {', '.join(sorted(unknown))}; "
+                                        f"valid keys: {', '.join(sorted(known | {'methods', 'model'}))}")
+
+        def rel(p: Any) -> Path:
+            p = Path(str(p)).expanduser()
+            return p if p.is_absolute() else base / p
+
+        for k, v in raw.items():
+            if k == "tls":
+                if not isinstance(v, dict) or not {"cert", "key"} <= set(v) or set(v) - {"cert", "key", "client_ca"}:
+                    raise InvalidParameterError(f"[tls] in {path} needs 'cert' and 'key' (and optionally 'client_ca')")
+                data["tls"] = TLSConfig(cert=rel(v["cert"]), key=rel(v["key"]),
+                                        client_ca=rel(v["client_ca"]) if v.get("client_ca") else None)
+            elif k == "methods":
+                data["method_options"] = {str(m): dict(o) for m, o in v.items()}
+            elif k == "model":
+                data["model_options"] = {str(m): dict(o) for m, o in v.items()}
+            elif k in ("state_dir", "attestation_key"):
+                data[k] = rel(v)
+            elif k == "ledger_url" and "://" not in str(v):
+                data[k] = f"sqlite:///{rel(v)}"
+            elif k == "ledger_url" and str(v).startswith("sqlite:///") and len(str(v)) > 10:
+                data[k] = f"sqlite:///{rel(str(v)[10:])}"
+            elif k == "models":
+                data[k] = tuple(v)
+            else:
+                data[k] = v
+    try:
+        cfg = ServerConfig(**data)
+    except TypeError as e:
+        raise InvalidParameterError(f"bad config: {e}") from None
+    return cfg.with_overrides(**overrides)

@@ -1,0 +1,488 @@
+"""The ``shallowmark.v1.Watermark`` servicer and the models it runs on.
+
+:class:`ModelPool` loads the configured backends and their watermark methods, admits model jobs
+(a bounded queue, one job at a time per model, a deadline check before each job) and learns how
+long a model evaluation takes. :class:`WatermarkServicer` turns requests into jobs.
+
+Errors become status codes in one place (:func:`_rpc`):
+
+============================================================  ===================
+InvalidImageError, InvalidParameterError, InvalidShapeError,   INVALID_ARGUMENT
+UnknownNameError, KeyMaterialError
+PermissionDenied (another tenant's data)                       PERMISSION_DENIED
+QueueFull                                                      RESOURCE_EXHAUSTED
+ModelNotReady (loading / failed to load), LedgerError          UNAVAILABLE
+DeadlineTooShort (checked before a model job starts)           DEADLINE_EXCEEDED
+MissingDependencyError (an extra the method needs)             FAILED_PRECONDITION
+anything else (a bug; logged with its traceback)               INTERNAL
+============================================================  ===================
+
+Logs carry the request id, tenant, RPC, method, model, key ids, duration and status; never key
+material, tokens, prompts or images.
+
+Not done yet: micro-batching (concurrent requests for the same model/method run one after another,
+not as one batch; ``max_batch`` is reported but not used).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import logging
+import math
+import re
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import grpc
+import numpy as np
+
+import shallowmark
+from shallowmark._proto.shallowmark.v1 import watermark_pb2 as pb
+from shallowmark._proto.shallowmark.v1 import watermark_pb2_grpc as pb_grpc
+from shallowmark.errors import (
+    InvalidImageError,
+    InvalidParameterError,
+    InvalidShapeError,
+    KeyMaterialError,
+    MissingDependencyError,
+    ShallowmarkError,
+    UnknownNameError,
+)
+from shallowmark.server import validation
+from shallowmark.server.attestation import Signer, verify_payload
+from shallowmark.server.auth import current_tenant
+from shallowmark.server.config import ServerConfig
+from shallowmark.server.ledger import LedgerError
+
+__all__ = ["ModelPool", "WatermarkServicer", "ModelNotReady", "QueueFull", "DeadlineTooShort", "PermissionDenied"]
+
+log = logging.getLogger("shallowmark.server")
+
+#: Smallest p-value used for ``KeyVerdict.score = -log10(p)``, so the score stays finite (<= 300).
+_P_FLOOR = 1e-300
+_INVISIBLE = ("dwtdct", "dwtdctsvd", "rivagan")
+_KEY_ID = re.compile(r"sm1_[0-9a-f]{32}")
+_NO_DEADLINE = 365 * 24 * 3600.0  # a "deadline" further away than a year means none
+
+
+class ModelNotReady(ShallowmarkError):
+    """The model is still loading, or failed to load. UNAVAILABLE: retry later."""
+
+
+class QueueFull(ShallowmarkError):
+    """Too many model jobs waiting. RESOURCE_EXHAUSTED: retry with backoff."""
+
+
+class DeadlineTooShort(ShallowmarkError):
+    """The call's deadline leaves less time than the job needs. DEADLINE_EXCEEDED."""
+
+
+class PermissionDenied(ShallowmarkError):
+    """The caller asked for another tenant's data. PERMISSION_DENIED."""
+
+
+# -- models ----------------------------------------------------------------------------------------
+
+
+def expected_evals(method: Any, op: str) -> int:
+    """Denoiser evaluations one image costs for ``op`` in {"generate", "embed", "verify"}."""
+    grid = getattr(method, "grid", None)
+    n = int(grid.num_steps) if grid is not None else 50
+    name = getattr(method, "name", "")
+    if name == "shallow-diffuse":
+        k = int(method.k_star)
+        return {"generate": n + k, "embed": 3 * k, "verify": k}[op]
+    if name in _INVISIBLE:
+        return {"generate": 50, "embed": 0, "verify": 0}[op]
+    return {"generate": n, "embed": 0, "verify": n}[op]
+
+
+@dataclass
+class LoadedModel:
+    """One backend and the methods built on it. ``lock`` serializes its jobs."""
+
+    name: str
+    backend: Any
+    methods: dict[str, Any]
+    available: tuple[str, ...]
+    sec_per_eval: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.backend.image_size)
+
+
+def _invisible_available() -> set[str]:
+    import importlib.util
+
+    out = set()
+    if importlib.util.find_spec("imwatermark") is not None:
+        out |= {"dwtdct", "dwtdctsvd"}
+        if importlib.util.find_spec("onnxruntime") is not None:
+            out.add("rivagan")
+    return out
+
+
+class ModelPool:
+    """The server's models: loading, job admission and cost estimates.
+
+    Args:
+        config: the server configuration (models, device, method options, max_queue).
+        backend_loader: ``f(name, **options) -> backend``; defaults to ``load_backend``.
+    """
+
+    def __init__(self, config: ServerConfig, backend_loader: Callable[..., Any] | None = None):
+        self.config = config
+        self._loader = backend_loader
+        self._models: dict[str, LoadedModel] = {}
+        self._errors: dict[str, str] = {}
+        self._state_lock = threading.Lock()
+        self._pending = 0
+
+    # -- loading ---------------------------------------------------------------------------------
+    def load_all(self) -> None:
+        """Load every configured model (blocking). A model that fails stays unavailable with its error logged."""
+        for name in self.config.models:
+            try:
+                self._models[name] = self._load(name)
+                log.info("model %s loaded (%.3f s per model evaluation)", name, self._models[name].sec_per_eval)
+            except Exception as e:  # noqa: BLE001 - reported through ModelNotReady and the log
+                self._errors[name] = f"{type(e).__name__}: {e}"
+                log.exception("model %s failed to load", name)
+
+    def _load(self, name: str) -> LoadedModel:
+        from shallowmark.core.watermarks import DIFFUSION_METHODS, load_method
+
+        loader = self._loader
+        if loader is None:
+            from shallowmark.core.backends import load_backend as loader
+        options = dict(self.config.model_options.get(name, {}))
+        options.setdefault("device", self.config.device)
+        backend = loader(name, **options)
+        methods = {m: load_method(m, backend, **dict(self.config.method_options.get(m, {})))
+                   for m in DIFFUSION_METHODS}
+        available = tuple(DIFFUSION_METHODS) + tuple(m for m in _INVISIBLE if m in _invisible_available())
+        return LoadedModel(name=name, backend=backend, methods=methods, available=available,
+                           sec_per_eval=_time_one_eval(backend))
+
+    @property
+    def ready(self) -> bool:
+        """True when every configured model is loaded."""
+        return all(n in self._models for n in self.config.models)
+
+    def status(self) -> list[tuple[str, LoadedModel | None]]:
+        return [(n, self._models.get(n)) for n in self.config.models]
+
+    def get(self, name: str) -> LoadedModel:
+        """The loaded model ``name`` ("" = the default).
+
+        Raises:
+            UnknownNameError: not a model this server serves.
+            ModelNotReady: still loading, or failed to load.
+        """
+        name = name or self.config.default_model
+        if name not in self.config.models:
+            raise UnknownNameError("model", name, self.config.models)
+        lm = self._models.get(name)
+        if lm is None:
+            if name in self._errors:
+                raise ModelNotReady(f"model {name} failed to load on this server; contact its operator")
+            raise ModelNotReady(f"model {name} is still loading; retry in a few seconds")
+        return lm
+
+    def method(self, lm: LoadedModel, name: str) -> Any:
+        """The method ``name`` on ``lm`` (built on first use for the post-hoc methods).
+
+        Raises:
+            UnknownNameError: not available on this server (the message lists the available ones).
+        """
+        if name not in lm.available:
+            raise UnknownNameError(f"method on this server (model {lm.name})", name, lm.available)
+        m = lm.methods.get(name)
+        if m is None:
+            from shallowmark.core.watermarks import load_method
+
+            m = load_method(name, lm.backend, **dict(self.config.method_options.get(name, {})))
+            lm.methods[name] = m
+        return m
+
+    # -- jobs ------------------------------------------------------------------------------------
+    @contextmanager
+    def job(self, lm: LoadedModel, evals: int, what: str, time_left: Callable[[], float | None]):
+        """Admit one model job: queue bound, deadline check, one job at a time per model.
+
+        Raises:
+            QueueFull: ``max_queue`` jobs are already waiting or running.
+            DeadlineTooShort: the deadline leaves less than the estimated job time (checked on
+                arrival and again when the job would start).
+        """
+        raw_left = time_left
+
+        def time_left() -> float | None:
+            # gRPC reports "no deadline" as ~9e18 s, beyond what Lock.acquire accepts: treat it as None.
+            left = raw_left()
+            return None if left is None or left > _NO_DEADLINE else float(left)
+
+        with self._state_lock:
+            if self._pending >= self.config.max_queue:
+                raise QueueFull(f"the server is busy ({self._pending} model jobs queued); retry with backoff")
+            self._pending += 1
+        try:
+            need = evals * lm.sec_per_eval
+            self._check_deadline(time_left(), need, evals, what, lm)
+            left = time_left()
+            if not lm.lock.acquire(timeout=-1 if left is None else max(left, 0.0)):
+                raise DeadlineTooShort(f"the deadline passed while this {what} waited for the model; "
+                                       "retry with a longer deadline")
+            try:
+                self._check_deadline(time_left(), need, evals, what, lm)
+                t0 = time.monotonic()
+                yield
+                if evals > 0:
+                    per = (time.monotonic() - t0) / evals
+                    lm.sec_per_eval = 0.7 * lm.sec_per_eval + 0.3 * per
+            finally:
+                lm.lock.release()
+        finally:
+            with self._state_lock:
+                self._pending -= 1
+
+    @staticmethod
+    def _check_deadline(left: float | None, need: float, evals: int, what: str, lm: LoadedModel) -> None:
+        if left is not None and left < need:
+            raise DeadlineTooShort(
+                f"the call's deadline leaves {max(left, 0.0):.2f} s but this {what} needs about {need:.2f} s "
+                f"({evals} evaluations of {lm.name} at ~{lm.sec_per_eval:.3f} s each); "
+                "give the call a longer deadline")
+
+
+def _time_one_eval(backend) -> float:
+    """Seconds for one batch-1 denoiser evaluation (a first estimate; jobs refine it)."""
+    import torch
+
+    x = torch.zeros((1, *backend.latent_shape), device=backend.device, dtype=backend.dtype)
+    cond = backend.encode_prompt([""], 1) if getattr(backend, "conditional", False) else None
+    with torch.no_grad():
+        backend.eps(x, 500, cond)  # warm-up: first call allocates
+        t0 = time.monotonic()
+        backend.eps(x, 500, cond)
+    return max(time.monotonic() - t0, 1e-4)
+
+
+# -- the servicer ----------------------------------------------------------------------------------
+
+_INVALID = (InvalidImageError, InvalidParameterError, InvalidShapeError, UnknownNameError, KeyMaterialError)
+
+
+def _request_id(context) -> str:
+    for k, v in context.invocation_metadata() or ():
+        if k == "x-request-id":
+            return validation.check_request_id(v)
+    return uuid.uuid4().hex
+
+
+def _rpc(fn):
+    """Run one RPC: request id, tenant, error -> status mapping, one log line."""
+
+    @functools.wraps(fn)
+    def wrapper(self, request, context):
+        t0 = time.monotonic()
+        rid, tenant, code, info = "-", current_tenant(), grpc.StatusCode.OK, {}
+        try:
+            rid = _request_id(context)
+            return fn(self, request, context, rid, tenant, info)
+        except _INVALID as e:
+            code, msg = grpc.StatusCode.INVALID_ARGUMENT, str(e)
+        except PermissionDenied as e:
+            code, msg = grpc.StatusCode.PERMISSION_DENIED, str(e)
+        except QueueFull as e:
+            code, msg = grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
+        except (ModelNotReady, LedgerError) as e:
+            code, msg = grpc.StatusCode.UNAVAILABLE, str(e)
+        except DeadlineTooShort as e:
+            code, msg = grpc.StatusCode.DEADLINE_EXCEEDED, str(e)
+        except MissingDependencyError as e:
+            code, msg = grpc.StatusCode.FAILED_PRECONDITION, str(e)
+        except Exception:  # noqa: BLE001 - a bug; details stay in the server log
+            log.exception("request %s (%s) failed", rid, fn.__name__)
+            code, msg = grpc.StatusCode.INTERNAL, f"internal error; quote request id {rid} to the operator"
+        finally:
+            log.info("rpc=%s request_id=%s tenant=%s status=%s ms=%.0f %s", fn.__name__, rid, tenant,
+                     code.name, 1000 * (time.monotonic() - t0),
+                     " ".join(f"{k}={v}" for k, v in info.items()))
+        context.abort(code, msg)
+
+    return wrapper
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8), "RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class WatermarkServicer(pb_grpc.WatermarkServicer):
+    """Implements ``shallowmark.v1.Watermark`` on a :class:`ModelPool`, a ledger and a :class:`Signer`."""
+
+    def __init__(self, config: ServerConfig, pool: ModelPool, ledger, signer: Signer):
+        self.config, self.pool, self.ledger, self.signer = config, pool, ledger, signer
+
+    # -- Embed -----------------------------------------------------------------------------------
+    @_rpc
+    def Embed(self, request, context, rid, tenant, info):
+        mk = validation.parse_method_key(request.method_key, "method_key")
+        method_name = request.method or mk.method
+        source = request.WhichOneof("source")
+        if source is None:
+            raise InvalidParameterError("set either 'generate' (prompt and seed) or 'image' (PNG/JPEG bytes)")
+        lm = self.pool.get(request.model)
+        method = self.pool.method(lm, method_name)
+        if method_name != mk.method:
+            raise KeyMaterialError(f"method_key was derived for {mk.method!r} but the request asks for "
+                                   f"{method_name!r}; derive it with key.for_method({method_name!r})")
+        info.update(method=method_name, model=lm.name, key_id=mk.key_id, source=source)
+        notes: list[str] = []
+        if source == "image":
+            if not method.supports_embed:
+                embeddable = [m for m in lm.available if getattr(lm.methods.get(m), "supports_embed", True)]
+                raise InvalidParameterError(f"{method_name} cannot watermark an existing image (its watermark is "
+                                            f"built into generation); use 'generate', or one of: "
+                                            f"{', '.join(embeddable)}")
+            img = validation.decode_image(request.image, self.config.max_image_pixels)
+            validation.check_image_size(img, lm.image_size, lm.name)
+            notes += img.notes
+            evals = expected_evals(method, "embed")
+            with self.pool.job(lm, evals, f"{method_name} embed", context.time_remaining):
+                out = method.embed([mk], img.pixels[None])
+        else:
+            gen = request.generate
+            prompts = None
+            if gen.prompt:
+                if getattr(lm.backend, "conditional", False):
+                    prompts = [gen.prompt]
+                else:
+                    notes.append(f"prompt ignored: {lm.name} is unconditional")
+            evals = expected_evals(method, "generate")
+            with self.pool.job(lm, evals, f"{method_name} generate", context.time_remaining):
+                out = method.generate([mk], [int(gen.seed)], prompts)
+        png = _png(out[0])
+        sha = hashlib.sha256(png).hexdigest()
+        self.ledger.record(tenant=tenant, key_id=mk.key_id, method=method_name, model=lm.name,
+                           image_sha256=sha, request_id=rid, source=source)
+        info["image_sha256"] = sha[:16]
+        return pb.EmbedResponse(image=png, key_id=mk.key_id, method=method_name, model=lm.name,
+                                image_sha256=sha, request_id=rid, notes=notes, model_evals=evals)
+
+    # -- Verify ----------------------------------------------------------------------------------
+    @_rpc
+    def Verify(self, request, context, rid, tenant, info):
+        keys = validation.parse_method_keys(list(request.method_keys), self.config.max_keys_per_verify)
+        target_fpr = validation.check_target_fpr(request.target_fpr)
+        lm = self.pool.get(request.model)
+        groups: dict[str, list] = {}
+        for k in keys:
+            groups.setdefault(k.method, []).append(k)
+        methods = {name: self.pool.method(lm, name) for name in groups}
+        info.update(model=lm.name, methods=",".join(groups), keys=len(keys))
+        img = validation.decode_image(request.image, self.config.max_image_pixels)
+        validation.check_image_size(img, lm.image_size, lm.name)
+
+        evals = sum(expected_evals(m, "verify") for m in methods.values())
+        detections = {}
+        with self.pool.job(lm, evals, "verify", context.time_remaining):
+            for name, group in groups.items():
+                detections[name] = methods[name].detect(img.pixels[None], group, target_fpr)[0]
+
+        n = len(keys)
+        verdicts = []
+        for k in keys:
+            p = float(detections[k.method].per_key_p[k.key_id])
+            p_corr = min(1.0, p * n)
+            verdicts.append(dict(key_id=k.key_id, method=k.method, score=-math.log10(max(p, _P_FLOOR)),
+                                 p_value=p, p_value_corrected=p_corr, detected=p_corr <= target_fpr))
+        best = min(range(n), key=lambda i: (verdicts[i]["p_value"], i))
+        detected = any(v["detected"] for v in verdicts)
+        identified = verdicts[best]["key_id"] if detected else ""
+        best_det = detections[verdicts[best]["method"]]
+        bits = b""
+        num_bits = 0
+        if best_det.bits is not None and best_det.key_id == verdicts[best]["key_id"]:
+            arr = np.asarray(best_det.bits, dtype=np.uint8).ravel()
+            bits, num_bits = np.packbits(arr, bitorder="big").tobytes(), int(arr.size)
+        method_score = float(best_det.score) if best_det.key_id == verdicts[best]["key_id"] else float("nan")
+        if not math.isfinite(method_score):
+            method_score = 0.0
+        payload = verify_payload(request_id=rid, image_sha256=img.sha256, model=lm.name, target_fpr=target_fpr,
+                                 detected=detected, identified_key_id=identified, method_score=method_score,
+                                 bits_packed=bits, num_bits=num_bits, verdicts=verdicts)
+        data, sig = self.signer.sign(payload)
+        info.update(detected=detected, identified=identified or "-")
+        return pb.VerifyResponse(
+            verdicts=[pb.KeyVerdict(**v) for v in verdicts], detected=detected, identified_key_id=identified,
+            bits=bits, num_bits=num_bits, method_score=method_score, target_fpr=target_fpr, model=lm.name,
+            image_sha256=img.sha256, request_id=rid, notes=img.notes, model_evals=evals,
+            attestation=pb.Attestation(payload=data, signature=sig, public_key=self.signer.public_key_raw,
+                                       payload_format=payload["format"]))
+
+    # -- GetInfo ---------------------------------------------------------------------------------
+    @_rpc
+    def GetInfo(self, request, context, rid, tenant, info):
+        models, methods, seen = [], [], set()
+        for name, lm in self.pool.status():
+            if lm is None:
+                models.append(pb.ModelInfo(name=name, loaded=False))
+                continue
+            models.append(pb.ModelInfo(name=name, image_size=lm.image_size,
+                                       latent_shape=[int(s) for s in lm.backend.latent_shape],
+                                       conditional=bool(getattr(lm.backend, "conditional", False)), loaded=True))
+            if name != self.config.default_model:
+                continue
+            for m in lm.available:
+                if m in seen:
+                    continue
+                seen.add(m)
+                obj = lm.methods.get(m)
+                if obj is None:  # post-hoc methods are built on first use
+                    methods.append(pb.MethodInfo(name=m, supports_embed=True, generate_model_evals=50))
+                else:
+                    methods.append(pb.MethodInfo(
+                        name=m, supports_embed=bool(obj.supports_embed),
+                        generate_model_evals=expected_evals(obj, "generate"),
+                        embed_model_evals=expected_evals(obj, "embed") if obj.supports_embed else 0,
+                        verify_model_evals=expected_evals(obj, "verify")))
+        c = self.config
+        return pb.GetInfoResponse(
+            models=models, methods=methods, default_model=c.default_model,
+            limits=pb.Limits(max_image_pixels=c.max_image_pixels, max_message_bytes=c.max_message_bytes,
+                             max_batch=c.max_batch, max_keys_per_verify=c.max_keys_per_verify),
+            attestation_public_key=self.signer.public_key_raw, server_version=shallowmark.__version__,
+            tenant=tenant or "")
+
+    # -- ListEmbeds ------------------------------------------------------------------------------
+    @_rpc
+    def ListEmbeds(self, request, context, rid, tenant, info):
+        if request.tenant and request.tenant != tenant:
+            raise PermissionDenied(f"your token is not allowed to read tenant {request.tenant!r}'s ledger; "
+                                   "leave 'tenant' empty to read your own")
+        if request.key_id and not _KEY_ID.fullmatch(request.key_id):
+            raise KeyMaterialError(f"malformed key_id {request.key_id!r}; expected 'sm1_' and 32 lowercase hex digits")
+        size = request.page_size or 100
+        entries, token = self.ledger.list(tenant, key_id=request.key_id or None, page_size=size,
+                                          page_token=request.page_token or None)
+        out = []
+        for e in entries:
+            entry = pb.LedgerEntry(tenant=e.tenant, key_id=e.key_id, method=e.method, model=e.model,
+                                   image_sha256=e.image_sha256, request_id=e.request_id, source=e.source)
+            entry.created_at.FromDatetime(e.created_at)
+            out.append(entry)
+        info["entries"] = len(out)
+        return pb.ListEmbedsResponse(entries=out, next_page_token=token)

@@ -1,0 +1,212 @@
+"""Request validation: turn untrusted bytes into checked values, or raise a shallowmark error whose
+message tells the caller what to change.
+
+Image decoding is the risky part. :func:`decode_image`:
+
+- accepts PNG and JPEG only (Pillow's other decoders are never reached);
+- reads the header first and refuses images above ``max_pixels`` (width x height) *before* any
+  pixel is decoded, so a 20000 x 20000 "decompression bomb" costs nothing;
+- refuses empty, undecodable and truncated files;
+- converts every other pixel format to 8-bit RGB and says what it did in ``notes`` (grayscale,
+  palette, alpha dropped, 16-bit reduced to 8-bit, CMYK, animated: first frame).
+
+Everything here raises :class:`~shallowmark.errors.InvalidImageError`,
+:class:`~shallowmark.errors.InvalidParameterError`, :class:`~shallowmark.errors.KeyMaterialError`
+or :class:`~shallowmark.errors.UnknownNameError`; the servicer maps them to INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from shallowmark.errors import InvalidImageError, InvalidParameterError, KeyMaterialError
+from shallowmark.keys import MethodKey
+
+__all__ = ["DecodedImage", "decode_image", "check_image_size", "parse_method_key", "parse_method_keys",
+           "check_target_fpr", "check_request_id", "ACCEPTED_FORMATS"]
+
+ACCEPTED_FORMATS = ("PNG", "JPEG")
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A decoded, checked image: ``pixels`` is uint8 H x W x 3; ``notes`` lists conversions made."""
+
+    pixels: np.ndarray
+    format: str
+    sha256: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+
+def _png_bit_depth(data: bytes) -> int | None:
+    # IHDR is always the first chunk: magic(8) length(4) type(4) width(4) height(4) depth(1).
+    if data[:8] == _PNG_MAGIC and data[12:16] == b"IHDR" and len(data) > 24:
+        return data[24]
+    return None
+
+
+def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
+    """Decode PNG/JPEG ``data`` into 8-bit RGB, refusing anything unsafe or unusable.
+
+    Raises:
+        InvalidImageError: empty, not PNG/JPEG, corrupt or truncated, zero-sized, larger than
+            ``max_pixels``, or a pixel format that cannot be converted (the message says which).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    data = bytes(data)
+    if not data:
+        raise InvalidImageError("image is empty (0 bytes); send the PNG or JPEG file's bytes")
+    digest = hashlib.sha256(data).hexdigest()
+    notes: list[str] = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InvalidImageError(f"image is too large: {e}. This server accepts at most {max_pixels} pixels "
+                                "(width x height); resize it first") from None
+    except UnidentifiedImageError:
+        raise InvalidImageError(f"cannot decode the image ({len(data)} bytes): it is not a PNG or JPEG file, "
+                                "or its header is corrupt. Send PNG (preferred) or JPEG bytes") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise InvalidImageError(f"cannot decode the image: {e}") from None
+    with im:
+        w, h = im.size
+        if w <= 0 or h <= 0:
+            raise InvalidImageError(f"image has zero size ({w}x{h})")
+        if w * h > max_pixels:
+            raise InvalidImageError(f"image is {w}x{h} = {w * h} pixels, more than this server's limit of "
+                                    f"{max_pixels} pixels; resize it first")
+        n_frames = getattr(im, "n_frames", 1)
+        if n_frames > 1:
+            notes.append(f"animated image with {n_frames} frames: used the first frame")
+        try:
+            im.load()
+        except (OSError, ValueError, SyntaxError, EOFError) as e:
+            msg = str(e) or type(e).__name__
+            hint = " (the file is cut short; send the complete file)" if "truncated" in msg else ""
+            raise InvalidImageError(f"cannot decode the {im.format} image: {msg}{hint}") from None
+        pixels = _to_rgb8(im, notes, _png_bit_depth(data))
+        fmt = im.format or "unknown"
+    return DecodedImage(pixels=pixels, format=fmt, sha256=digest, notes=notes)
+
+
+def _to_rgb8(im, notes: list[str], png_depth: int | None) -> np.ndarray:
+    mode = im.mode
+    if mode == "RGB":
+        if png_depth == 16:
+            notes.append("16-bit RGB reduced to 8 bits per channel")
+        return np.asarray(im, dtype=np.uint8).copy()
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(im).astype(np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise InvalidImageError("32-bit integer grayscale images are not supported; save it as 8-bit RGB PNG")
+        if mode == "I" and png_depth not in (16, None):
+            gray = arr.astype(np.uint8)  # an 8-bit image Pillow widened to mode "I"
+            notes.append("grayscale converted to RGB")
+        else:
+            gray = (arr >> 8).astype(np.uint8)
+            notes.append("16-bit grayscale converted to 8-bit RGB")
+        return np.repeat(gray[..., None], 3, axis=2)
+    if mode == "F":
+        raise InvalidImageError("floating-point images are not supported; save it as 8-bit RGB PNG")
+    what = {
+        "L": "grayscale converted to RGB",
+        "1": "1-bit image converted to RGB",
+        "P": "palette image converted to RGB",
+        "LA": "grayscale+alpha converted to RGB (alpha dropped)",
+        "PA": "palette+alpha image converted to RGB (alpha dropped)",
+        "RGBA": "RGBA converted to RGB (alpha dropped)",
+        "RGBa": "RGBA converted to RGB (alpha dropped)",
+        "CMYK": "CMYK converted to RGB",
+        "YCbCr": "YCbCr converted to RGB",
+        "LAB": "Lab converted to RGB",
+    }.get(mode)
+    if what is None:
+        raise InvalidImageError(f"unsupported pixel format {mode!r}; save the image as 8-bit RGB PNG")
+    if mode == "P" and "transparency" in im.info:
+        what = "palette image with transparency converted to RGB (alpha dropped)"
+    if png_depth == 16:
+        what += "; 16-bit reduced to 8 bits per channel"
+    notes.append(what)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+def check_image_size(image: DecodedImage, size: int, model: str) -> DecodedImage:
+    """Refuse an image that is not ``size`` x ``size`` (the model's resolution); no silent resizing.
+
+    Raises:
+        InvalidImageError: naming the model's size and the image's.
+    """
+    if (image.width, image.height) != (size, size):
+        raise InvalidImageError(f"model {model} takes {size}x{size} images; got {image.width}x{image.height}. "
+                                f"Resize or crop it to {size}x{size} first")
+    return image
+
+
+def parse_method_key(data: bytes, where: str = "method_key") -> MethodKey:
+    """Parse one serialized :class:`MethodKey`.
+
+    Raises:
+        KeyMaterialError: empty, wrong length or magic (message says what to send).
+        UnknownNameError: the method inside is unknown.
+    """
+    if not data:
+        raise KeyMaterialError(f"{where} is empty; send MethodKey.to_bytes() from the shallowmark SDK "
+                               "(key.for_method(method).to_bytes())")
+    try:
+        return MethodKey.from_bytes(data)
+    except KeyMaterialError as e:
+        raise KeyMaterialError(f"{where}: {e}; send MethodKey.to_bytes() from the shallowmark SDK") from None
+
+
+def parse_method_keys(items: Sequence[bytes], max_keys: int) -> list[MethodKey]:
+    """Parse the candidate keys of a Verify request (1..``max_keys``, no duplicates)."""
+    if not items:
+        raise KeyMaterialError("method_keys is empty; send at least one candidate key")
+    if len(items) > max_keys:
+        raise InvalidParameterError(f"{len(items)} candidate keys, more than this server's limit of {max_keys}; "
+                                    "split the keys over several calls")
+    keys = [parse_method_key(b, f"method_keys[{i}]") for i, b in enumerate(items)]
+    seen = set()
+    for i, k in enumerate(keys):
+        if (k.method, k.key_id) in seen:
+            raise InvalidParameterError(f"method_keys[{i}] repeats key {k.key_id} for {k.method}")
+        seen.add((k.method, k.key_id))
+    return keys
+
+
+def check_target_fpr(value: float, default: float = 0.01) -> float:
+    """``0`` means ``default``; otherwise the value must be in (0, 1)."""
+    if value == 0:
+        return default
+    if not (0.0 < value < 1.0):  # also refuses NaN
+        raise InvalidParameterError(f"target_fpr must be in (0, 1), or 0 for the default {default}; got {value}")
+    return float(value)
+
+
+def check_request_id(value: str | None) -> str | None:
+    """A client-supplied ``x-request-id``: 1..64 of ``[A-Za-z0-9._-]``, or ``None``."""
+    if value is None:
+        return None
+    if not _REQUEST_ID.match(value):
+        raise InvalidParameterError("x-request-id must be 1..64 characters of A-Z, a-z, 0-9, '.', '_' or '-'")
+    return value

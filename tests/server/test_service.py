@@ -1,0 +1,317 @@
+"""The gRPC service end to end: a real server on localhost (see conftest), the SDK client and raw stubs."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import struct
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+
+from shallowmark._proto.shallowmark.v1 import watermark_pb2 as pb
+from shallowmark._proto.shallowmark.v1 import watermark_pb2_grpc as pb_grpc
+from shallowmark.attestation import AttestationError, verify_attestation
+from shallowmark.client import Client, ServerError
+
+
+
+TOKEN_A = "token-for-tenant-a"  # as in conftest.py
+
+
+def _raw(server, token=TOKEN_A):
+    """A raw stub plus the metadata that authenticates it."""
+    channel = grpc.insecure_channel(server.address)
+    md = [("authorization", f"Bearer {token}")] if token else []
+    return channel, pb_grpc.WatermarkStub(channel), md
+
+
+def _png(arr: np.ndarray, mode=None) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _png_header_only(w: int, h: int) -> bytes:
+    """A PNG whose header declares w x h RGB but carries almost no data (a decompression-bomb shape)."""
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + _chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + _chunk(b"IEND", b""))
+
+
+# -- round trips -----------------------------------------------------------------------------------
+
+
+def test_embed_then_verify_identifies_the_key(client_a, keys, embedded):
+    assert embedded.key_id == keys[0].key_id and embedded.method == "shallow-diffuse"
+    assert embedded.image.startswith(b"\x89PNG") and embedded.to_array().shape == (256, 256, 3)
+    res = client_a.verify(embedded.image, keys, method="shallow-diffuse")
+    assert res.detected and res.identified_key_id == keys[0].key_id
+    by_id = {v.key_id: v for v in res.verdicts}
+    assert [v.key_id for v in res.verdicts] == [k.key_id for k in keys]  # request order
+    assert by_id[keys[0].key_id].detected and not by_id[keys[1].key_id].detected
+    assert by_id[keys[0].key_id].p_value_corrected == pytest.approx(min(1, 3 * by_id[keys[0].key_id].p_value))
+    assert by_id[keys[0].key_id].score > 2 > by_id[keys[1].key_id].score
+    assert res.image_sha256 == embedded.image_sha256 and res.model == "tiny-ldm"
+
+
+def test_wrong_keys_are_not_detected(client_a, keys, embedded):
+    res = client_a.verify(embedded.image, keys[1:], method="shallow-diffuse")
+    assert not res.detected and res.identified_key_id is None
+    assert all(not v.detected for v in res.verdicts)
+
+
+def test_watermark_an_uploaded_image(client_a, keys, embedded):
+    out = client_a.embed(keys[1], method="shallow-diffuse", image=embedded.to_array())
+    res = client_a.verify(out.image, [keys[1], keys[2]], method="shallow-diffuse")
+    assert res.detected and res.identified_key_id == keys[1].key_id
+
+
+def test_tree_ring_round_trip_and_embed_refusal(client_a, keys, embedded):
+    out = client_a.embed(keys[2], method="tree-ring", seed=11)
+    res = client_a.verify(out.image, [k.for_method("tree-ring") for k in keys])
+    assert res.detected and res.identified_key_id == keys[2].key_id
+    with pytest.raises(ServerError) as e:  # tree-ring cannot mark an existing image
+        client_a.embed(keys[2], method="tree-ring", image=embedded.image)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "shallow-diffuse" in e.value.details
+
+
+def test_bits_method_and_mixed_methods_in_one_verify(client_a, keys):
+    from shallowmark.keys import payload_bits
+
+    gs = keys[1].for_method("gaussian-shading")
+    out = client_a.embed(gs, seed=21)
+    res = client_a.verify(out.image, [keys[0].for_method("shallow-diffuse"), gs, keys[2].for_method("gaussian-shading")])
+    assert res.detected and res.identified_key_id == keys[1].key_id
+    assert [v.method for v in res.verdicts] == ["shallow-diffuse", "gaussian-shading", "gaussian-shading"]
+    assert not res.verdicts[0].detected and res.verdicts[1].detected
+    assert res.verdicts[1].p_value_corrected == pytest.approx(min(1.0, 3 * res.verdicts[1].p_value))
+    assert res.num_bits == 256 and (res.bits == payload_bits(gs, 256)).mean() > 0.9
+    assert 0.9 < res.method_score <= 1.0  # bit accuracy
+    verify_attestation(res, image=out.image)
+
+
+def test_info_lists_models_methods_limits(client_a):
+    info = client_a.info()
+    assert info.tenant == "a" and info.default_model == "tiny-ldm"
+    assert info.models[0].loaded and info.models[0].image_size == 256
+    sd = {m.name: m for m in info.methods}["shallow-diffuse"]
+    assert sd.supports_embed and sd.verify_model_evals == 3 and sd.generate_model_evals == 13
+    assert info.limits.max_message_bytes == 4 * 1024 * 1024 and len(info.attestation_public_key) == 32
+
+
+# -- attestation -----------------------------------------------------------------------------------
+
+
+def test_attestation_verifies_and_tampering_fails(client_a, client_b, keys, embedded):
+    res = client_a.verify(embedded.image, keys[:2])
+    pinned = client_b.info().attestation_public_key
+    payload = verify_attestation(res, pinned, image=embedded.image)
+    assert payload["identified_key_id"] == keys[0].key_id and payload["image_sha256"] == embedded.image_sha256
+
+    att = res.attestation
+    forged = att.payload.replace(b'"detected":true', b'"detected":false', 1)
+    with pytest.raises(AttestationError, match="signature"):
+        verify_attestation(dataclasses.replace(res, attestation=dataclasses.replace(att, payload=forged)), pinned)
+    flipped = dataclasses.replace(res, detected=False, identified_key_id=None)  # result changed, payload not
+    with pytest.raises(AttestationError, match="does not match"):
+        verify_attestation(flipped, pinned)
+    with pytest.raises(AttestationError, match="different key"):
+        verify_attestation(res, bytes(32 * [7]))
+    with pytest.raises(AttestationError, match="SHA-256"):
+        verify_attestation(res, pinned, image=embedded.image + b"x")
+
+
+# -- auth and tenants ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token"])
+def test_missing_or_bad_token_is_unauthenticated(server, token):
+    with Client(server.address, token, retries=0) as c:
+        with pytest.raises(ServerError) as e:
+            c.info()
+    assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_health_and_reflection_need_no_token(server):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(server.address) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"shallowmark.v1.Watermark", "grpc.health.v1.Health"} <= services
+
+
+def test_malformed_authorization_header(server):
+    channel, stub, _ = _raw(server, None)
+    with channel, pytest.raises(grpc.RpcError) as e:
+        stub.GetInfo(pb.GetInfoRequest(), metadata=[("authorization", "Basic abc")], timeout=10)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "Bearer" in e.value.details()
+
+
+def test_tenants_see_only_their_ledger(client_a, client_b, embedded):
+    mine = list(client_a.list_embeds())
+    assert embedded.image_sha256 in {e.image_sha256 for e in mine} and {e.tenant for e in mine} == {"a"}
+    assert all(e.image_sha256 != embedded.image_sha256 for e in client_b.list_embeds())
+    with pytest.raises(ServerError) as e:
+        list(client_b.list_embeds(tenant="a"))
+    assert e.value.code == grpc.StatusCode.PERMISSION_DENIED
+    only = list(client_a.list_embeds(key_id=embedded.key_id, page_size=1))
+    assert only and {e.key_id for e in only} == {embedded.key_id}
+
+
+def test_retried_embed_is_recorded_once(server, client_a, keys):
+    before = server.ledger.count("a")
+    one = client_a.embed(keys[2], seed=5, request_id="retry-test-1")
+    two = client_a.embed(keys[2], seed=5, request_id="retry-test-1")
+    assert one.image_sha256 == two.image_sha256 and one.request_id == "retry-test-1"
+    assert server.ledger.count("a") == before + 1
+    with pytest.raises(ServerError) as e:   # the same id for another image is refused, not lost
+        client_a.embed(keys[2], seed=6, request_id="retry-test-1")
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "already used" in e.value.details
+    assert server.ledger.count("a") == before + 1
+
+
+# -- bad input: each refused with its status code, nothing recorded --------------------------------
+
+
+def _embed_req(keys, **kw):
+    return pb.EmbedRequest(method_key=keys[0].for_method("shallow-diffuse").to_bytes(), **kw)
+
+
+def _bad_requests(keys, embedded):
+    img = embedded.to_array()
+    mk = keys[0].for_method("shallow-diffuse").to_bytes()
+    return {
+        "not an image": ("Embed", _embed_req(keys, image=b"this is not an image"), "not a PNG or JPEG"),
+        "truncated png": ("Embed", _embed_req(keys, image=embedded.image[: len(embedded.image) // 2]), "truncated"),
+        "zero-size": ("Embed", _embed_req(keys, image=b""), "empty"),
+        "bomb header": ("Verify", pb.VerifyRequest(image=_png_header_only(20000, 20000), method_keys=[mk]),
+                        "pixels"),
+        "wrong size": ("Embed", _embed_req(keys, image=_png(img[:64, :64])), "256x256"),
+        "unknown method": ("Embed", _embed_req(keys, method="nope", generate=pb.GenerateSource(seed=1)),
+                           "valid choices"),
+        "unknown model": ("Embed", _embed_req(keys, model="sdxl", generate=pb.GenerateSource(seed=1)),
+                          "tiny-ldm"),
+        "short key": ("Embed", pb.EmbedRequest(method_key=mk[:20], generate=pb.GenerateSource(seed=1)),
+                      "MethodKey"),
+        "no key": ("Verify", pb.VerifyRequest(image=embedded.image), "at least one"),
+        "no source": ("Embed", _embed_req(keys), "either"),
+        "bad fpr": ("Verify", pb.VerifyRequest(image=embedded.image, method_keys=[mk], target_fpr=1.5),
+                    "target_fpr"),
+    }
+
+
+@pytest.mark.parametrize("case", ["not an image", "truncated png", "zero-size", "bomb header", "wrong size",
+                                  "unknown method", "unknown model", "short key", "no key", "no source",
+                                  "bad fpr"])
+def test_bad_input_is_invalid_argument_and_ledger_unchanged(server, keys, embedded, case):
+    rpc, req, needle = _bad_requests(keys, embedded)[case]
+    before = server.ledger.count()
+    channel, stub, md = _raw(server)
+    with channel, pytest.raises(grpc.RpcError) as e:
+        getattr(stub, rpc)(req, metadata=md, timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    assert needle in e.value.details()
+    assert server.ledger.count() == before
+
+
+def test_oversized_message_is_refused_by_grpc(server, keys):
+    channel, stub, md = _raw(server)
+    with channel, pytest.raises(grpc.RpcError) as e:
+        stub.Embed(_embed_req(keys, image=b"\0" * (5 * 1024 * 1024)), metadata=md, timeout=30)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_rgba_input_is_converted_and_said_so(client_a, keys, embedded):
+    rgba = np.concatenate([embedded.to_array(), np.full((256, 256, 1), 255, np.uint8)], axis=2)
+    res = client_a.verify(_png(rgba, "RGBA"), keys[:1])
+    assert res.detected and any("RGBA" in n for n in res.notes)
+
+
+def test_call_without_deadline_runs(server, keys, embedded):
+    channel, stub, md = _raw(server)
+    req = pb.VerifyRequest(image=embedded.image, method_keys=[keys[0].for_method("shallow-diffuse").to_bytes()])
+    with channel:
+        assert stub.Verify(req, metadata=md).detected   # no timeout: gRPC's "infinite" deadline
+
+
+def test_short_deadline_is_refused_before_the_job(server, keys):
+    lm = server.pool.get("tiny-ldm")
+    saved, lm.sec_per_eval = lm.sec_per_eval, 10.0   # pretend a slow model: 13 evaluations ~ 130 s
+    before = server.ledger.count()
+    try:
+        with Client(server.address, TOKEN_A, retries=0) as c, pytest.raises(ServerError) as e:
+            c.embed(keys[0], seed=1, timeout=5)
+    finally:
+        lm.sec_per_eval = saved
+    assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "deadline leaves" in e.value.details and "13 evaluations" in e.value.details
+    assert server.ledger.count() == before
+
+
+# -- lifecycle -------------------------------------------------------------------------------------
+
+
+def test_health_not_serving_until_models_load(tmp_path, loader, keys, make_config):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from shallowmark.server.app import ServerApp
+
+    app = ServerApp(make_config(tmp_path), backend_loader=loader).start(load_models=False)
+    try:
+        channel = grpc.insecure_channel(app.address)
+        health = health_pb2_grpc.HealthStub(channel)
+        check = health_pb2.HealthCheckRequest(service="shallowmark.v1.Watermark")
+        assert health.Check(check, timeout=10).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with Client(app.address, TOKEN_A, retries=0) as c:
+            with pytest.raises(ServerError) as e:
+                c.embed(keys[0], seed=1)
+            assert e.value.code == grpc.StatusCode.UNAVAILABLE and "loading" in e.value.details
+            assert app.load_models()
+            assert health.Check(check, timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+            assert c.info().models[0].loaded
+
+            # graceful stop: the in-flight embed finishes; new calls are refused meanwhile
+            with ThreadPoolExecutor(2) as pool:
+                running = pool.submit(c.embed, keys[0], seed=2)
+                time.sleep(0.3)
+                stopper = pool.submit(app.stop, 30.0)
+                time.sleep(0.1)
+                with pytest.raises(grpc.RpcError) as refused:
+                    health.Check(check, timeout=10)
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert running.result(timeout=60).key_id == keys[0].key_id
+                stopper.result(timeout=60)
+        channel.close()
+    finally:
+        app.stop(0.5)
+    # after a stop, health answers NOT_SERVING until the port closes; the port is closed now
+    with pytest.raises(grpc.RpcError):
+        grpc.insecure_channel(app.address).unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=2)
+
+
+def test_client_retries_unavailable_until_the_model_loads(tmp_path, loader, keys, make_config):
+    import threading
+
+    from shallowmark.server.app import ServerApp
+
+    app = ServerApp(make_config(tmp_path), backend_loader=loader).start(load_models=False)
+    try:
+        threading.Timer(0.5, app.load_models).start()
+        with Client(app.address, TOKEN_A, retries=8, backoff=0.2, timeout=60) as c:
+            assert c.info().tenant == "a"   # no model needed
+            assert len(c.verify(_png(np.zeros((256, 256, 3), np.uint8)), keys[:1]).verdicts) == 1
+    finally:
+        app.stop(0.5)
