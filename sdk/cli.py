@@ -7,6 +7,7 @@ imports it lazily, and a missing extra is reported with the pip command that ins
 from __future__ import annotations
 
 import argparse
+import shlex
 import json
 import sys
 from pathlib import Path
@@ -86,8 +87,7 @@ def _cmd_bench_core(args) -> int:
     backend = load_backend("tiny-ldm", path=model_dir)
     res = measure(backend, quick=args.quick)
     card_dir = None if args.no_card else model_dir
-    write_reports(res, Path(args.out), card_dir, "shallowmark " + " ".join(sys.argv[1:]) if args.argv is None
-                  else "shallowmark " + " ".join(args.argv))
+    write_reports(res, Path(args.out), card_dir, args.invocation)
     print(Path(args.out, "report.md").read_text())
     return 0
 
@@ -97,9 +97,8 @@ def _cmd_bench_methods(args) -> int:
     _need("bench", "bench-methods")
     from shallowmark.attacks.methods_report import run
 
-    cmd = "shallowmark bench-methods " + " ".join(sys.argv[2:])
     run(Path(args.out), n_null=args.n_null, n_ident=args.n_ident, n_fidelity=args.n_fidelity,
-        n_nullspace=args.n_nullspace, log=lambda m: print(m, flush=True), command=cmd.strip())
+        n_nullspace=args.n_nullspace, log=lambda m: print(m, flush=True), command=args.invocation)
     print(Path(args.out, "report.md").read_text())
     return 0
 
@@ -121,11 +120,7 @@ def _cmd_bench(args) -> int:
         kw["n_keys"] = args.keys
     if args.steps is not None:
         kw["num_steps"] = args.steps
-    # the command as parsed (also right when main() is called with an argv list)
-    opts = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-            if k not in ("command", "func", "quick", "no_progress") and v is not None]
-    cmd = " ".join(["shallowmark bench"] + (["--quick"] if args.quick else []) + opts)
-    kw.update(out_dir=args.out, cache_dir=args.cache, server=args.server, command=cmd)
+    kw.update(out_dir=args.out, cache_dir=args.cache, server=args.server, command=args.invocation)
     config = BenchConfig.quick_config(**kw) if args.quick else BenchConfig(**kw)
     run_bench(config, progress=not args.no_progress, log=lambda m: print(m, flush=True))
     print(Path(args.out, "report.md").read_text())
@@ -390,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", help="tiny-ldm folder (default: the embedded one)")
     b.add_argument("--quick", action="store_true", help="fewer repeats and batches (for tests)")
     b.add_argument("--no-card", action="store_true", help="do not rewrite the model card")
-    b.set_defaults(func=_cmd_bench_core, argv=None)
+    b.set_defaults(func=_cmd_bench_core)
 
     bm = sub.add_parser("bench-methods", help="every watermark method on tiny-ldm, clean images; writes a report")
     bm.add_argument("--out", default="docs/benchmarks/methods")
@@ -436,7 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    # the command line as typed, for the reports to quote
+    args.invocation = " ".join(["shallowmark", *(shlex.quote(a) for a in argv)])
     try:
         return int(args.func(args) or 0)
     except ShallowmarkError as e:
