@@ -22,11 +22,15 @@ demo: $(STAMP)
 	$(BIN)/shallowmark demo --out demo-out
 
 # One torch thread per worker: two workers on two cores, no OpenMP spin-wait fights.
-test: $(STAMP)
+test: $(STAMP) examples/node/node_modules
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --durations=15
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m '' --durations=15
+
+# The Node.js client check runs when node and npm are there; without them its test is skipped.
+examples/node/node_modules: examples/node/package-lock.json
+	-@if command -v npm >/dev/null 2>&1; then cd examples/node && npm ci --silent --no-audit --no-fund; fi
 
 clean:
 	rm -rf demo-out build *.egg-info

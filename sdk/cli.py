@@ -155,7 +155,8 @@ def _cmd_serve(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = dict(host=args.host, port=args.port, device=args.device,
                      models=tuple(args.model) if args.model else None,
-                     state_dir=Path(args.state_dir) if args.state_dir else None)
+                     state_dir=Path(args.state_dir) if args.state_dir else None,
+                     max_batch=args.max_batch, batching=False if args.no_batching else None)
     dev_token = None
     if args.config is None:
         # Development mode: loopback only, one fresh token per start, tiny-ldm unless --model says otherwise.
@@ -299,6 +300,9 @@ def _add_service_commands(sub) -> None:
     s.add_argument("--device", help="torch device, e.g. cuda")
     s.add_argument("--state-dir", help="folder for the default ledger and attestation key "
                                        "(default ~/.local/state/shallowmark)")
+    s.add_argument("--max-batch", type=int, help="most requests run together as one model batch (default 8)")
+    s.add_argument("--no-batching", action="store_true",
+                   help="run every request on its own (micro-batching of concurrent calls is on by default)")
     s.set_defaults(func=_cmd_serve)
 
     k = sub.add_parser("keys", help="manage a keystore (passphrase from SHALLOWMARK_PASSPHRASE or a prompt)")
@@ -348,12 +352,42 @@ def _add_service_commands(sub) -> None:
     v.set_defaults(func=_cmd_verify)
 
 
+# -- loadtest --------------------------------------------------------------------------------------
+def _cmd_loadtest(args) -> int:
+    try:
+        import grpc_health  # noqa: F401
+    except ImportError as e:
+        raise MissingDependencyError("loadtest", "server", e)
+    _need("server", "loadtest")
+    from shallowmark.server.loadtest import LoadtestConfig, run_loadtest
+
+    kw = {}
+    if args.clients:
+        try:
+            kw["clients"] = tuple(int(c) for c in args.clients.split(",") if c.strip())
+        except ValueError:
+            raise ShallowmarkError(f"--clients takes comma-separated integers, e.g. 1,4,16; got {args.clients!r}")
+        if not kw["clients"] or min(kw["clients"]) < 1:
+            raise ShallowmarkError("--clients needs positive integers")
+    for name in ("requests", "steps", "max_batch", "device"):
+        if getattr(args, name) is not None:
+            kw[{"requests": "requests_per_level", "steps": "num_steps"}.get(name, name)] = getattr(args, name)
+    cfg = LoadtestConfig.quick_config(**kw) if args.quick else LoadtestConfig(**kw)
+    run_loadtest(args.out, cfg, command=args.invocation, log=lambda m: print(m, flush=True))
+    print(Path(args.out, "report.md").read_text())
+    return 0
+
+
 # -- demo ------------------------------------------------------------------------------------------
 def _cmd_demo(args) -> int:
-    _need("core", "demo")
+    try:
+        import grpc_health  # noqa: F401
+    except ImportError as e:
+        raise MissingDependencyError("demo", "server", e)
+    _need("server", "demo")
     from shallowmark.core.demo import run_demo
 
-    return run_demo(Path(args.out))
+    return run_demo(Path(args.out), num_steps=args.steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -424,8 +458,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_service_commands(sub)
 
-    d = sub.add_parser("demo", help="the newcomer's tour on the embedded model")
+    lt = sub.add_parser("loadtest", help="Verify throughput and p50/p99 latency of a local server at 1, 4 and 16 "
+                                         "clients, micro-batching on and off; writes report.md and report.json")
+    lt.add_argument("--out", default="docs/benchmarks/service")
+    lt.add_argument("--quick", action="store_true", help="smoke size (10 steps, few requests): checks, not numbers")
+    lt.add_argument("--clients", help="comma-separated concurrent client counts (default 1,4,16)")
+    lt.add_argument("--requests", type=int, help="requests per (clients, batching) row (default 48)")
+    lt.add_argument("--steps", type=int, help="DDIM steps of shallow-diffuse (default 50; verify inverts 30%%)")
+    lt.add_argument("--max-batch", type=int, help="server max batch (default 8)")
+    lt.add_argument("--device", help="torch device (default cpu)")
+    lt.set_defaults(func=_cmd_loadtest)
+
+    d = sub.add_parser("demo", help="the newcomer's tour: a local server, keys, embed, attacks, verify")
     d.add_argument("--out", default="demo-out")
+    d.add_argument("--steps", type=int, default=50, help="DDIM steps of generation (verification inverts 30%%)")
     d.set_defaults(func=_cmd_demo)
     return p
 

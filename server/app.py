@@ -82,8 +82,8 @@ class ServerApp:
         ]
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
                                   interceptors=[BearerAuthInterceptor(config.token_digests())], options=options)
-        pb_grpc.add_WatermarkServicer_to_server(WatermarkServicer(config, self.pool, self.ledger, self.signer),
-                                                self.server)
+        self.servicer = WatermarkServicer(config, self.pool, self.ledger, self.signer)
+        pb_grpc.add_WatermarkServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if config.reflection:
             from grpc_reflection.v1alpha import reflection
@@ -153,6 +153,7 @@ class ServerApp:
         grace = self.config.grace_s if grace is None else grace
         log.info("stopping: draining in-flight calls for up to %.0f s", grace)
         self.server.stop(grace).wait()
+        self.pool.close()
         self.ledger.close()
         log.info("stopped")
 

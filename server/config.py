@@ -9,6 +9,8 @@ Example ``server.toml`` (every key is optional; the values shown are the default
     max_message_bytes = 16777216    # grpc.max_receive_message_length (16 MiB)
     max_image_pixels = 16777216     # width x height, checked before decoding (4096 x 4096)
     max_batch = 8                   # most requests run together as one model batch
+    batching = true                 # micro-batching of concurrent Verify / Embed-generate calls
+    max_wait_ms = 5.0               # how long the first request of a batch waits for company
     max_keys_per_verify = 64
     max_queue = 32                  # model jobs waiting or running; beyond it RESOURCE_EXHAUSTED
     workers = 8                     # gRPC handler threads
@@ -78,7 +80,12 @@ class ServerConfig:
         device: torch device for the models.
         max_message_bytes: ``grpc.max_receive_message_length`` and send length.
         max_image_pixels: largest image accepted (width x height), checked before decoding.
-        max_batch: most requests run as one batch (reported in GetInfo; see the server notes).
+        max_batch: most requests run together as one model batch (reported in GetInfo).
+        batching: micro-batching on (see :mod:`shallowmark.server.batching`): concurrent Verify
+            calls, and Embed calls that generate, for the same model and method run as one batched
+            model call. Off: one request per model call, in arrival order.
+        max_wait_ms: how long the first request of a batch waits for others before the batch runs
+            anyway. Requests that arrive while the model is busy join the next batch without it.
         max_keys_per_verify: most candidate keys in one Verify.
         max_queue: model jobs waiting or running at once; more get RESOURCE_EXHAUSTED.
         workers: gRPC handler threads.
@@ -101,6 +108,8 @@ class ServerConfig:
     max_message_bytes: int = 16 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
     max_batch: int = 8
+    batching: bool = True
+    max_wait_ms: float = 5.0
     max_keys_per_verify: int = 64
     max_queue: int = 32
     workers: int = 8
@@ -120,6 +129,11 @@ class ServerConfig:
                 raise InvalidParameterError(f"{name} must be a positive int; got {v!r}")
         if self.max_message_bytes < 1024:
             raise InvalidParameterError(f"max_message_bytes must be at least 1024; got {self.max_message_bytes}")
+        if not isinstance(self.batching, bool):
+            raise InvalidParameterError(f"batching must be true or false; got {self.batching!r}")
+        if (isinstance(self.max_wait_ms, bool) or not isinstance(self.max_wait_ms, (int, float))
+                or not 0 <= self.max_wait_ms <= 10_000):
+            raise InvalidParameterError(f"max_wait_ms must be a number in 0..10000; got {self.max_wait_ms!r}")
         if not isinstance(self.grace_s, (int, float)) or self.grace_s < 0:
             raise InvalidParameterError(f"grace_s must be >= 0; got {self.grace_s!r}")
         if isinstance(self.models, str) or not self.models:

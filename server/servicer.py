@@ -20,12 +20,14 @@ anything else (a bug; logged with its traceback)               INTERNAL
 Logs carry the request id, tenant, RPC, method, model, key ids, duration and status; never key
 material, tokens, prompts or images.
 
-Not done yet: micro-batching (concurrent requests for the same model/method run one after another,
-not as one batch; ``max_batch`` is reported but not used).
+Model work goes through :meth:`ModelPool.run_jobs`: with ``batching`` on (the default),
+concurrent Verify calls and Embed-generate calls for the same model and method run as one batched
+model call (:mod:`shallowmark.server.batching`); ``ModelPool.stats()`` counts jobs and model calls.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import io
@@ -51,13 +53,23 @@ from shallowmark.errors import (
     InvalidShapeError,
     KeyMaterialError,
     MissingDependencyError,
-    ShallowmarkError,
     UnknownNameError,
 )
 from shallowmark.server import validation
 from shallowmark.server.attestation import Signer, verify_payload
 from shallowmark.server.auth import current_tenant
+from shallowmark.server.batching import (
+    BatchJob,
+    BatchStats,
+    MicroBatcher,
+    check_deadline,
+    generate_batch,
+    normalise_time_left,
+    run_isolated,
+    verify_batch,
+)
 from shallowmark.server.config import ServerConfig
+from shallowmark.server.errors import DeadlineTooShort, ModelNotReady, PermissionDenied, QueueFull
 from shallowmark.server.ledger import LedgerError
 
 __all__ = ["ModelPool", "WatermarkServicer", "ModelNotReady", "QueueFull", "DeadlineTooShort", "PermissionDenied"]
@@ -68,23 +80,6 @@ log = logging.getLogger("shallowmark.server")
 _P_FLOOR = 1e-300
 _INVISIBLE = ("dwtdct", "dwtdctsvd", "rivagan")
 _KEY_ID = re.compile(r"sm1_[0-9a-f]{32}")
-_NO_DEADLINE = 365 * 24 * 3600.0  # a "deadline" further away than a year means none
-
-
-class ModelNotReady(ShallowmarkError):
-    """The model is still loading, or failed to load. UNAVAILABLE: retry later."""
-
-
-class QueueFull(ShallowmarkError):
-    """Too many model jobs waiting. RESOURCE_EXHAUSTED: retry with backoff."""
-
-
-class DeadlineTooShort(ShallowmarkError):
-    """The call's deadline leaves less time than the job needs. DEADLINE_EXCEEDED."""
-
-
-class PermissionDenied(ShallowmarkError):
-    """The caller asked for another tenant's data. PERMISSION_DENIED."""
 
 
 # -- models ----------------------------------------------------------------------------------------
@@ -145,6 +140,9 @@ class ModelPool:
         self._errors: dict[str, str] = {}
         self._state_lock = threading.Lock()
         self._pending = 0
+        self._batchers: dict[str, MicroBatcher] = {}
+        self._closed = False
+        self.batch_stats = BatchStats()
 
     # -- loading ---------------------------------------------------------------------------------
     def load_all(self) -> None:
@@ -215,52 +213,107 @@ class ModelPool:
 
     # -- jobs ------------------------------------------------------------------------------------
     @contextmanager
+    def _admitted(self):
+        """Count one request against ``max_queue`` while it waits or runs."""
+        with self._state_lock:
+            if self._closed:
+                raise ModelNotReady("the server is shutting down; retry on another instance")
+            if self._pending >= self.config.max_queue:
+                raise QueueFull(f"the server is busy ({self._pending} model jobs queued); retry with backoff")
+            self._pending += 1
+        try:
+            yield
+        finally:
+            with self._state_lock:
+                self._pending -= 1
+
+    @contextmanager
+    def _locked(self, lm: LoadedModel, evals: int, what: str, time_left: Callable[[], float | None]):
+        """Hold the model's lock for one unbatched job, checking the deadline before and after waiting."""
+        need = evals * lm.sec_per_eval
+        check_deadline(time_left(), need, evals, what, lm)
+        left = time_left()
+        if not lm.lock.acquire(timeout=-1 if left is None else max(left, 0.0)):
+            raise DeadlineTooShort(f"the deadline passed while this {what} waited for the model; "
+                                   "retry with a longer deadline")
+        try:
+            check_deadline(time_left(), evals * lm.sec_per_eval, evals, what, lm)
+            t0 = time.monotonic()
+            yield
+            if evals > 0:
+                per = (time.monotonic() - t0) / evals
+                lm.sec_per_eval = 0.7 * lm.sec_per_eval + 0.3 * per
+        finally:
+            lm.lock.release()
+
+    @contextmanager
     def job(self, lm: LoadedModel, evals: int, what: str, time_left: Callable[[], float | None]):
-        """Admit one model job: queue bound, deadline check, one job at a time per model.
+        """Admit one unbatched model job: queue bound, deadline check, one job at a time per model.
 
         Raises:
             QueueFull: ``max_queue`` jobs are already waiting or running.
             DeadlineTooShort: the deadline leaves less than the estimated job time (checked on
                 arrival and again when the job would start).
         """
-        raw_left = time_left
+        time_left = normalise_time_left(time_left)
+        with self._admitted(), self._locked(lm, evals, what, time_left):
+            yield
+        self.batch_stats.add(1)
 
-        def time_left() -> float | None:
-            # gRPC reports "no deadline" as ~9e18 s, beyond what Lock.acquire accepts: treat it as None.
-            left = raw_left()
-            return None if left is None or left > _NO_DEADLINE else float(left)
+    def run_jobs(self, lm: LoadedModel, jobs: list[BatchJob], time_left: Callable[[], float | None]) -> list:
+        """Run one request's model jobs (e.g. one per method of a Verify) and return their results.
 
-        with self._state_lock:
-            if self._pending >= self.config.max_queue:
-                raise QueueFull(f"the server is busy ({self._pending} model jobs queued); retry with backoff")
-            self._pending += 1
-        try:
-            need = evals * lm.sec_per_eval
-            self._check_deadline(time_left(), need, evals, what, lm)
-            left = time_left()
-            if not lm.lock.acquire(timeout=-1 if left is None else max(left, 0.0)):
-                raise DeadlineTooShort(f"the deadline passed while this {what} waited for the model; "
-                                       "retry with a longer deadline")
+        With ``config.batching`` the jobs join other requests' jobs of the same key in batches;
+        without it they run one after another under the model lock. Either way the request counts
+        once against ``max_queue`` and its deadline is checked on arrival and before its work starts.
+
+        Raises:
+            QueueFull, DeadlineTooShort, ModelNotReady: as for :meth:`job`.
+            Exception: the first job's error (from the method), e.g. ``InvalidImageError``.
+        """
+        time_left = normalise_time_left(time_left)
+        evals = sum(j.evals for j in jobs)
+        what = jobs[0].what if len(jobs) == 1 else "verify"
+        with self._admitted():
+            check_deadline(time_left(), evals * lm.sec_per_eval, evals, what, lm)
+            if not self.config.batching or self.config.max_batch == 1:
+                with self._locked(lm, evals, what, time_left):
+                    results = []
+                    for j in jobs:
+                        results.append(run_isolated(j.run, [j.payload])[0])
+                        self.batch_stats.add(1)
+                for r in results:
+                    if isinstance(r, BaseException):
+                        raise r
+                return results
+            batcher = self._batcher(lm)
+            handles = [batcher.submit(j, time_left) for j in jobs]
             try:
-                self._check_deadline(time_left(), need, evals, what, lm)
-                t0 = time.monotonic()
-                yield
-                if evals > 0:
-                    per = (time.monotonic() - t0) / evals
-                    lm.sec_per_eval = 0.7 * lm.sec_per_eval + 0.3 * per
+                return [batcher.wait(h) for h in handles]
             finally:
-                lm.lock.release()
-        finally:
-            with self._state_lock:
-                self._pending -= 1
+                for h in handles:
+                    batcher.cancel(h)
 
-    @staticmethod
-    def _check_deadline(left: float | None, need: float, evals: int, what: str, lm: LoadedModel) -> None:
-        if left is not None and left < need:
-            raise DeadlineTooShort(
-                f"the call's deadline leaves {max(left, 0.0):.2f} s but this {what} needs about {need:.2f} s "
-                f"({evals} evaluations of {lm.name} at ~{lm.sec_per_eval:.3f} s each); "
-                "give the call a longer deadline")
+    def _batcher(self, lm: LoadedModel) -> MicroBatcher:
+        with self._state_lock:
+            b = self._batchers.get(lm.name)
+            if b is None:
+                b = MicroBatcher(lm, max_batch=self.config.max_batch, max_wait_s=self.config.max_wait_ms / 1000.0,
+                                 stats=self.batch_stats)
+                self._batchers[lm.name] = b
+            return b
+
+    def stats(self) -> dict[str, Any]:
+        """Jobs run and model calls made so far (``{"jobs", "batches", "sizes": {size: count}}``)."""
+        return self.batch_stats.snapshot()
+
+    def close(self) -> None:
+        """Stop the batch dispatchers (after the server stopped); later jobs get UNAVAILABLE."""
+        with self._state_lock:
+            self._closed = True
+            batchers = list(self._batchers.values())
+        for b in batchers:
+            b.close()
 
 
 def _time_one_eval(backend) -> float:
@@ -335,11 +388,36 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
 
     def __init__(self, config: ServerConfig, pool: ModelPool, ledger, signer: Signer):
         self.config, self.pool, self.ledger, self.signer = config, pool, ledger, signer
+        # Recent Embed responses by (tenant, request id), so that a retry gets the very image that was
+        # recorded. (A batched model call can differ from an unbatched one in the last bit of a few
+        # pixels, so recomputing a retry could give another hash than the ledger holds.)
+        self._recent: collections.OrderedDict[tuple[str, str], tuple[bytes, pb.EmbedResponse]] = \
+            collections.OrderedDict()
+        self._recent_lock = threading.Lock()
+
+    _RECENT_MAX = 64
+
+    def _recent_get(self, tenant: str, rid: str, fingerprint: bytes):
+        with self._recent_lock:
+            hit = self._recent.get((tenant, rid))
+            return hit[1] if hit is not None and hit[0] == fingerprint else None
+
+    def _recent_put(self, tenant: str, rid: str, fingerprint: bytes, response) -> None:
+        with self._recent_lock:
+            self._recent[(tenant, rid)] = (fingerprint, response)
+            self._recent.move_to_end((tenant, rid))
+            while len(self._recent) > self._RECENT_MAX:
+                self._recent.popitem(last=False)
 
     # -- Embed -----------------------------------------------------------------------------------
     @_rpc
     def Embed(self, request, context, rid, tenant, info):
         mk = validation.parse_method_key(request.method_key, "method_key")
+        fingerprint = hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
+        cached = self._recent_get(tenant or "", rid, fingerprint)
+        if cached is not None:  # a retry of an embed that completed: the same image, recorded once
+            info.update(method=cached.method, model=cached.model, key_id=cached.key_id, retry="cached")
+            return cached
         method_name = request.method or mk.method
         source = request.WhichOneof("source")
         if source is None:
@@ -362,7 +440,7 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
             notes += img.notes
             evals = expected_evals(method, "embed")
             with self.pool.job(lm, evals, f"{method_name} embed", context.time_remaining):
-                out = method.embed([mk], img.pixels[None])
+                out = method.embed([mk], img.pixels[None])[0]
         else:
             gen = request.generate
             prompts = None
@@ -372,15 +450,19 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
                 else:
                     notes.append(f"prompt ignored: {lm.name} is unconditional")
             evals = expected_evals(method, "generate")
-            with self.pool.job(lm, evals, f"{method_name} generate", context.time_remaining):
-                out = method.generate([mk], [int(gen.seed)], prompts)
-        png = _png(out[0])
+            job = BatchJob(key=("generate", method_name, prompts is not None),
+                           payload=(mk, int(gen.seed), prompts[0] if prompts else None),
+                           run=generate_batch(method), evals=evals, what=f"{method_name} generate")
+            out = self.pool.run_jobs(lm, [job], context.time_remaining)[0]
+        png = _png(out)
         sha = hashlib.sha256(png).hexdigest()
         self.ledger.record(tenant=tenant, key_id=mk.key_id, method=method_name, model=lm.name,
                            image_sha256=sha, request_id=rid, source=source)
         info["image_sha256"] = sha[:16]
-        return pb.EmbedResponse(image=png, key_id=mk.key_id, method=method_name, model=lm.name,
-                                image_sha256=sha, request_id=rid, notes=notes, model_evals=evals)
+        response = pb.EmbedResponse(image=png, key_id=mk.key_id, method=method_name, model=lm.name,
+                                    image_sha256=sha, request_id=rid, notes=notes, model_evals=evals)
+        self._recent_put(tenant or "", rid, fingerprint, response)
+        return response
 
     # -- Verify ----------------------------------------------------------------------------------
     @_rpc
@@ -397,10 +479,11 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
         validation.check_image_size(img, lm.image_size, lm.name)
 
         evals = sum(expected_evals(m, "verify") for m in methods.values())
-        detections = {}
-        with self.pool.job(lm, evals, "verify", context.time_remaining):
-            for name, group in groups.items():
-                detections[name] = methods[name].detect(img.pixels[None], group, target_fpr)[0]
+        jobs = [BatchJob(key=("verify", name), payload=(img.pixels, group, target_fpr),
+                         run=verify_batch(methods[name]), evals=expected_evals(methods[name], "verify"),
+                         what=f"{name} verify" if len(groups) == 1 else "verify")
+                for name, group in groups.items()]
+        detections = dict(zip(groups, self.pool.run_jobs(lm, jobs, context.time_remaining)))
 
         n = len(keys)
         verdicts = []

@@ -180,12 +180,21 @@ class GaussianShading(WatermarkMethod):
         """Invert each image to x_T (``num_steps`` model evaluations) and test every key."""
         keys = self.check_keys(keys)
         target_fpr = check_target_fpr(target_fpr)
+        return self.detect_noise(self.invert_for_detection(images), keys, target_fpr, model_evals=self.num_steps)
+
+    def invert_for_detection(self, images: np.ndarray, prompts=None) -> torch.Tensor:
+        """x_T of each image (encode, invert 0 → T): the model work of :meth:`detect`, one batched
+        call for all images whatever their keys; score it with :meth:`detect_inverted`."""
         arr = self.check_images(images, size=self.backend.image_size)
         x = to_tensor(arr).to(self.backend.device, self.backend.dtype)
         with torch.no_grad():
             z0 = self.backend.encode(x)
-        x_t = invert(self.backend, z0, self.grid, 0, None, cond=None)
-        return self.detect_noise(x_t, keys, target_fpr, model_evals=self.num_steps)
+        return invert(self.backend, z0, self.grid, 0, None, cond=None)
+
+    def detect_inverted(self, latents: torch.Tensor, keys: Sequence[MethodKey],
+                        target_fpr: float = 0.01) -> list[Detection]:
+        """Detection from :meth:`invert_for_detection`'s output (no model evaluation)."""
+        return self.detect_noise(latents, keys, target_fpr, model_evals=self.num_steps)
 
     def detect_noise(self, x_t: torch.Tensor, keys: Sequence[MethodKey], target_fpr: float = 0.01,
                      model_evals: int = 0) -> list[Detection]:

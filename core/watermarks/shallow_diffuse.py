@@ -144,10 +144,20 @@ class ShallowDiffuse(rings.RingKeyed, WatermarkMethod):
         target_fpr = check_target_fpr(target_fpr)
         images = self.check_images(images, self.backend.image_size)
         keys = self.check_keys(keys)
+        return self.detect_latent(self.invert_for_detection(images, prompts), keys, target_fpr)
+
+    @torch.no_grad()
+    def invert_for_detection(self, images: np.ndarray, prompts=None) -> torch.Tensor:
+        """x_t* of each image (encode, invert 0 → t*): the model work of :meth:`detect`, one batched
+        call for all images whatever their keys; score it with :meth:`detect_inverted`."""
+        images = self.check_images(images, self.backend.image_size)
         cond = self.backend.encode_prompt(prompts, len(images)) if prompts is not None else None
         z0 = self.backend.encode(to_tensor(images).to(self.backend.device))
-        x_star = ddim.invert(self.backend, z0, self.grid, 0, self.k_star, cond=cond)
-        return self.detect_latent(x_star, keys, target_fpr)
+        return ddim.invert(self.backend, z0, self.grid, 0, self.k_star, cond=cond)
+
+    def detect_inverted(self, latents: torch.Tensor, keys: Sequence[MethodKey], target_fpr: float = 0.01) -> list:
+        """Detection from :meth:`invert_for_detection`'s output (no model evaluation)."""
+        return self.detect_latent(latents, keys, target_fpr)
 
     def detect_latent(self, x_star: torch.Tensor, keys: Sequence[MethodKey], target_fpr: float = 0.01) -> list:
         """Detection from an already inverted x_t* (batch, C, H, W)."""

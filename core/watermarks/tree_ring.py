@@ -69,10 +69,20 @@ class TreeRing(rings.RingKeyed, WatermarkMethod):
         target_fpr = check_target_fpr(target_fpr)
         images = self.check_images(images, self.backend.image_size)
         keys = self.check_keys(keys)
+        return self.detect_noise(self.invert_for_detection(images), keys, target_fpr, self.grid.num_steps)
+
+    @torch.no_grad()
+    def invert_for_detection(self, images: np.ndarray, prompts=None) -> torch.Tensor:
+        """x_T of each image (encode, invert 0 → T): the model work of :meth:`detect`, one batched
+        call for all images whatever their keys; score it with :meth:`detect_inverted`."""
+        images = self.check_images(images, self.backend.image_size)
         # Detection uses the empty prompt, as the reference does: the verifier does not know it.
         z0 = self.backend.encode(to_tensor(images).to(self.backend.device))
-        x_T = ddim.invert(self.backend, z0, self.grid, 0, self.grid.num_steps)
-        return self.detect_noise(x_T, keys, target_fpr, self.grid.num_steps)
+        return ddim.invert(self.backend, z0, self.grid, 0, self.grid.num_steps)
+
+    def detect_inverted(self, latents: torch.Tensor, keys: Sequence[MethodKey], target_fpr: float = 0.01) -> list:
+        """Detection from :meth:`invert_for_detection`'s output (no model evaluation)."""
+        return self.detect_noise(latents, keys, target_fpr, self.grid.num_steps)
 
     def detect_noise(self, x_T: torch.Tensor, keys: Sequence[MethodKey], target_fpr: float = 0.01,
                      model_evals: int = 0) -> list:

@@ -1,0 +1,254 @@
+"""Micro-batching: the dispatcher on its own (fake model), then concurrent SDK clients on a real server."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from shallowmark.server.batching import BatchJob, BatchStats, MicroBatcher, run_isolated
+from shallowmark.server.errors import DeadlineTooShort, ModelNotReady
+
+TOKEN_A = "token-for-tenant-a"  # as in conftest.py
+
+
+class _FakeModel:
+    name = "fake"
+
+    def __init__(self, sec_per_eval=0.001):
+        self.lock = threading.Lock()
+        self.sec_per_eval = sec_per_eval
+
+
+def _square(calls):
+    """A batch function that records its batch sizes, fails on payload 13, and squares the rest."""
+
+    def run(payloads):
+        calls.append(len(payloads))
+        return [ValueError("thirteen") if p == 13 else p * p for p in payloads]
+
+    return run
+
+
+def _submit_all(batcher, jobs, time_left=lambda: None):
+    out = [None] * len(jobs)
+
+    def one(i):
+        try:
+            out[i] = batcher.wait(batcher.submit(jobs[i], time_left))
+        except Exception as e:  # noqa: BLE001
+            out[i] = e
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return out
+
+
+def test_concurrent_jobs_run_as_batches_and_errors_stay_with_their_job():
+    calls, stats = [], BatchStats()
+    b = MicroBatcher(_FakeModel(), max_batch=4, max_wait_s=0.2, stats=stats)
+    try:
+        run = _square(calls)
+        out = _submit_all(b, [BatchJob("sq", p, run, evals=1, what="square") for p in range(10, 18)])
+    finally:
+        b.close()
+    assert out[:3] == [100, 121, 144] and out[4:] == [196, 225, 256, 289]
+    assert isinstance(out[3], ValueError)
+    assert sum(calls) == 8 and max(calls) <= 4 and len(calls) < 8
+    assert stats.snapshot()["jobs"] == 8 and stats.snapshot()["batches"] == len(calls)
+
+
+def test_different_keys_are_not_mixed():
+    seen = []
+
+    def run(payloads):
+        seen.append({p[0] for p in payloads})
+        return [p for p in payloads]
+
+    b = MicroBatcher(_FakeModel(), max_batch=8, max_wait_s=0.1)
+    try:
+        jobs = [BatchJob(k, (k, i), run, evals=1, what="x") for i in range(3) for k in ("a", "b")]
+        out = _submit_all(b, jobs)
+    finally:
+        b.close()
+    assert out == [j.payload for j in jobs]
+    assert all(len(s) == 1 for s in seen)
+
+
+def test_a_batch_that_raises_is_rerun_one_by_one():
+    def run(payloads):
+        if len(payloads) > 1:
+            raise RuntimeError("the batch as a whole failed")
+        if payloads[0] == "bad":
+            raise ValueError("bad input")
+        return [payloads[0].upper()]
+
+    out = run_isolated(run, ["a", "bad", "c"])
+    assert out[0] == "A" and out[2] == "C" and isinstance(out[1], ValueError)
+
+
+def test_deadlines_are_honoured():
+    lm = _FakeModel(sec_per_eval=0.1)
+    release = threading.Event()
+
+    def slow(payloads):
+        release.wait(5)
+        return payloads
+
+    b = MicroBatcher(lm, max_batch=4, max_wait_s=0.0)
+    try:
+        # a job that cannot fit its own run when its batch starts is refused, not run
+        with pytest.raises(DeadlineTooShort, match="needs about 5.00 s"):
+            b.wait(b.submit(BatchJob("k", 1, slow, evals=50, what="verify"), lambda: 1.0))
+        # the caller's deadline passes while the model is busy: DEADLINE_EXCEEDED, job dropped
+        hold = b.submit(BatchJob("k", "hold", slow, evals=0, what="verify"), lambda: None)
+        time.sleep(0.1)
+        end = time.monotonic() + 0.3
+        late = b.submit(BatchJob("k", "late", slow, evals=0, what="verify"), lambda: end - time.monotonic())
+        with pytest.raises(DeadlineTooShort, match="waited for the model"):
+            b.wait(late)
+        release.set()
+        assert b.wait(hold) == "hold"
+    finally:
+        b.close()
+
+
+def test_close_fails_queued_jobs_with_unavailable():
+    lm = _FakeModel()
+    lm.lock.acquire()  # the model is busy: jobs queue up
+    b = MicroBatcher(lm, max_batch=1, max_wait_s=0.0)
+    first = b.submit(BatchJob("k", 1, lambda ps: ps, evals=0, what="x"), lambda: None)
+    queued = b.submit(BatchJob("k", 2, lambda ps: ps, evals=0, what="x"), lambda: None)
+    time.sleep(0.1)
+    closer = threading.Thread(target=b.close)
+    closer.start()
+    time.sleep(0.1)
+    lm.lock.release()
+    closer.join(10)
+    assert b.wait(first) == 1
+    with pytest.raises(ModelNotReady):
+        b.wait(queued)
+    with pytest.raises(ModelNotReady):
+        b.submit(BatchJob("k", 3, lambda ps: ps, evals=0, what="x"), lambda: None)
+
+
+# -- through the service ---------------------------------------------------------------------------
+
+
+def _server(tmp_path, loader, make_config, **kw):
+    from shallowmark.server.app import ServerApp
+
+    app = ServerApp(make_config(tmp_path, workers=16, max_batch=8, max_wait_ms=50.0, **kw),
+                    backend_loader=loader).start()
+    assert app.wait_until_ready(120)
+    return app
+
+
+def _verify_concurrently(app, image, keys, n):
+    from shallowmark.client import Client
+
+    def one(i):
+        with Client(app.address, TOKEN_A, timeout=300, retries=0) as c:
+            return c.verify(image, keys[::2] if i % 3 == 0 else keys, method="shallow-diffuse")
+
+    with ThreadPoolExecutor(n) as ex:
+        return list(ex.map(one, range(n)))
+
+
+@pytest.mark.parametrize("batching", [True, False], ids=["batching", "no-batching"])
+def test_sixteen_concurrent_clients(tmp_path, loader, make_config, embedded, keys, batching):
+    app = _server(tmp_path, loader, make_config, batching=batching)
+    try:
+        before = app.pool.stats()
+        results = _verify_concurrently(app, embedded.image, keys, 16)
+        after = app.pool.stats()
+    finally:
+        app.stop(1.0)
+    for i, r in enumerate(results):
+        if i % 3 == 0:   # keys[0::2] = keys 0 and 2, contains the embedding key
+            assert [v.key_id for v in r.verdicts] == [keys[0].key_id, keys[2].key_id]
+        assert r.detected and r.identified_key_id == keys[0].key_id
+        assert r.attestation is not None
+    jobs, batches = after["jobs"] - before["jobs"], after["batches"] - before["batches"]
+    assert jobs == 16
+    if batching:
+        assert batches < jobs and max(after["sizes"]) > 1
+    else:
+        assert batches == jobs and set(after["sizes"]) == {1}
+
+
+def test_concurrent_generates_are_batched_and_each_carries_its_key(tmp_path, loader, make_config, keys):
+    from shallowmark.client import Client
+
+    app = _server(tmp_path, loader, make_config)
+    try:
+        with Client(app.address, TOKEN_A, timeout=300, retries=0) as c:
+            with ThreadPoolExecutor(3) as ex:
+                outs = list(ex.map(lambda i: c.embed(keys[i], method="tree-ring", seed=100 + i), range(3)))
+            stats = app.pool.stats()
+            assert stats["jobs"] == 3 and stats["batches"] < 3
+            assert [o.key_id for o in outs] == [k.key_id for k in keys]
+            for i in (0, 2):
+                res = c.verify(outs[i].image, keys, method="tree-ring")
+                assert res.detected and res.identified_key_id == keys[i].key_id
+            # a retry (same request id) returns the recorded image, whatever the batching did
+            again = c.embed(keys[0], method="tree-ring", seed=100, request_id=outs[0].request_id)
+            assert again.image_sha256 == outs[0].image_sha256
+            assert app.ledger.count("a") == 3
+    finally:
+        app.stop(1.0)
+
+
+def test_one_bad_request_does_not_fail_the_batch(tmp_path, loader, make_config, embedded, keys):
+    """A request whose detection fails gets its own error (INTERNAL); the others in its batch succeed."""
+    from shallowmark.client import Client, ServerError
+
+    app = _server(tmp_path, loader, make_config)
+    lm = app.pool.get("tiny-ldm")
+    method = app.pool.method(lm, "shallow-diffuse")
+    original = method.detect_latent
+
+    def flaky(latents, ks, fpr=0.01):
+        if any(k.key_id == keys[1].key_id for k in ks):
+            raise RuntimeError("injected failure")
+        return original(latents, ks, fpr)
+
+    method.detect_latent = flaky
+    try:
+        def one(i):
+            with Client(app.address, TOKEN_A, timeout=300, retries=0) as c:
+                try:
+                    return c.verify(embedded.image, [keys[1]] if i == 3 else [keys[0]], method="shallow-diffuse")
+                except ServerError as e:
+                    return e
+
+        with ThreadPoolExecutor(6) as ex:
+            results = list(ex.map(one, range(6)))
+        stats = app.pool.stats()
+    finally:
+        method.detect_latent = original
+        app.stop(1.0)
+    assert stats["jobs"] == 6 and stats["batches"] < 6
+    assert isinstance(results[3], ServerError) and results[3].code == grpc.StatusCode.INTERNAL
+    assert all(r.detected for i, r in enumerate(results) if i != 3)
+
+
+def test_config_and_cli_switches(tmp_path):
+    from shallowmark.errors import InvalidParameterError
+    from shallowmark.server.config import ServerConfig, load_config
+
+    assert ServerConfig().batching and ServerConfig().max_wait_ms == 5.0
+    for bad in (dict(batching="yes"), dict(max_wait_ms=-1), dict(max_wait_ms=True)):
+        with pytest.raises(InvalidParameterError):
+            ServerConfig(**bad)
+    f = tmp_path / "s.toml"
+    f.write_text("batching = false\nmax_wait_ms = 20\n")
+    cfg = load_config(f)
+    assert not cfg.batching and cfg.max_wait_ms == 20
+    assert load_config(f, batching=None).batching is False   # unset flag keeps the file's value
