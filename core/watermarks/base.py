@@ -125,3 +125,32 @@ def check_target_fpr(target_fpr: float) -> float:
     if not 0.0 < float(target_fpr) < 1.0:
         raise InvalidParameterError(f"target_fpr must be in (0, 1); got {target_fpr}")
     return float(target_fpr)
+
+
+class LatentMethod(WatermarkMethod):
+    """A method that works on a diffusion backend's latents (``self.backend``, ``self.grid``):
+    ``generate`` decodes :meth:`generate_latents`, and ``reference`` is plain DDIM sampling from the
+    same seeds' noise, the fidelity baseline."""
+
+    def generate_latents(self, keys: Sequence[MethodKey], seeds: Sequence[int], prompts=None):
+        raise NotImplementedError
+
+    def generate(self, keys: Sequence[MethodKey], seeds: Sequence[int], prompts=None) -> np.ndarray:
+        import torch
+
+        from shallowmark.core.images import to_uint8
+
+        with torch.no_grad():
+            return to_uint8(self.backend.decode(self.generate_latents(keys, seeds, prompts)))
+
+    def reference(self, seeds: Sequence[int], prompts=None) -> np.ndarray:
+        import torch
+
+        from shallowmark.core import ddim
+        from shallowmark.core.images import to_uint8
+
+        with torch.no_grad():
+            cond = self.backend.encode_prompt(prompts, len(seeds)) if prompts is not None else None
+            z = ddim.denoise(self.backend, self.backend.randn_latents(seeds), self.grid, self.grid.num_steps, 0,
+                             cond=cond)
+            return to_uint8(self.backend.decode(z))

@@ -25,7 +25,7 @@ import torch
 from shallowmark.core import ddim
 from shallowmark.core.images import to_tensor, to_uint8
 from shallowmark.core.watermarks import rings
-from shallowmark.core.watermarks.base import WatermarkMethod, check_target_fpr, verdict
+from shallowmark.core.watermarks.base import LatentMethod, check_target_fpr, verdict
 from shallowmark.errors import InvalidParameterError, check_choice
 from shallowmark.keys import MethodKey
 
@@ -58,7 +58,7 @@ class ShallowDiffuseConfig:
             raise InvalidParameterError(f"strength must be > 0; got {self.strength}")
 
 
-class ShallowDiffuse(rings.RingKeyed, WatermarkMethod):
+class ShallowDiffuse(rings.RingKeyed, LatentMethod):
     name = "shallow-diffuse"
     supports_embed = True
 
@@ -111,16 +111,6 @@ class ShallowDiffuse(rings.RingKeyed, WatermarkMethod):
         z_wm, _ = self._finish(x_star, keys, cond)
         self.last_model_evals = self.grid.num_steps + self.k_star
         return z_wm
-
-    def generate(self, keys: Sequence[MethodKey], seeds: Sequence[int], prompts=None) -> np.ndarray:
-        return to_uint8(self.backend.decode(self.generate_latents(keys, seeds, prompts)))
-
-    @torch.no_grad()
-    def reference(self, seeds: Sequence[int], prompts=None) -> np.ndarray:
-        cond = self.backend.encode_prompt(prompts, len(seeds)) if prompts is not None else None
-        z = ddim.denoise(self.backend, self.backend.randn_latents(seeds), self.grid, self.grid.num_steps, 0,
-                         cond=cond)
-        return to_uint8(self.backend.decode(z))
 
     # -- user scenario ------------------------------------------------------------------------------
     @torch.no_grad()

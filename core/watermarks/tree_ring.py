@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from shallowmark.core import ddim
-from shallowmark.core.images import to_tensor, to_uint8
+from shallowmark.core.images import to_tensor
 from shallowmark.core.watermarks import rings
-from shallowmark.core.watermarks.base import WatermarkMethod, check_target_fpr, verdict
+from shallowmark.core.watermarks.base import LatentMethod, check_target_fpr, verdict
 from shallowmark.keys import MethodKey
 
 
@@ -27,7 +27,7 @@ class TreeRingConfig:
     strength: float = 1.0
 
 
-class TreeRing(rings.RingKeyed, WatermarkMethod):
+class TreeRing(rings.RingKeyed, LatentMethod):
     name = "tree-ring"
     supports_embed = False
 
@@ -49,16 +49,6 @@ class TreeRing(rings.RingKeyed, WatermarkMethod):
         cond = self.backend.encode_prompt(prompts, len(seeds)) if prompts is not None else None
         self.last_model_evals = self.grid.num_steps
         return ddim.denoise(self.backend, self.initial_noise(keys, seeds), self.grid, self.grid.num_steps, 0, cond=cond)
-
-    def generate(self, keys: Sequence[MethodKey], seeds: Sequence[int], prompts=None) -> np.ndarray:
-        return to_uint8(self.backend.decode(self.generate_latents(keys, seeds, prompts)))
-
-    @torch.no_grad()
-    def reference(self, seeds: Sequence[int], prompts=None) -> np.ndarray:
-        cond = self.backend.encode_prompt(prompts, len(seeds)) if prompts is not None else None
-        z = ddim.denoise(self.backend, self.backend.randn_latents(seeds), self.grid, self.grid.num_steps, 0,
-                         cond=cond)
-        return to_uint8(self.backend.decode(z))
 
     def embed(self, keys, images):
         raise NotImplementedError(f"{self.name} writes its key into the initial noise x_T, so it cannot "
