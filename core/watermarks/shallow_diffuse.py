@@ -82,7 +82,7 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         out = []
         for i in range(x_star.shape[0]):
             sub = jacobian.top_subspace(self.backend, x_star[i:i + 1], t, self.config.nullspace_rank,
-                                        self.config.nullspace_iters, cond=None if cond is None else cond,
+                                        self.config.nullspace_iters, cond=cond,
                                         seed=i)
             delta = jacobian.nullspace_project(marked[i:i + 1] - x_star[i:i + 1], sub)
             out.append(x_star[i:i + 1] + delta)
