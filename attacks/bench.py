@@ -27,33 +27,53 @@ method code without changing the version.
 Outputs in ``out_dir``: ``report.json``, ``report.md``, ``roc.png`` (one panel per attack, every
 method in each) and ``tradeoff.png`` (fidelity vs mean AUC under attack).
 
-``server`` (an address) is reserved for running the benchmark through the SDK against a server,
-as an auditor without model access would; the gRPC service does not exist in this version, so a
-config with ``server`` set is refused with :class:`ServerModeUnavailableError`.
+With ``server`` set (an address), :func:`run_bench` runs the same grid through the SDK against a
+shallowmark server instead, as an auditor without model access would; see
+:mod:`shallowmark.attacks.bench_server`. The modules: :mod:`~shallowmark.attacks.bench_config`
+(the grid and its validation), :mod:`~shallowmark.attacks.bench_cache` (the cache),
+:mod:`~shallowmark.attacks.bench_report` (metrics rows and the report files), this one (the
+in-process runner and the entry point).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import math
 import os
 import platform
-import sqlite3
 import sys
 import time
 import zlib
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from shallowmark.errors import InvalidParameterError, MissingDependencyError, ShallowmarkError, check_choice
+from shallowmark.errors import InvalidParameterError
 
 from . import regen as _regen  # noqa: F401  (registers the "regen" attack)
+from .bench_cache import BenchCache as _Cache
+from .bench_cache import stable_hash as _h
+from .bench_config import (  # noqa: F401  (re-exported: the public names of the benchmark live here)
+    DEFAULT_ATTACKS,
+    DEFINITIONS,
+    QUICK_ATTACKS,
+    QUICK_METHODS,
+    QUICK_N,
+    QUICK_STEPS,
+    TPR_DEFINITION,
+    _FIDELITY_NOTES,
+    _SCHEMA_VERSION,
+    AttackSetting,
+    BenchConfig,
+    ServerModeUnavailableError,
+    bench_keys,
+    parse_attack,
+    parse_attacks,
+    validate_config,
+)
+from .bench_report import _sanitize, detection_results, versions as _versions, write_reports
 from .registry import get_attack
 
 __all__ = [
@@ -61,270 +81,8 @@ __all__ = [
     "QUICK_METHODS", "TPR_DEFINITION", "parse_attack", "parse_attacks", "run_bench", "validate_config",
 ]
 
-#: Reference attack set: the four of the design's reference settings, the other built-ins, regeneration.
-DEFAULT_ATTACKS = ("clean", "jpeg", "blur", "noise", "jitter", "resize", "crop", "rotate", "median", "drop",
-                   "saltpepper", "regen")
-QUICK_METHODS = ("shallow-diffuse", "tree-ring")
-QUICK_ATTACKS = ("clean", "jpeg", "blur")
-QUICK_N = 4
-QUICK_STEPS = 10
 
-TPR_DEFINITION = ("TPR@1%FPR is the highest TPR among thresholds whose FPR ≤ 1% (an image is flagged when "
-                  "score ≥ threshold; thresholds are all distinct scores, no interpolation). With n_neg "
-                  "unwatermarked images at most floor(0.01·n_neg) of them may score at or above the threshold.")
-DEFINITIONS = {
-    "tpr_at_1pct_fpr": TPR_DEFINITION,
-    "auc": "Area under the ROC curve of the detector score (higher = watermarked), ties count one half "
-           "(sklearn roc_auc_score).",
-    "score": "The detector's score for the best of the searched keys: ring cosine for the ring methods, "
-             "fraction of matching bits for the bit-carrying methods.",
-    "detected_pos": "Fraction of watermarked images whose Bonferroni-corrected p-value is ≤ target_fpr "
-                    "(the calibrated verdict, no threshold fitted on the data).",
-    "detected_neg": "Fraction of unwatermarked images flagged by the same verdict (empirical FPR).",
-    "bit_accuracy": "Mean fraction of the best key's payload bits recovered, over the watermarked images "
-                    "(methods that carry bits only).",
-    "psnr_ssim": "PSNR (dB) and SSIM of each watermarked image against the same-seed unwatermarked image "
-                 "from the method's own reference(), averaged over the n seeds.",
-    "cost": "embed_seconds: seconds per watermarked image (generation included); verify_seconds: seconds per "
-            "detection (encode, inversion, statistic); verify_model_evals: denoiser evaluations per detection.",
-}
-
-_SCHEMA_VERSION = 1
-# Methods whose negatives can never be meaningfully paired (reference shares no noise with the image).
-_FIDELITY_NOTES = {
-    "gaussian-shading": "reference shares no noise with the watermarked image (the watermark is x_T itself): "
-                        "paired PSNR/SSIM measure content change, not watermark visibility",
-}
-
-
-class ServerModeUnavailableError(ShallowmarkError):
-    """``--server`` mode was asked for, but this version has no gRPC service to talk to."""
-
-    def __init__(self, address: str):
-        super().__init__(f"--server mode needs the gRPC service, not available in this version "
-                         f"(server address given: {address!r}); run the benchmark in-process instead")
-
-
-# -- configuration -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class AttackSetting:
-    """One attack of the grid: a registered attack and its strength (``None`` = the reference one)."""
-
-    name: str
-    strength: Optional[float] = None
-
-    @property
-    def value(self) -> float:
-        """The strength actually used."""
-        return float(get_attack(self.name).default if self.strength is None else self.strength)
-
-    @property
-    def label(self) -> str:
-        """``name`` at the reference strength, else ``name:strength`` (as given on the command line)."""
-        if self.strength is None or float(self.strength) == float(get_attack(self.name).default):
-            return self.name
-        return f"{self.name}:{float(self.strength):g}"
-
-
-def parse_attack(spec) -> AttackSetting:
-    """``"blur"``, ``"blur:3"``, ``("blur", 3)`` or an :class:`AttackSetting` -> AttackSetting.
-
-    Names are not checked here (see :func:`validate_config`); a strength that is not a number is.
-    """
-    if isinstance(spec, AttackSetting):
-        return spec
-    if isinstance(spec, str):
-        name, sep, s = spec.strip().partition(":")
-        if not sep:
-            return AttackSetting(name)
-        try:
-            return AttackSetting(name, float(s))
-        except ValueError:
-            raise InvalidParameterError(f"attack {spec!r}: strength {s!r} is not a number "
-                                        "(write name or name:strength, e.g. blur:3)") from None
-    if isinstance(spec, (tuple, list)) and len(spec) == 2:
-        name, s = spec
-        if s is None:
-            return AttackSetting(str(name))
-        if isinstance(s, bool) or not isinstance(s, (int, float, np.integer, np.floating)):
-            raise InvalidParameterError(f"attack {name!r}: strength must be a number, got {s!r}")
-        return AttackSetting(str(name), float(s))
-    raise InvalidParameterError(f"an attack is 'name', 'name:strength' or (name, strength); got {spec!r}")
-
-
-def parse_attacks(text: str) -> tuple[AttackSetting, ...]:
-    """Comma-separated command-line list, e.g. ``"clean,jpeg,blur:3"``."""
-    return tuple(parse_attack(p) for p in text.split(",") if p.strip())
-
-
-def _all_methods() -> tuple[str, ...]:
-    from shallowmark.keys import METHODS
-
-    # the canonical order of the methods registry, without importing torch
-    order = ("shallow-diffuse", "tree-ring", "ringid", "gaussian-shading", "dwtdct", "dwtdctsvd", "rivagan")
-    return tuple(m for m in order if m in METHODS) + tuple(m for m in METHODS if m not in order)
-
-
-def _default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "shallowmark" / "bench"
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """Everything a benchmark run depends on (all of it is written to ``report.json``).
-
-    Attributes:
-        methods: watermark method names (default: all seven).
-        attacks: attacks as names, ``"name:strength"`` strings, ``(name, strength)`` pairs or
-            :class:`AttackSetting`; default :data:`DEFAULT_ATTACKS` at reference strengths.
-        n: watermarked images per method, and unwatermarked images (shared by all methods).
-        seed: first seed; images use seeds ``seed .. seed+n-1``.
-        n_keys: fixed test keys per method; image i carries key ``i mod n_keys``; detection
-            searches all of them (so scores are the best of ``n_keys``, Bonferroni-corrected verdicts).
-        target_fpr: the verdict's target false-positive rate (``detected_*`` columns).
-        model: backend name; ``model_options`` go to ``load_backend``.
-        num_steps: DDIM steps for the diffusion methods (``None``: their default, 50).
-        method_config: per-method keyword arguments for ``load_method`` (override ``num_steps``).
-        batch: images per model call.
-        out_dir: where the reports go.
-        cache_dir: images and scores cache (default ``$XDG_CACHE_HOME/shallowmark/bench``).
-        server: address of a shallowmark server (not available in this version; refused).
-        quick: marks the small grid of :meth:`quick_config` (for tests and smoke runs).
-        command: the command line, recorded in the report.
-    """
-
-    methods: tuple = field(default_factory=_all_methods)
-    attacks: tuple = DEFAULT_ATTACKS
-    n: int = 100
-    seed: int = 10_000
-    n_keys: int = 1
-    target_fpr: float = 0.01
-    model: str = "tiny-ldm"
-    model_options: dict = field(default_factory=dict)
-    num_steps: Optional[int] = None
-    method_config: dict = field(default_factory=dict)
-    batch: int = 8
-    out_dir: Any = "bench-out"
-    cache_dir: Any = None
-    server: Optional[str] = None
-    quick: bool = False
-    command: str = ""
-
-    @classmethod
-    def quick_config(cls, **overrides) -> "BenchConfig":
-        """The small grid: 2 methods × 3 attacks × n=4 with 10 DDIM steps (well under a minute)."""
-        kw = dict(methods=QUICK_METHODS, attacks=QUICK_ATTACKS, n=QUICK_N, num_steps=QUICK_STEPS, batch=4,
-                  quick=True)
-        kw.update(overrides)
-        return cls(**kw)
-
-    @property
-    def seeds(self) -> list[int]:
-        return list(range(int(self.seed), int(self.seed) + int(self.n)))
-
-    def resolved_cache_dir(self) -> Path:
-        return Path(self.cache_dir) if self.cache_dir is not None else _default_cache_dir()
-
-
-def _positive_int(name: str, v, lo: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < lo:
-        raise InvalidParameterError(f"{name} must be an integer >= {lo}; got {v!r}")
-    return int(v)
-
-
-def _method_kwarg_names(name: str) -> set[str]:
-    if name == "shallow-diffuse":
-        from shallowmark.core.watermarks.shallow_diffuse import ShallowDiffuseConfig
-
-        return {f.name for f in dataclasses.fields(ShallowDiffuseConfig)}
-    if name in ("tree-ring", "ringid"):
-        from shallowmark.core.watermarks.tree_ring import TreeRingConfig
-
-        return {f.name for f in dataclasses.fields(TreeRingConfig)}
-    from shallowmark.core.watermarks import _CLASSES
-    import importlib
-
-    module, cls_name = _CLASSES[name]
-    cls = getattr(importlib.import_module(f"shallowmark.core.watermarks.{module}"), cls_name)
-    return {p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "backend")}
-
-
-def validate_config(config: BenchConfig) -> tuple[list[str], list[AttackSetting]]:
-    """Check every name and number of ``config`` before any work; return (methods, attacks).
-
-    Raises:
-        UnknownNameError: an unknown method, attack or model (the message lists valid choices).
-        InvalidParameterError: a strength outside the attack's range, bad n / seed / keys / batch /
-            target FPR / steps, or a method_config keyword the method does not take.
-        MissingDependencyError: a method needs an extra that is not installed.
-        ServerModeUnavailableError: ``server`` is set.
-    """
-    if not isinstance(config, BenchConfig):
-        raise InvalidParameterError(f"run_bench takes a BenchConfig, got {type(config).__name__}")
-    all_methods = _all_methods()
-    methods = [config.methods] if isinstance(config.methods, str) else list(config.methods)
-    if not methods:
-        raise InvalidParameterError(f"no methods given; valid choices: {', '.join(sorted(all_methods))}")
-    for m in methods:
-        check_choice("method", m, all_methods)
-    if len(set(methods)) != len(methods):
-        raise InvalidParameterError(f"methods listed twice: {methods}")
-    attacks_in = [config.attacks] if isinstance(config.attacks, (str, AttackSetting)) else list(config.attacks)
-    if not attacks_in:
-        raise InvalidParameterError("no attacks given; valid choices: " + ", ".join(sorted(_attack_names())))
-    attacks: list[AttackSetting] = []
-    for a in attacks_in:
-        s = parse_attack(a)
-        spec = get_attack(s.name)  # UnknownNameError lists the registered attacks
-        spec.validate_strength(s.value)
-        if all(x.label != s.label for x in attacks):
-            attacks.append(s)
-    from shallowmark.core.backends import backend_names
-
-    check_choice("model", config.model, backend_names())
-    _positive_int("n", config.n)
-    if isinstance(config.seed, bool) or not isinstance(config.seed, (int, np.integer)) or config.seed < 0:
-        raise InvalidParameterError(f"seed must be an integer >= 0; got {config.seed!r}")
-    _positive_int("n_keys", config.n_keys)
-    _positive_int("batch", config.batch)
-    if config.num_steps is not None:
-        _positive_int("num_steps", config.num_steps, 2)
-    f = config.target_fpr
-    if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < float(f) < 1.0:
-        raise InvalidParameterError(f"target_fpr must be in (0, 1); got {f!r}")
-    for m, kw in dict(config.method_config).items():
-        check_choice("method in method_config", m, methods)
-        bad = set(kw) - _method_kwarg_names(m)
-        if bad:
-            raise InvalidParameterError(f"method_config[{m!r}]: unknown option(s) {sorted(bad)}; valid: "
-                                        f"{', '.join(sorted(_method_kwarg_names(m)))}")
-    posthoc = [m for m in methods if m in ("dwtdct", "dwtdctsvd", "rivagan")]
-    if posthoc:
-        from shallowmark.core.watermarks.invisible import _imwatermark
-
-        _imwatermark()
-        if "rivagan" in posthoc:
-            import importlib.util
-
-            if importlib.util.find_spec("onnxruntime") is None:
-                raise MissingDependencyError("the rivagan baseline", "bench")
-    if config.server is not None:
-        raise ServerModeUnavailableError(str(config.server))
-    return methods, attacks
-
-
-def _attack_names():
-    from .registry import list_attacks
-
-    return list_attacks()
-
-
-# -- cache ---------------------------------------------------------------------------------------------
-def _h(obj, n: int = 16) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
-
-
+# -- cache identity of the model and the methods ---------------------------------------------------------
 def _model_fingerprint(backend, name: str, options: dict) -> str:
     """Hash of the backend's identity and a strided sample of every weight tensor (fast for any size)."""
     import torch
@@ -352,78 +110,6 @@ def _method_params(m) -> dict:
         params = {k: v for k, v in vars(m).items()
                   if not k.startswith("_") and isinstance(v, (int, float, str, bool, tuple)) and k != "name"}
     return {"class": type(m).__name__, **params}
-
-
-class _Cache:
-    """PNG images on disk and a SQLite table of per-image scores and timings."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(root / "scores.sqlite"))
-        self.db.execute("""CREATE TABLE IF NOT EXISTS scores (
-            ctx TEXT, seed INTEGER, method TEXT, attack TEXT, kind TEXT, score REAL, p_value REAL,
-            detected INTEGER, bit_accuracy REAL, model_evals INTEGER, key_id TEXT,
-            PRIMARY KEY (ctx, seed))""")
-        self.db.execute("""CREATE TABLE IF NOT EXISTS timings (
-            what TEXT, ctx TEXT, seed INTEGER, seconds REAL, PRIMARY KEY (what, ctx, seed))""")
-        self.db.commit()
-
-    def close(self):
-        self.db.close()
-
-    # images
-    def image_path(self, folder: str, seed: int) -> Path:
-        return self.root / "images" / folder / f"{int(seed)}.png"
-
-    def load_images(self, folder: str, seeds: Sequence[int]) -> dict[int, np.ndarray]:
-        from PIL import Image
-
-        out = {}
-        for s in seeds:
-            p = self.image_path(folder, s)
-            if p.exists():
-                try:
-                    with Image.open(p) as im:
-                        out[int(s)] = np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-                except OSError:  # a PNG cut short by an interruption: make it again
-                    p.unlink(missing_ok=True)
-        return out
-
-    def save_images(self, folder: str, seeds: Sequence[int], images: np.ndarray) -> None:
-        from PIL import Image
-
-        for s, im in zip(seeds, images):
-            p = self.image_path(folder, s)
-            p.parent.mkdir(parents=True, exist_ok=True)
-            tmp = p.with_suffix(".tmp.png")
-            Image.fromarray(np.ascontiguousarray(im)).save(tmp, format="PNG")
-            os.replace(tmp, p)  # atomic: a half-written PNG is never read back
-
-    # scores
-    def scored(self, ctx: str) -> dict[int, tuple]:
-        rows = self.db.execute("SELECT seed, score, p_value, detected, bit_accuracy, model_evals FROM scores "
-                               "WHERE ctx = ?", (ctx,)).fetchall()
-        return {int(r[0]): r[1:] for r in rows}
-
-    def put_scores(self, rows: list[tuple]) -> None:
-        self.db.executemany("INSERT OR REPLACE INTO scores VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
-        self.db.commit()
-
-    # timings
-    def put_timings(self, what: str, ctx: str, seeds: Sequence[int], seconds_each: float) -> None:
-        self.db.executemany("INSERT OR REPLACE INTO timings VALUES (?,?,?,?)",
-                            [(what, ctx, int(s), float(seconds_each)) for s in seeds])
-        self.db.commit()
-
-    def mean_timing(self, what: str, ctxs: Iterable[str], seeds: Sequence[int]) -> Optional[float]:
-        ctxs = list(ctxs)
-        if not ctxs:
-            return None
-        q = (f"SELECT AVG(seconds), COUNT(*) FROM timings WHERE what = ? AND ctx IN ({','.join('?' * len(ctxs))}) "
-             f"AND seed >= ? AND seed <= ?")
-        avg, cnt = self.db.execute(q, (what, *ctxs, min(seeds), max(seeds))).fetchone()
-        return float(avg) if cnt else None
 
 
 # -- detection with shared inversions ------------------------------------------------------------------
@@ -502,18 +188,29 @@ def _chunks(seq: Sequence, size: int):
 
 
 # -- the run -------------------------------------------------------------------------------------------
-def run_bench(config: BenchConfig, progress: bool = True, backend=None, log=None) -> dict:
+def run_bench(config: BenchConfig, progress: bool = True, backend=None, log=None, client=None) -> dict:
     """Run the benchmark of ``config``; write the reports to ``config.out_dir`` and return report.json's dict.
 
     Args:
         config: the grid and its parameters (see :class:`BenchConfig`).
         progress: show a tqdm progress bar on stderr.
         backend: an already loaded backend to use instead of ``load_backend(config.model)``
-            (it must be that model; it is fingerprinted for the cache either way).
+            (it must be that model; it is fingerprinted for the cache either way). In-process only.
         log: optional ``log(message)`` for a few status lines.
+        client: server mode only: a connected :class:`shallowmark.client.Client` for
+            ``config.server`` (TLS, token); default ``Client(config.server, $SHALLOWMARK_TOKEN)``.
 
-    Every name and strength is validated before any work (see :func:`validate_config`).
+    Every name and strength is validated before any work (see :func:`validate_config`); in server
+    mode the server too (reachable, token, model, methods) before its first Embed or Verify.
     """
+    if isinstance(config, BenchConfig) and config.server is not None:
+        if backend is not None:
+            raise InvalidParameterError("backend= runs the benchmark in-process; a server run uses the server's model")
+        from .bench_server import run_server_bench
+
+        return run_server_bench(config, progress=progress, log=log, client=client)
+    if client is not None:
+        raise InvalidParameterError("client= needs config.server, the address that client talks to")
     method_names, attacks = validate_config(config)
     log = log or (lambda msg: None)
     t_start = time.perf_counter()
@@ -521,7 +218,6 @@ def run_bench(config: BenchConfig, progress: bool = True, backend=None, log=None
     import torch
     from tqdm import tqdm
 
-    from shallowmark.attacks.methods_report import _keys
     from shallowmark.core.watermarks import DIFFUSION_METHODS, load_method
 
     if backend is None:
@@ -539,7 +235,7 @@ def run_bench(config: BenchConfig, progress: bool = True, backend=None, log=None
         kw.update(dict(config.method_config).get(name, {}))
         methods[name] = load_method(name, backend, **kw)
     params = {n: _method_params(m) for n, m in methods.items()}
-    keys = {n: _keys(config.n_keys, n) for n in method_names}
+    keys = {n: bench_keys(config.n_keys, n) for n in method_names}
     key_ids = {n: [k.key_id for k in ks] for n, ks in keys.items()}
     seeds = config.seeds
     n, batch, fpr = int(config.n), int(config.batch), float(config.target_fpr)
@@ -656,26 +352,9 @@ def run_bench(config: BenchConfig, progress: bool = True, backend=None, log=None
         bar.close()
 
         # -- metrics -----------------------------------------------------------------------------------
-        from .metrics import psnr, roc_metrics, ssim
+        from .metrics import psnr, ssim
 
-        results, curves = [], {}
-        for setting in attacks:
-            for name in method_names:
-                pos = cache.scored(ctx_of(name, setting, "pos"))
-                neg = cache.scored(ctx_of(name, setting, "neg"))
-                sp = np.array([pos[s][0] for s in seeds])
-                sn = np.array([neg[s][0] for s in seeds])
-                roc = roc_metrics(sp, sn)
-                bits = [pos[s][3] for s in seeds if pos[s][3] is not None]
-                results.append(dict(
-                    method=name, attack=setting.label, attack_name=setting.name, strength=setting.value,
-                    auc=roc.auc, tpr_at_1pct_fpr=roc.tpr_at_1pct_fpr, n_pos=roc.n_pos, n_neg=roc.n_neg,
-                    detected_pos=float(np.mean([pos[s][2] for s in seeds])),
-                    detected_neg=float(np.mean([neg[s][2] for s in seeds])),
-                    bit_accuracy=float(np.mean(bits)) if bits else None,
-                    median_p_value_pos=float(np.median([pos[s][1] for s in seeds])),
-                ))
-                curves[(setting.label, name)] = (roc.fpr, roc.tpr)
+        results, curves = detection_results(cache, attacks, method_names, seeds, ctx_of)
         fidelity = []
         for name in method_names:
             refs = neg_images if ref_shared[name] else own_refs[name]
@@ -707,12 +386,7 @@ def run_bench(config: BenchConfig, progress: bool = True, backend=None, log=None
         results=results, fidelity=fidelity, cost=cost, definitions=DEFINITIONS,
         seconds=time.perf_counter() - t_start,
     ))
-    out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=_json_default, allow_nan=False))
-    (out / "report.md").write_text(_markdown(report))
-    _plot_roc(out / "roc.png", attacks, method_names, curves, results)
-    _plot_tradeoff(out / "tradeoff.png", results, fidelity)
+    out = write_reports(config.out_dir, report, attacks, method_names, curves)
     log(f"wrote {out / 'report.json'}, report.md, roc.png, tradeoff.png ({report['seconds']:.0f} s)")
     return report
 
@@ -723,40 +397,6 @@ def _embed_evals(m, name: str, posthoc: bool) -> int:
     if posthoc or g is None:
         return 50 if getattr(m, "backend", None) is not None else 0  # the plain 50-step sample, then embed
     return int(g.num_steps) + int(getattr(m, "k_star", 0))  # Shallow Diffuse re-runs t*→0 on both paths
-
-
-def _json_default(v):
-    if isinstance(v, (np.floating,)):
-        return float(v)
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (np.ndarray, tuple)):
-        return list(v)
-    return str(v)
-
-
-def _sanitize(obj):
-    """Replace non-finite floats (JSON has none) by None."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _sanitize(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_sanitize(v) for v in obj]
-    return obj
-
-
-def _versions() -> dict:
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for dist in ("shallowmark", "torch", "diffusers", "numpy", "scipy", "scikit-learn", "scikit-image", "pillow",
-                 "invisible-watermark", "onnxruntime", "opencv-python", "matplotlib", "tqdm"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
 
 
 def _machine(backend) -> dict:
@@ -771,7 +411,7 @@ def _config_record(config, method_names, attacks, params, key_ids, model_fp, ref
     from shallowmark.core.watermarks import DIFFUSION_METHODS
 
     return _sanitize(dict(
-        methods=method_names,
+        mode="in-process", methods=method_names,
         attacks=[dict(label=a.label, name=a.name, strength=a.value, scale=get_attack(a.name).scale) for a in attacks],
         n=int(config.n), n_watermarked_per_method=int(config.n), n_unwatermarked=int(config.n),
         seeds=config.seeds, n_keys=int(config.n_keys), key_ids=key_ids,
@@ -790,113 +430,3 @@ def _config_record(config, method_names, attacks, params, key_ids, model_fp, ref
     ))
 
 
-# -- reports -------------------------------------------------------------------------------------------
-def _f(v, fmt: str = ".3f") -> str:
-    return "–" if v is None else format(v, fmt)
-
-
-def _markdown(rep: dict) -> str:
-    c = rep["config"]
-    methods = c["methods"]
-    labels = [a["label"] for a in c["attacks"]]
-    res = {(r["method"], r["attack"]): r for r in rep["results"]}
-    lines = [f"# Robustness benchmark on `{c['model']}`" + (" (quick grid)" if c["quick"] else ""), "",
-             f"Command: `{c['command']}`  ",
-             f"{c['n']} watermarked images per method and {c['n']} unwatermarked images (same seeds "
-             f"{c['seeds'][0]}..{c['seeds'][-1]}), {c['n_keys']} test key(s) per method, target FPR "
-             f"{c['target_fpr']:g}. Machine: {c['machine']['platform']}, {c['machine']['cpu_count']} CPUs, "
-             f"torch {c['versions']['torch']}; run took {rep['seconds']:.0f} s.", "",
-             f"**Definition.** {TPR_DEFINITION}", "",
-             "## AUC / TPR@1%FPR", "",
-             "| method | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
-    for m in methods:
-        lines.append(f"| {m} | " + " | ".join(f"{res[m, a]['auc']:.3f} / {res[m, a]['tpr_at_1pct_fpr']:.2f}"
-                                               for a in labels) + " |")
-    lines += ["", f"## Detected at target FPR {c['target_fpr']:g} (watermarked / unwatermarked flagged)", "",
-              "| method | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
-    for m in methods:
-        lines.append(f"| {m} | " + " | ".join(f"{res[m, a]['detected_pos']:.2f} / {res[m, a]['detected_neg']:.2f}"
-                                               for a in labels) + " |")
-    bit_methods = [m for m in methods if any(res[m, a]["bit_accuracy"] is not None for a in labels)]
-    if bit_methods:
-        lines += ["", "## Bit accuracy (watermarked images)", "",
-                  "| method | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
-        for m in bit_methods:
-            lines.append(f"| {m} | " + " | ".join(_f(res[m, a]["bit_accuracy"]) for a in labels) + " |")
-    lines += ["", "## Fidelity (against the same-seed unwatermarked image)", "",
-              "| method | PSNR (dB) | SSIM | note |", "|---|---|---|---|"]
-    for r in rep["fidelity"]:
-        lines.append(f"| {r['method']} | {_f(r['psnr'], '.2f')} | {_f(r['ssim'], '.4f')} | {r['note'] or ''} |")
-    lines += ["", "## Cost per image", "",
-              "| method | embed s | embed model evals | verify s | verify model evals |", "|---|---|---|---|---|"]
-    for r in rep["cost"]:
-        lines.append(f"| {r['method']} | {_f(r['embed_seconds'], '.2f')} | {r['embed_model_evals']} | "
-                     f"{_f(r['verify_seconds'], '.3f')} | {r['verify_model_evals']} |")
-    lines += ["", "## Attacks", "", "| attack | strength | meaning |", "|---|---|---|"]
-    for a in c["attacks"]:
-        lines.append(f"| {a['label']} | {a['strength']:g} | {a['scale']} |")
-    lines += ["", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in rep["definitions"].items()]
-    lines += ["", "## Parameters", "", f"- unwatermarked images: {c['unwatermarked_images']}",
-              f"- post-hoc methods embedded into the shared unwatermarked images: "
-              f"{', '.join(c['posthoc_embedded_into_shared_references']) or 'none'}",
-              f"- keys: {c['keys_note']}", f"- attack randomness: {c['attack_rng']}",
-              f"- model fingerprint: {c['model_fingerprint']}", "", "```json",
-              json.dumps({k: c[k] for k in ("method_params", "num_steps", "batch", "regen", "versions", "machine")},
-                         indent=1, default=_json_default), "```", "",
-              "Plots: `roc.png` (ROC per attack), `tradeoff.png` (fidelity vs mean AUC under attack)."]
-    return "\n".join(lines) + "\n"
-
-
-def _plot_roc(path: Path, attacks, methods, curves, results) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    k = len(attacks)
-    cols = min(4, k)
-    rows = -(-k // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.2 * rows), squeeze=False)
-    auc = {(r["attack"], r["method"]): r["auc"] for r in results}
-    for i, a in enumerate(attacks):
-        ax = axes[i // cols][i % cols]
-        for m in methods:
-            fpr, tpr = curves[(a.label, m)]
-            ax.plot(fpr, tpr, label=f"{m} ({auc[a.label, m]:.3f})", lw=1.2)
-        ax.axvline(0.01, color="grey", lw=0.6, ls=":")
-        ax.plot([0, 1], [0, 1], color="lightgrey", lw=0.6)
-        ax.set_title(a.label, fontsize=9)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.01)
-        ax.set_xlabel("FPR", fontsize=8)
-        ax.set_ylabel("TPR", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=6, loc="lower right")
-    for j in range(k, rows * cols):
-        axes[j // cols][j % cols].axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _plot_tradeoff(path: Path, results, fidelity) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for f in fidelity:
-        attacked = [r["auc"] for r in results if r["method"] == f["method"] and r["attack_name"] != "clean"]
-        rob = float(np.mean(attacked)) if attacked else float(
-            np.mean([r["auc"] for r in results if r["method"] == f["method"]]))
-        if f["psnr"] is None or not math.isfinite(f["psnr"]):
-            continue
-        ax.scatter([f["psnr"]], [rob])
-        ax.annotate(f["method"], (f["psnr"], rob), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("PSNR vs same-seed unwatermarked (dB)")
-    ax.set_ylabel("mean AUC under attack")
-    ax.set_title("fidelity vs robustness", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -183,7 +183,10 @@ def test_interrupted_run_resumes(quick, tiny_ldm, tmp_path):
     (dict(n=0), InvalidParameterError, ["n must"]),
     (dict(target_fpr=1.5), InvalidParameterError, ["target_fpr"]),
     (dict(method_config={"tree-ring": {"bogus": 1}}), InvalidParameterError, ["bogus", "radius"]),
-    (dict(server="localhost:50051"), ShallowmarkError, ["--server mode needs the gRPC service, not available"]),
+    # server mode: what the server's operator decides, or what needs the model, is refused before connecting
+    (dict(server="localhost:50051", num_steps=10), InvalidParameterError, ["num_steps", "server's operator"]),
+    (dict(server="localhost:50051", attacks=("clean", "regen")), InvalidParameterError,
+     ["regen", "needs the diffusion model", "saltpepper"]),
 ])
 def test_bad_config_fails_before_any_work(kw, error, words, tmp_path, monkeypatch):
     bench = _bench()
@@ -219,8 +222,8 @@ def test_parse_attacks():
 def test_cli_errors(capsys, tmp_path):
     from shallowmark.cli import main
 
-    assert main(["bench", "--server", "localhost:50051", "--out", str(tmp_path / "o")]) == 2
-    assert "--server mode needs the gRPC service" in capsys.readouterr().err
+    assert main(["bench", "--server", "localhost:50051", "--steps", "10", "--out", str(tmp_path / "o")]) == 2
+    assert "server's operator sets the steps" in capsys.readouterr().err
     assert main(["bench", "--methods", "shallow-diffuse,nope", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "unknown method 'nope'" in err and "gaussian-shading" in err
