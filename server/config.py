@@ -11,12 +11,15 @@ Example ``server.toml`` (every key is optional; the values shown are the default
     max_batch = 8                   # most requests run together as one model batch
     batching = true                 # micro-batching of concurrent Verify / Embed-generate calls
     max_wait_ms = 5.0               # how long the first request of a batch waits for company
+    vae_batch = 0                   # images per autoencoder call inside a batch; 0: 1 on CPU, all elsewhere
     max_keys_per_verify = 64
     max_queue = 32                  # model jobs waiting or running; beyond it RESOURCE_EXHAUSTED
     workers = 8                     # gRPC handler threads
     grace_s = 30.0                  # drain time on SIGTERM
     state_dir = "~/.local/state/shallowmark"
     ledger_url = "sqlite:////var/lib/shallowmark/ledger.sqlite3"  # or a plain path; default: <state_dir>/ledger.sqlite3
+    # ledger_url = "postgresql://shallowmark@db.internal:5432/shallowmark"  # PostgreSQL (replicas share it);
+    #                                     password from PGPASSWORD or ~/.pgpass, so the file holds no secret
     attestation_key = "/var/lib/shallowmark/attestation.pem"      # default: <state_dir>/attestation_ed25519.pem
 
     [tls]                           # omit the table for plaintext (loopback / behind a TLS proxy only)
@@ -84,15 +87,20 @@ class ServerConfig:
         batching: micro-batching on (see :mod:`shallowmark.server.batching`): concurrent Verify
             calls, and Embed calls that generate, for the same model and method run as one batched
             model call. Off: one request per model call, in arrival order.
-        max_wait_ms: how long the first request of a batch waits for others before the batch runs
-            anyway. Requests that arrive while the model is busy join the next batch without it.
+        max_wait_ms: how long a batch waits for company before it runs anyway, counted from its
+            first request's arrival or from the end of the previous batch, whichever is later.
+            Requests that arrive while the model is busy join the next batch.
+        vae_batch: most images per autoencoder (VAE) call inside a batch; the denoiser always gets
+            the whole batch. 0 (the default) means 1 on a CPU, where batched VAE calls cost more per
+            image than single ones, and the whole batch on other devices.
         max_keys_per_verify: most candidate keys in one Verify.
         max_queue: model jobs waiting or running at once; more get RESOURCE_EXHAUSTED.
         workers: gRPC handler threads.
         grace_s: seconds to let in-flight calls finish after SIGTERM.
         state_dir: where the default ledger and attestation key live.
-        ledger_url: ``sqlite:////abs/path``, ``sqlite:///rel/path`` or a plain path;
-            ``postgresql://`` is not implemented yet.
+        ledger_url: ``sqlite:////abs/path``, ``sqlite:///rel/path`` or a plain path (one SQLite
+            file), or a libpq URL ``postgresql://user@host:port/dbname`` (or ``postgres://``) for a
+            PostgreSQL table that several replicas can share (see :mod:`shallowmark.server.ledger`).
         attestation_key: Ed25519 private key file (PEM); created with mode 0600 if missing.
         reflection: serve gRPC reflection (for grpcurl and friends).
     """
@@ -110,6 +118,7 @@ class ServerConfig:
     max_batch: int = 8
     batching: bool = True
     max_wait_ms: float = 5.0
+    vae_batch: int = 0
     max_keys_per_verify: int = 64
     max_queue: int = 32
     workers: int = 8
@@ -134,6 +143,8 @@ class ServerConfig:
         if (isinstance(self.max_wait_ms, bool) or not isinstance(self.max_wait_ms, (int, float))
                 or not 0 <= self.max_wait_ms <= 10_000):
             raise InvalidParameterError(f"max_wait_ms must be a number in 0..10000; got {self.max_wait_ms!r}")
+        if isinstance(self.vae_batch, bool) or not isinstance(self.vae_batch, int) or self.vae_batch < 0:
+            raise InvalidParameterError(f"vae_batch must be an int >= 0 (0: automatic); got {self.vae_batch!r}")
         if not isinstance(self.grace_s, (int, float)) or self.grace_s < 0:
             raise InvalidParameterError(f"grace_s must be >= 0; got {self.grace_s!r}")
         if isinstance(self.models, str) or not self.models:

@@ -9,11 +9,17 @@ Backends, chosen by URL (:func:`open_ledger`):
 - ``sqlite:////absolute/path.sqlite3``, ``sqlite:///relative/path.sqlite3`` (SQLAlchemy's
   spelling) or a plain path (the default is a file in the server's state folder): one file, WAL
   mode, safe for the server's threads. Enough for one server process.
-- ``postgresql://...``: **not implemented yet**; :func:`open_ledger` raises a clear error. Several
-  server replicas need it (see DESIGN §8).
+- ``postgresql://user@host:5432/dbname`` (or ``postgres://``; any libpq URL, e.g.
+  ``postgresql:///shallowmark?host=/run/postgresql`` for a unix socket): table
+  ``shallowmark_embeds`` in that database, created on first open. Several server replicas can
+  share it. The password is best given by ``PGPASSWORD`` or ``~/.pgpass`` rather than in the URL;
+  either way it is never written to a message or a log line. Needs ``psycopg`` (the ``server``
+  extra).
 
-Writes are idempotent per ``(tenant, request_id)``: a client that retries an Embed with the same
-``x-request-id`` is recorded once.
+Both backends behave the same (the same tests run against both): writes are idempotent per
+``(tenant, request_id)`` (a client that retries an Embed with the same ``x-request-id`` is
+recorded once, and the id reused for another embed is refused); ``list`` is scoped to one tenant,
+newest first, with opaque cursors.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from pathlib import Path
 from shallowmark.client import LedgerEntry
 from shallowmark.errors import InvalidParameterError, ShallowmarkError
 
-__all__ = ["LedgerEntry", "LedgerError", "SQLiteLedger", "open_ledger"]
+__all__ = ["LedgerEntry", "LedgerError", "SQLiteLedger", "PostgresLedger", "open_ledger"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS embeds (
@@ -53,6 +59,14 @@ class LedgerError(ShallowmarkError):
     """The ledger cannot be opened or written. The servicer answers UNAVAILABLE."""
 
 
+def _check_page_size(page_size: int) -> None:
+    if not 1 <= page_size <= 1000:
+        raise InvalidParameterError(f"page_size must be in 1..1000; got {page_size}")
+
+
+def _reused_id(request_id: str) -> InvalidParameterError:
+    return InvalidParameterError(f"request id {request_id!r} was already used for a different embed; "
+                                 "send a fresh x-request-id for each new embed (reuse it only to retry)")
 
 
 def _encode_cursor(row_id: int) -> str:
@@ -112,15 +126,13 @@ class SQLiteLedger:
         except sqlite3.Error as e:
             raise LedgerError(f"cannot write to the ledger: {e}") from None
         if tuple(old) != row:
-            raise InvalidParameterError(f"request id {request_id!r} was already used for a different embed; "
-                                        "send a fresh x-request-id for each new embed (reuse it only to retry)")
+            raise _reused_id(request_id)
         return False
 
     def list(self, tenant: str, *, key_id: str | None = None, page_size: int = 100,
              page_token: str | None = None) -> tuple[list[LedgerEntry], str]:
         """The tenant's entries, newest first, and the token of the next page ("" on the last)."""
-        if not 1 <= page_size <= 1000:
-            raise InvalidParameterError(f"page_size must be in 1..1000; got {page_size}")
+        _check_page_size(page_size)
         sql = ("SELECT id, tenant, key_id, method, model, image_sha256, created_at, request_id, source "
                "FROM embeds WHERE tenant = ?")
         args: list = [tenant]
@@ -156,21 +168,197 @@ class SQLiteLedger:
             self._db.close()
 
 
-def open_ledger(url: str) -> SQLiteLedger:
+_PG_TABLE = "shallowmark_embeds"
+
+_PG_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS {_PG_TABLE} (
+    id           BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant       TEXT NOT NULL,
+    key_id       TEXT NOT NULL,
+    method       TEXT NOT NULL,
+    model        TEXT NOT NULL,
+    image_sha256 TEXT NOT NULL,
+    created_at   TIMESTAMPTZ NOT NULL,
+    request_id   TEXT NOT NULL,
+    source       TEXT NOT NULL,
+    UNIQUE (tenant, request_id)
+);
+CREATE INDEX IF NOT EXISTS {_PG_TABLE}_tenant_id ON {_PG_TABLE} (tenant, id);
+CREATE INDEX IF NOT EXISTS {_PG_TABLE}_sha ON {_PG_TABLE} (image_sha256);
+"""
+
+#: Key of the advisory lock held while creating the table: replicas starting together would otherwise
+#: race in CREATE TABLE IF NOT EXISTS (it is not atomic in PostgreSQL and can fail on the catalog).
+_PG_SCHEMA_LOCK = 0x5EA1_ED6E
+
+
+def describe_pg_url(url: str) -> str:
+    """``user@host:port/dbname`` of a libpq URL, for messages: never the password."""
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+
+        d = conninfo_to_dict(url)
+    except Exception:  # noqa: BLE001 - the URL itself may hold a password; do not echo it
+        return "postgresql://(unparsable URL)"
+    host = str(d.get("host") or "localhost")
+    port = f":{d['port']}" if d.get("port") else ""
+    user = f"{d['user']}@" if d.get("user") else ""
+    return f"postgresql://{user}{host}{port}/{d.get('dbname') or ''}"
+
+
+class PostgresLedger:
+    """Ledger in a PostgreSQL table (``shallowmark_embeds``), same behaviour as :class:`SQLiteLedger`.
+
+    One connection in autocommit mode behind a lock (the ledger does one short statement per call,
+    so a pool would buy nothing at the server's request rate). A connection that broke (the
+    database restarted, an idle timeout) is re-opened once per call and the statement re-run,
+    which is safe because every write is idempotent per ``(tenant, request_id)``.
+
+    Args:
+        url: a libpq URL, ``postgresql://[user[:password]@][host][:port][/dbname][?param=value...]``.
+            ``connect_timeout`` defaults to 10 s when the URL does not set it.
+
+    Raises:
+        InvalidParameterError: ``url`` is not a valid libpq URL.
+        LedgerError: ``psycopg`` is missing, the database cannot be reached, or the table cannot be created.
+    """
+
+    def __init__(self, url: str):
+        try:
+            import psycopg
+        except ImportError:
+            raise LedgerError("a PostgreSQL ledger needs psycopg: pip install 'shallowmark[server]'") from None
+        self._psycopg = psycopg
+        self._url = url
+        self.where = describe_pg_url(url)
+        self._lock = threading.Lock()
+        self._db = None
+        with self._lock:
+            self._db = self._connect()
+            try:
+                # An existing table is used as it is: CREATE ... IF NOT EXISTS would still need the CREATE
+                # privilege on the schema, which a least-privilege role (SELECT, INSERT) does not have.
+                if self._db.execute("SELECT to_regclass(%s)", (_PG_TABLE,)).fetchone()[0] is None:
+                    with self._db.transaction():
+                        self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_SCHEMA_LOCK,))
+                        self._db.execute(_PG_SCHEMA)
+            except psycopg.Error as e:
+                self._db.close()
+                raise LedgerError(f"cannot create the ledger table in {self.where}: {_pg_message(e)}") from None
+
+    def _connect(self):
+        psycopg = self._psycopg
+        try:
+            from psycopg.conninfo import conninfo_to_dict
+
+            params = conninfo_to_dict(self._url)
+        except psycopg.Error as e:
+            raise InvalidParameterError(f"ledger_url is not a valid PostgreSQL URL: {_pg_message(e)}") from None
+        extra = {} if "connect_timeout" in params else {"connect_timeout": 10}
+        try:
+            db = psycopg.connect(self._url, autocommit=True, **extra)
+            # UTC so that created_at comes back as it went in, whatever the server's time zone (a SET,
+            # not the "options" parameter, which would replace options the URL may carry)
+            db.execute("SET TIME ZONE 'UTC'")
+            return db
+        except psycopg.Error as e:
+            raise LedgerError(f"cannot open the ledger {self.where}: {_pg_message(e)}") from None
+
+    def _run(self, what: str, fn):
+        """``fn(connection)`` under the lock; on a broken connection, reconnect once and retry."""
+        psycopg = self._psycopg
+        with self._lock:
+            for attempt in (0, 1):
+                try:
+                    if self._db is None or self._db.closed:
+                        self._db = self._connect()
+                    return fn(self._db)
+                except (psycopg.OperationalError, psycopg.InterfaceError) as e:
+                    broken = self._db is None or self._db.closed or self._db.broken
+                    if attempt == 0 and broken:
+                        continue
+                    raise LedgerError(f"cannot {what} the ledger {self.where}: {_pg_message(e)}") from None
+                except psycopg.Error as e:
+                    raise LedgerError(f"cannot {what} the ledger {self.where}: {_pg_message(e)}") from None
+
+    def record(self, *, tenant: str, key_id: str, method: str, model: str, image_sha256: str,
+               request_id: str, source: str, created_at: datetime | None = None) -> bool:
+        """As :meth:`SQLiteLedger.record`."""
+        when = (created_at or datetime.now(timezone.utc)).astimezone(timezone.utc)
+        row = (key_id, method, model, image_sha256, source)
+
+        def write(db):
+            cur = db.execute(
+                f"INSERT INTO {_PG_TABLE} (tenant, key_id, method, model, image_sha256, created_at, request_id, "
+                "source) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (tenant, request_id) DO NOTHING "
+                "RETURNING id", (tenant, key_id, method, model, image_sha256, when, request_id, source))
+            if cur.fetchone() is not None:
+                return None
+            return db.execute(f"SELECT key_id, method, model, image_sha256, source FROM {_PG_TABLE} "
+                              "WHERE tenant = %s AND request_id = %s", (tenant, request_id)).fetchone()
+
+        old = self._run("write to", write)
+        if old is None:
+            return True
+        if tuple(old) != row:
+            raise _reused_id(request_id)
+        return False
+
+    def list(self, tenant: str, *, key_id: str | None = None, page_size: int = 100,
+             page_token: str | None = None) -> tuple[list[LedgerEntry], str]:
+        """As :meth:`SQLiteLedger.list`: newest first, and the next page's token ("" on the last)."""
+        _check_page_size(page_size)
+        sql = ("SELECT id, tenant, key_id, method, model, image_sha256, created_at, request_id, source "
+               f"FROM {_PG_TABLE} WHERE tenant = %s")
+        args: list = [tenant]
+        if key_id:
+            sql += " AND key_id = %s"
+            args.append(key_id)
+        if page_token:
+            sql += " AND id < %s"
+            args.append(_decode_cursor(page_token))
+        sql += " ORDER BY id DESC LIMIT %s"
+        args.append(page_size + 1)
+        rows = self._run("read", lambda db: db.execute(sql, args).fetchall())
+        more = len(rows) > page_size
+        rows = rows[:page_size]
+        entries = [LedgerEntry(tenant=r[1], key_id=r[2], method=r[3], model=r[4], image_sha256=r[5],
+                               created_at=r[6].astimezone(timezone.utc), request_id=r[7], source=r[8])
+                   for r in rows]
+        return entries, (_encode_cursor(rows[-1][0]) if more else "")
+
+    def count(self, tenant: str | None = None) -> int:
+        """Number of rows (of one tenant, or all)."""
+        if tenant is None:
+            return self._run("read", lambda db: db.execute(f"SELECT COUNT(*) FROM {_PG_TABLE}").fetchone()[0])
+        return self._run("read", lambda db: db.execute(f"SELECT COUNT(*) FROM {_PG_TABLE} WHERE tenant = %s",
+                                                       (tenant,)).fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+
+
+def _pg_message(e: Exception) -> str:
+    """The first line of a psycopg error (libpq messages never include the password)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def open_ledger(url: str) -> SQLiteLedger | PostgresLedger:
     """Open the ledger named by ``url`` (see the module docstring).
 
     Raises:
-        InvalidParameterError: an unknown scheme.
-        LedgerError: PostgreSQL (not implemented yet), or the file cannot be opened.
+        InvalidParameterError: an unknown scheme, or a malformed PostgreSQL URL.
+        LedgerError: the file or the database cannot be opened.
     """
     if url.startswith("sqlite:///"):
         return SQLiteLedger(url[len("sqlite:///"):] or ":memory:")
     if url == "sqlite://" or url == ":memory:":
         return SQLiteLedger(":memory:")
     if url.startswith(("postgres://", "postgresql://")):
-        raise LedgerError("a PostgreSQL ledger is not implemented in this version of shallowmark; "
-                          "use ledger_url = 'sqlite:///path/to/ledger.sqlite3' for now")
+        return PostgresLedger(url)
     if "://" not in url:
         return SQLiteLedger(url)
     raise InvalidParameterError(f"unknown ledger URL scheme in {url.split('://')[0]!r}; "
-                                "use sqlite:///path (postgresql:// is planned)")
+                                "use sqlite:///path or postgresql://user@host/dbname")

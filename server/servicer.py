@@ -62,6 +62,7 @@ from shallowmark.server.batching import (
     BatchJob,
     BatchStats,
     MicroBatcher,
+    VAEChunks,
     check_deadline,
     generate_batch,
     normalise_time_left,
@@ -164,6 +165,11 @@ class ModelPool:
         options = dict(self.config.model_options.get(name, {}))
         options.setdefault("device", self.config.device)
         backend = loader(name, **options)
+        chunk = self.config.vae_batch
+        if chunk == 0:
+            chunk = 1 if str(getattr(backend, "device", options["device"])).startswith("cpu") else 0
+        if chunk:  # the methods see a backend whose VAE calls are split (see VAEChunks)
+            backend = VAEChunks(backend, chunk)
         methods = {m: load_method(m, backend, **dict(self.config.method_options.get(m, {})))
                    for m in DIFFUSION_METHODS}
         available = tuple(DIFFUSION_METHODS) + tuple(m for m in _INVISIBLE if m in _invisible_available())

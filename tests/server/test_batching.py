@@ -119,6 +119,89 @@ def test_deadlines_are_honoured():
         b.close()
 
 
+def test_a_straggler_waits_for_the_callers_just_answered():
+    """Closed-loop clients: three send together, a fourth arrives while their batch runs. The
+    fourth must not start alone when the model frees up (which would lock the clients into a
+    rhythm of 3, 1, 3, 1, ...): its wait opens when the model became free, the three rejoin it."""
+    calls = []
+
+    def run(payloads):
+        calls.append(len(payloads))
+        time.sleep(0.25)   # longer than the wait: the straggler's own window closes during the run
+        return payloads
+
+    b = MicroBatcher(_FakeModel(), max_batch=4, max_wait_s=0.08)
+
+    def client(i, delay):
+        time.sleep(delay)
+        for r in range(4 if delay == 0 else 3):
+            assert b.wait(b.submit(BatchJob("k", (i, r), run, evals=1, what="x"), lambda: None)) == (i, r)
+
+    try:
+        threads = [threading.Thread(target=client, args=(i, 0.0 if i < 3 else 0.12)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        b.close()
+    # 3 together; the straggler joins them from then on (it did one round fewer)
+    assert calls == [3, 4, 4, 4], calls
+
+
+def test_vae_chunks_split_the_autoencoder_and_nothing_else(tiny_ldm):
+    import torch
+
+    from shallowmark.server.batching import VAEChunks
+
+    seen = []
+
+    class Backend:
+        image_size = 8
+
+        def encode(self, x):
+            seen.append(("encode", x.shape[0]))
+            return x * 2
+
+        def decode(self, z):
+            seen.append(("decode", z.shape[0]))
+            return z + 1
+
+        def eps(self, x, t, cond=None):
+            seen.append(("eps", x.shape[0]))
+            return x
+
+    view = VAEChunks(Backend(), 2)
+    x = torch.arange(5.0).view(5, 1)
+    assert torch.equal(view.encode(x), x * 2) and torch.equal(view.decode(x), x + 1)
+    assert torch.equal(view.eps(x, 3), x) and view.image_size == 8 and view.chunk == 2
+    assert seen == [("encode", 2), ("encode", 2), ("encode", 1), ("decode", 2), ("decode", 2), ("decode", 1),
+                    ("eps", 5)]
+    with pytest.raises(ValueError):
+        VAEChunks(Backend(), 0)
+
+    # on the real model, one image at a time gives the batched call's latents (to float rounding)
+    one = VAEChunks(tiny_ldm, 1)
+    imgs = torch.rand((3, 3, 256, 256)) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(one.encode(imgs), tiny_ldm.encode(imgs), atol=1e-4)
+
+
+def test_the_server_runs_the_autoencoder_per_image_on_cpu(tmp_path, loader, make_config):
+    from shallowmark.server.app import ServerApp
+    from shallowmark.server.batching import VAEChunks
+
+    for vae_batch, chunk in ((0, 1), (3, 3)):
+        app = ServerApp(make_config(tmp_path / str(vae_batch), vae_batch=vae_batch), backend_loader=loader)
+        try:
+            app.pool.load_all()
+            lm = app.pool.get("tiny-ldm")
+            assert isinstance(lm.backend, VAEChunks) and lm.backend.chunk == chunk
+            assert lm.methods["shallow-diffuse"].backend is lm.backend
+        finally:
+            app.stop(0.5)
+
+
 def test_close_fails_queued_jobs_with_unavailable():
     lm = _FakeModel()
     lm.lock.acquire()  # the model is busy: jobs queue up
@@ -243,8 +326,9 @@ def test_config_and_cli_switches(tmp_path):
     from shallowmark.errors import InvalidParameterError
     from shallowmark.server.config import ServerConfig, load_config
 
-    assert ServerConfig().batching and ServerConfig().max_wait_ms == 5.0
-    for bad in (dict(batching="yes"), dict(max_wait_ms=-1), dict(max_wait_ms=True)):
+    assert ServerConfig().batching and ServerConfig().max_wait_ms == 5.0 and ServerConfig().vae_batch == 0
+    for bad in (dict(batching="yes"), dict(max_wait_ms=-1), dict(max_wait_ms=True), dict(vae_batch=-1),
+                dict(vae_batch=1.5)):
         with pytest.raises(InvalidParameterError):
             ServerConfig(**bad)
     f = tmp_path / "s.toml"

@@ -85,3 +85,13 @@ def test_serve_prints_a_dev_token_and_drains_on_sigterm(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_ledger_url_flag_reaches_the_server(tmp_path, capsys):
+    from shallowmark.cli import main
+
+    # a bad URL is refused before anything listens, with the valid forms in the message
+    assert main(["serve", "--port", "0", "--state-dir", str(tmp_path), "--ledger-url", "mysql://db/x"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown ledger URL scheme" in err and "postgresql://" in err
+    assert not (tmp_path / "ledger.sqlite3").exists()

@@ -8,17 +8,34 @@ from shallowmark.cli import main
 
 
 def test_quick_loadtest_writes_the_report(tmp_path, capsys):
+    import torch
+
     out = tmp_path / "service"
-    assert main(["loadtest", "--quick", "--clients", "1,4", "--requests", "4", "--out", str(out)]) == 0
+    out.mkdir()
+    (out / "notes.md").write_text("## Notes\n\nhand-written analysis\n")   # kept when the report is rewritten
+    threads = torch.get_num_threads()
+    try:
+        assert main(["loadtest", "--quick", "--clients", "1,4", "--requests", "4", "--threads", "1",
+                     "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)   # --threads is process-wide; leave the other tests theirs
     rep = json.loads((out / "report.json").read_text())
     rows = rep["throughput"]
     assert [(r["clients"], r["batching"]) for r in rows] == [(1, True), (4, True), (1, False), (4, False)]
     for r in rows:
-        assert set(r) >= {"clients", "batching", "rps", "p50_ms", "p99_ms"}
+        assert set(r) >= {"clients", "batching", "rps", "p50_ms", "p99_ms", "batch_sizes", "cpu_s"}
         assert r["errors"] == 0 and r["requests"] == 4 and r["rps"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"]
+        assert sum(int(s) * n for s, n in r["batch_sizes"].items()) == 4 and r["cpu_s"] > 0
     assert [r["batches"] for r in rows if not r["batching"]] == [4, 4]   # off: one model call per request
-    assert rep["inprocess_rps"] > 0 and rep["config"]["quick"] and rep["config"]["verify_model_evals"] == 3
+    assert all(r["batch_sizes"] == {"1": 4} for r in rows if not r["batching"])
+    assert rep["inprocess_rps"] > 0 and len(rep["inprocess_rps_runs"]) == 2
+    assert rep["config"]["quick"] and rep["config"]["verify_model_evals"] == 3 and rep["config"]["vae_batch"] == 1
+    assert rep["environment"]["torch_threads"] == 1
+    g = rep["goals"]
+    assert g["batching_gain_at"] == 4 and g["batching_gain"] > 0 and isinstance(g["batching_gain_met"], bool)
+    assert 0 < g["served_share_of_inprocess"] and isinstance(g["served_share_met"], bool)
     assert rep["command"].startswith("shallowmark loadtest --quick")
     md = (out / "report.md").read_text()
-    assert "| clients | batching | req/s |" in md and "quick smoke size" in md
+    assert "| clients | batching | req/s |" in md and "quick smoke size" in md and "## Goals" in md
+    assert md.endswith("## Notes\n\nhand-written analysis\n")
     assert "In process, no RPC" in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""Server parts without a running server: image validation, ledger, config, attestation key file, auth."""
+"""Server parts without a running server: image validation, config, attestation key file, auth (the
+ledger has its own file, test_ledger.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import os
 import stat
 import struct
 import zlib
-from datetime import datetime, timezone
 
 import numpy as np
 import pytest
@@ -130,49 +130,6 @@ def test_key_and_parameter_checks():
             validation.check_target_fpr(bad)
     with pytest.raises(InvalidParameterError):
         validation.check_request_id("has space")
-
-
-# -- ledger ----------------------------------------------------------------------------------------
-
-
-def _rec(ledger, tenant, i, key="sm1_" + "a" * 32):
-    return ledger.record(tenant=tenant, key_id=key, method="shallow-diffuse", model="tiny-ldm",
-                         image_sha256=f"{i:064x}", request_id=f"r{i}", source="generate",
-                         created_at=datetime(2025, 1, 1, tzinfo=timezone.utc))
-
-
-def test_ledger_pages_scopes_and_dedupes(tmp_path):
-    from shallowmark.server.ledger import open_ledger
-
-    led = open_ledger(f"sqlite:///{tmp_path / 'l.sqlite3'}")
-    for i in range(5):
-        assert _rec(led, "a", i)
-    assert not _rec(led, "a", 4)          # same request id, same embed: a retry, recorded once
-    with pytest.raises(InvalidParameterError, match="already used for a different embed"):
-        led.record(tenant="a", key_id="sm1_" + "b" * 32, method="tree-ring", model="tiny-ldm",
-                   image_sha256="f" * 64, request_id="r4", source="generate")
-    assert _rec(led, "b", 4)              # another tenant may reuse the id
-    page1, tok = led.list("a", page_size=2)
-    page2, tok2 = led.list("a", page_size=2, page_token=tok)
-    page3, tok3 = led.list("a", page_size=2, page_token=tok2)
-    ids = [e.request_id for e in page1 + page2 + page3]
-    assert ids == ["r4", "r3", "r2", "r1", "r0"] and tok3 == ""
-    assert {e.tenant for e in page1 + page2 + page3} == {"a"}
-    assert [e.request_id for e in led.list("b")[0]] == ["r4"]
-    assert page1[0].created_at == datetime(2025, 1, 1, tzinfo=timezone.utc)
-    with pytest.raises(InvalidParameterError, match="page_token"):
-        led.list("a", page_token="garbage!")
-    led.close()
-
-
-def test_ledger_urls(tmp_path):
-    from shallowmark.server.ledger import LedgerError, open_ledger
-
-    with pytest.raises(LedgerError, match="PostgreSQL ledger is not implemented"):
-        open_ledger("postgresql://db/ledger")
-    with pytest.raises(InvalidParameterError, match="scheme"):
-        open_ledger("mysql://db")
-    assert open_ledger(str(tmp_path / "plain.sqlite3")).count() == 0
 
 
 # -- config ----------------------------------------------------------------------------------------
