@@ -246,14 +246,19 @@ def run_bench(config: BenchConfig, progress: bool = True, backend=None, log=None
         return f"{img_root}/{kind}-{name}-{_h([__version__, params[name]], 10)}" + (f"/{key_id[:16]}" if key_id else "")
 
     ref_name = next((m for m in method_names if m in DIFFUSION_METHODS), method_names[0])
-    neg_folder = folder(ref_name, "reference")
+    # The shared unwatermarked images are plain samples of the model: name them by what makes them
+    # (sampler and step count), not by the key parameters of the method that draws them, so that
+    # retuning one method's key does not invalidate every method's negatives.
+    sampler = params[ref_name].get("num_steps") if ref_name in DIFFUSION_METHODS else None
+    neg_folder = f"{img_root}/reference-plain-{_h([__version__, 'ddim', sampler], 10)}" if sampler else \
+        folder(ref_name, "reference")
     n_work = (n * (1 + len(methods))) + len(attacks) * n * (1 + len(methods))
     bar = tqdm(total=n_work, disable=not progress, desc="bench", unit="img", file=sys.stderr, dynamic_ncols=True)
     try:
         with torch.no_grad():
             # -- unwatermarked images (shared) ---------------------------------------------------------
             def references(name: str, want: Sequence[int], count: bool) -> dict[int, np.ndarray]:
-                fold = folder(name, "reference")
+                fold = neg_folder if name == ref_name else folder(name, "reference")
                 have = cache.load_images(fold, want)
                 missing = [s for s in want if s not in have]
                 if count:

@@ -363,7 +363,7 @@ def _check_server_mode_dependencies() -> None:
     for module in ("sklearn", "skimage", "matplotlib", "tqdm"):
         if importlib.util.find_spec(module) is None:
             raise MissingDependencyError("bench --server (it needs scikit-learn, scikit-image, matplotlib and "
-                                         "tqdm, not torch)", "core", ImportError(f"No module named {module!r}"))
+                                         "tqdm, not torch)", "audit", ImportError(f"No module named {module!r}"))
 
 
 def _attack_names():

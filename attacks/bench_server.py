@@ -239,12 +239,6 @@ def _negatives(config: BenchConfig, size: int) -> tuple[dict[int, np.ndarray], d
 
 
 # -- the run ---------------------------------------------------------------------------------------------
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    # the definition of shallowmark.attacks.metrics.psnr, computed here because that one goes through torch
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
-
-
 def _row(ctx: str, seed: int, method: str, label: str, kind: str, res) -> tuple:
     best = res.best
     return (ctx, int(seed), method, label, kind, float(res.method_score), float(best.p_value), int(res.detected),
@@ -256,7 +250,7 @@ def _run(config: BenchConfig, method_names, attacks, client, progress: bool, log
 
     from shallowmark import __version__
 
-    from .metrics import ssim
+    from .metrics import psnr, ssim
 
     info, model_info, method_infos = _server_setup(config, method_names, client, log)
     size = int(model_info.image_size)
@@ -368,7 +362,7 @@ def _run(config: BenchConfig, method_names, attacks, client, progress: bool, log
                                           "watermark is built into generation): no original to compare with"))
                 continue
             pairs = [(uploaded[name][s], neg_images[s]) for s in seeds]
-            ps = [_psnr(a, b) for a, b in pairs]
+            ps = [psnr(a, b) for a, b in pairs]
             fidelity.append(dict(method=name, psnr=float(np.mean([p for p in ps if math.isfinite(p)] or [math.inf])),
                                  ssim=float(np.mean([ssim(a, b) for a, b in pairs])), reference="upload",
                                  note="user scenario: the server's watermarked version vs the uploaded original"))

@@ -42,7 +42,7 @@ def _cmd_train_default(args) -> int:
     cfg = TrainConfig(out_dir=args.out, device=args.device, budget_s=args.budget, seed=args.seed,
                       vae_batch=args.vae_batch, vae_crop=args.vae_crop, unet_batch=args.unet_batch,
                       unet_lr=args.unet_lr, pool=args.pool, bf16=args.bf16, photos=photos,
-                      vae_share=args.vae_share, vae_from=args.vae_from)
+                      vae_share=args.vae_share, vae_from=args.vae_from, unet_steps=args.unet_steps)
     if args.device.startswith("cuda"):
         import torch
 
@@ -103,9 +103,20 @@ def _cmd_bench_methods(args) -> int:
     return 0
 
 
+def _cmd_bench_key_scan(args) -> int:
+    _need("bench", "bench-key-scan")
+    from shallowmark.attacks import key_scan
+
+    kw = dict(candidates=key_scan.DEFAULT_CANDIDATES[:2], n=2, attacks=("clean", "jpeg"), n_user=1) if args.quick else {}
+    key_scan.run(Path(args.out), **{"n": args.n, **kw}, log=lambda m: print(m, flush=True), command=args.invocation)
+    print(Path(args.out, "report.md").read_text())
+    return 0
+
+
 # -- bench -----------------------------------------------------------------------------------------
 def _cmd_bench(args) -> int:
-    _need("core", "bench")
+    if args.server is None:  # server mode runs without torch: the server has the model
+        _need("core", "bench")
     from shallowmark.attacks.bench import BenchConfig, parse_attacks, run_bench
 
     kw = {}
@@ -120,9 +131,20 @@ def _cmd_bench(args) -> int:
         kw["n_keys"] = args.keys
     if args.steps is not None:
         kw["num_steps"] = args.steps
+    for name in ("model", "positives", "negatives"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
     kw.update(out_dir=args.out, cache_dir=args.cache, server=args.server, command=args.invocation)
     config = BenchConfig.quick_config(**kw) if args.quick else BenchConfig(**kw)
-    run_bench(config, progress=not args.no_progress, log=lambda m: print(m, flush=True))
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    if args.server is None:
+        run_bench(config, progress=not args.no_progress, log=log)
+    else:
+        from shallowmark.attacks.bench import validate_config
+
+        validate_config(config)  # names and numbers first: a typo costs no connection
+        with _client(args) as c:
+            run_bench(config, progress=not args.no_progress, log=log, client=c)
     print(Path(args.out, "report.md").read_text())
     return 0
 
@@ -135,7 +157,54 @@ def _cmd_analyze(args) -> int:
 
         out = args.out or "docs/analysis/molrg"
         run_molrg_analysis(out, quick=args.quick, seed=args.seed)
+    elif args.analysis == "loco-edit":
+        from shallowmark.core.loco_edit import run_loco_edit_analysis
+
+        out = args.out or "docs/analysis/loco-edit"
+        run_loco_edit_analysis(out, quick=args.quick, seed=args.seed, command=args.invocation,
+                               log=lambda m: print(m, flush=True))
+    elif args.analysis == "jacobian-rank":
+        from shallowmark.core import jacobian_rank
+
+        out = args.out or "docs/analysis/jacobian-rank"
+        jacobian_rank.run_jacobian_rank_analysis(
+            out, quick=args.quick, seed=args.seed, command=args.invocation, log=lambda m: print(m, flush=True),
+            tol=jacobian_rank.DEFAULT_TOL if args.tol is None else args.tol,
+            margin=jacobian_rank.DEFAULT_MARGIN if args.margin is None else args.margin)
+    elif args.analysis == "reproducibility":
+        from shallowmark.core.reproducibility import run_reproducibility_analysis
+
+        out = args.out or "docs/analysis/reproducibility"
+        run_reproducibility_analysis(out, quick=args.quick, seed=args.seed, sscd=args.sscd, command=args.invocation,
+                                     extra_models=[m for m in (args.models or "").split(",") if m])
     print(Path(out, "report.md").read_text())
+    return 0
+
+
+# -- edit ------------------------------------------------------------------------------------------
+def _cmd_edit(args) -> int:
+    _need("core", "edit")
+    from PIL import Image
+
+    from shallowmark.core import loco_edit
+    from shallowmark.core.backends import load_backend
+
+    # Every input check before the model loads: a typo costs nothing.
+    loco_edit.check_t(args.t)
+    loco_edit.check_lambda(args.lam)
+    loco_edit.check_mass(args.mass)
+    loco_edit.check_index(args.index, args.rank)
+    for flag, path in (("--out", args.out), ("--base", args.base)):
+        if path is not None and (Path(path).suffix.lower() != ".png" or not Path(path).resolve().parent.is_dir()):
+            raise ShallowmarkError(f"{flag} must be a .png file in an existing folder; got {path}")
+    image = loco_edit.read_image(args.image)
+    backend = load_backend("tiny-ldm", **({"path": args.model} if args.model else {}))
+    res = loco_edit.loco_edit_image(backend, image, t=args.t, index=args.index, lam=args.lam, rank=args.rank,
+                                    iters=args.iters, num_steps=args.steps, mass=args.mass, seed=args.seed)
+    Image.fromarray(res.image).save(args.out)
+    if args.base:
+        Image.fromarray(res.base).save(args.base)
+    print(f"wrote {args.out}: {res.summary()}")
     return 0
 
 
@@ -155,7 +224,7 @@ def _cmd_serve(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = dict(host=args.host, port=args.port, device=args.device,
                      models=tuple(args.model) if args.model else None,
-                     state_dir=Path(args.state_dir) if args.state_dir else None,
+                     state_dir=Path(args.state_dir) if args.state_dir else None, ledger_url=args.ledger_url,
                      max_batch=args.max_batch, batching=False if args.no_batching else None)
     dev_token = None
     if args.config is None:
@@ -225,9 +294,20 @@ def _client(args):
 
     from shallowmark.client import Client
 
-    return Client(args.server, token=os.environ.get("SHALLOWMARK_TOKEN"), tls=True if args.tls else None,
-                  root_certificates=args.ca, client_cert=args.client_cert, client_key=args.client_key,
-                  timeout=args.timeout)
+    return Client(args.server, token=args.token or os.environ.get("SHALLOWMARK_TOKEN"),
+                  tls=True if args.tls else None, root_certificates=args.ca, client_cert=args.client_cert,
+                  client_key=args.client_key, timeout=args.timeout)
+
+
+def _connection_flags(p) -> None:
+    """Token, TLS and timeout flags of every command that talks to a server (read by :func:`_client`)."""
+    p.add_argument("--token", help="bearer token (default $SHALLOWMARK_TOKEN; prefer the variable: "
+                                   "a flag shows in the process list)")
+    p.add_argument("--tls", action="store_true", help="TLS with the system root certificates")
+    p.add_argument("--ca", help="CA certificate (PEM) of the server; implies TLS")
+    p.add_argument("--client-cert", help="client certificate (PEM) for mutual TLS")
+    p.add_argument("--client-key", help="client private key (PEM) for mutual TLS")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per call, retries included")
 
 
 def _cmd_embed(args) -> int:
@@ -300,6 +380,8 @@ def _add_service_commands(sub) -> None:
     s.add_argument("--device", help="torch device, e.g. cuda")
     s.add_argument("--state-dir", help="folder for the default ledger and attestation key "
                                        "(default ~/.local/state/shallowmark)")
+    s.add_argument("--ledger-url", help="where the ledger lives: sqlite:///path, a plain path, or "
+                                        "postgresql://user@host:5432/dbname (password via PGPASSWORD or ~/.pgpass)")
     s.add_argument("--max-batch", type=int, help="most requests run together as one model batch (default 8)")
     s.add_argument("--no-batching", action="store_true",
                    help="run every request on its own (micro-batching of concurrent calls is on by default)")
@@ -320,14 +402,9 @@ def _add_service_commands(sub) -> None:
         import os
 
         p.add_argument("--server", default=os.environ.get("SHALLOWMARK_SERVER", "127.0.0.1:50051"),
-                       help="server address host:port (default $SHALLOWMARK_SERVER or 127.0.0.1:50051); "
-                            "the token comes from $SHALLOWMARK_TOKEN")
+                       help="server address host:port (default $SHALLOWMARK_SERVER or 127.0.0.1:50051)")
         p.add_argument("--keystore", required=True)
-        p.add_argument("--tls", action="store_true", help="TLS with the system root certificates")
-        p.add_argument("--ca", help="CA certificate (PEM) of the server; implies TLS")
-        p.add_argument("--client-cert", help="client certificate (PEM) for mutual TLS")
-        p.add_argument("--client-key", help="client private key (PEM) for mutual TLS")
-        p.add_argument("--timeout", type=float, default=300.0, help="seconds per call, retries included")
+        _connection_flags(p)
         p.add_argument("--model", help="server model (default: the server's default)")
 
     e = sub.add_parser("embed", help="watermark an image through a server")
@@ -369,9 +446,11 @@ def _cmd_loadtest(args) -> int:
             raise ShallowmarkError(f"--clients takes comma-separated integers, e.g. 1,4,16; got {args.clients!r}")
         if not kw["clients"] or min(kw["clients"]) < 1:
             raise ShallowmarkError("--clients needs positive integers")
-    for name in ("requests", "steps", "max_batch", "device"):
+    for name in ("requests", "steps", "max_batch", "max_wait_ms", "threads", "device"):
         if getattr(args, name) is not None:
             kw[{"requests": "requests_per_level", "steps": "num_steps"}.get(name, name)] = getattr(args, name)
+    if args.threads is not None and args.threads < 1:
+        raise ShallowmarkError("--threads needs a positive integer")
     cfg = LoadtestConfig.quick_config(**kw) if args.quick else LoadtestConfig(**kw)
     run_loadtest(args.out, cfg, command=args.invocation, log=lambda m: print(m, flush=True))
     print(Path(args.out, "report.md").read_text())
@@ -406,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pool", type=int, default=1024, help="distinct 256² crops drawn up front")
     t.add_argument("--vae-share", type=float, default=0.4, help="fraction of the budget for the autoencoder")
     t.add_argument("--vae-from", help="reuse this trained autoencoder folder (skips stage 1)")
+    t.add_argument("--unet-steps", type=int, help="run exactly this many denoiser steps instead of filling the budget "
+                                                  "(repeatable on a shared machine)")
     t.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
     t.add_argument("--photos", help="folder of photos to train on instead of the bundled ones")
     t.set_defaults(func=_cmd_train_default)
@@ -429,6 +510,13 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--n-nullspace", type=int, default=4)
     bm.set_defaults(func=_cmd_bench_methods)
 
+    ks = sub.add_parser("bench-key-scan", help="Shallow Diffuse key placements side by side (fidelity vs robustness); "
+                                               "writes a report")
+    ks.add_argument("--out", default="docs/benchmarks/methods/key-scan")
+    ks.add_argument("--n", type=int, default=16, help="generated images per candidate")
+    ks.add_argument("--quick", action="store_true", help="2 candidates, 2 images, 1 photo, clean and JPEG: a smoke run")
+    ks.set_defaults(func=_cmd_bench_key_scan)
+
     be = sub.add_parser("bench", help="robustness under attacks: AUC and TPR@1%%FPR per method and attack; "
                                       "writes report.json, report.md, roc.png")
     be.add_argument("--methods", help="comma-separated methods (default: all seven)")
@@ -437,24 +525,71 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--n", type=int, help="watermarked images per method and unwatermarked images (default 100)")
     be.add_argument("--seed", type=int, help="first seed (default 10000)")
     be.add_argument("--keys", type=int, help="test keys per method; image i carries key i mod keys (default 1)")
-    be.add_argument("--steps", type=int, help="DDIM steps of the diffusion methods (default: theirs, 50)")
-    be.add_argument("--batch", type=int, help="images per model call (default 8)")
+    be.add_argument("--steps", type=int, help="DDIM steps of the diffusion methods (default: theirs, 50); "
+                                              "in-process only, a server's operator sets its steps")
+    be.add_argument("--batch", type=int, help="images per model call; with --server, calls in flight at once "
+                                              "(default 8)")
     be.add_argument("--target-fpr", type=float, help="target FPR of the verdicts (default 0.01)")
     be.add_argument("--out", default="bench-out", help="report folder")
     be.add_argument("--cache", help="cache folder for images and scores (default ~/.cache/shallowmark/bench); "
                                     "an interrupted run resumes from it")
     be.add_argument("--quick", action="store_true",
                     help="small grid: shallow-diffuse,tree-ring × clean,jpeg,blur, n=4, 10 steps (options still apply)")
-    be.add_argument("--server", metavar="ADDR", help="run through the SDK against a server (not in this version)")
+    be.add_argument("--server", metavar="ADDR",
+                    help="run through the SDK against a shallowmark server at ADDR (host:port), as an auditor without "
+                         "model access: the server embeds with test keys and verifies, the attacks run here, the "
+                         "unwatermarked images are crops of the bundled photos or --negatives; no torch needed. "
+                         "Token from $SHALLOWMARK_TOKEN or --token; TLS with --tls/--ca/--client-cert/--client-key")
+    _connection_flags(be)
+    be.add_argument("--model", help="model: a backend in-process (default tiny-ldm), one of the server's models "
+                                    "with --server (default tiny-ldm)")
+    be.add_argument("--positives", choices=["generate", "upload"],
+                    help="--server: watermarked images generated by the server from the seeds (default), or its "
+                         "watermarked versions of the unwatermarked images for methods that can embed an upload")
+    be.add_argument("--negatives", metavar="DIR",
+                    help="--server: folder of PNG/JPEG unwatermarked images (the first --n by name, centre-cropped "
+                         "to the model's size; default: crops of the photos bundled with scikit-image/-learn)")
     be.add_argument("--no-progress", action="store_true", help="no progress bar")
     be.set_defaults(func=_cmd_bench)
 
     an = sub.add_parser("analyze", help="the research analyses; each writes report.md, report.json and PNGs")
-    an.add_argument("analysis", choices=["molrg"], help="molrg: MoLRG posterior mean, DAE = PCA, phase transition")
+    an.add_argument("analysis", choices=["molrg", "loco-edit", "jacobian-rank", "reproducibility"],
+                    help="molrg: MoLRG posterior mean, DAE = PCA, phase transition; loco-edit: edits along the top "
+                         "singular vectors of the posterior-mean Jacobian and their locality; jacobian-rank: rank "
+                         "ratio of the posterior-mean Jacobian across t and the automatic t* of Shallow Diffuse; "
+                         "reproducibility: RP score between tiny-ldm models from the same noise and GL score "
+                         "(copies of the training set)")
     an.add_argument("--out", help="output folder (default docs/analysis/<analysis>)")
     an.add_argument("--quick", action="store_true", help="a small run that finishes in seconds")
     an.add_argument("--seed", type=int, default=0)
+    an.add_argument("--tol", type=float, help="jacobian-rank: σ_i counts when σ_i > tol·σ_max, in (0, 1) (default 0.01)")
+    an.add_argument("--margin", type=float, help="jacobian-rank: t* rule margin in [0, 1) (default 0.1)")
+    an.add_argument("--sscd", metavar="FILE", help="reproducibility: a local SSCD TorchScript file for the similarity "
+                                                   "(default: the documented thumbnail stand-in)")
+    an.add_argument("--models", metavar="DIRS", help="reproducibility: comma-separated tiny-ldm folders to compare "
+                                                     "with the shipped model and its variants")
     an.set_defaults(func=_cmd_analyze)
+
+    ed = sub.add_parser("edit", help="LOCO edit of one image with tiny-ldm: x_t + λ v_i along a top singular vector "
+                                     "of the posterior-mean Jacobian, then DDIM to 0; prints the edit's locality")
+    ed.add_argument("--image", required=True,
+                    help="PNG/JPEG file (other sizes are resized and centre-cropped to 256²)")
+    ed.add_argument("--t", type=float, default=0.5, help="noise level as a fraction of T, in (0, 1) (default 0.5)")
+    ed.add_argument("--index", type=int, default=0, help="singular vector v_i to edit along, 0 = largest (default 0)")
+    ed.add_argument("--lambda", dest="lam", type=float, default=0.05,
+                    help="edit strength λ as a fraction of ‖x_t‖, either sign (default 0.05)")
+    ed.add_argument("--rank", type=int, default=8,
+                    help="singular vectors to compute; --index must be below it (default 8)")
+    ed.add_argument("--iters", type=int, default=10, help="subspace iterations (default 10)")
+    ed.add_argument("--steps", type=int, default=50, help="DDIM steps of the full grid (default 50)")
+    ed.add_argument("--mass", type=float, default=0.5,
+                    help="the region u_i highlights holds this share of Σ|u_i|² (default 0.5); locality is the share "
+                         "of the pixel change inside it")
+    ed.add_argument("--seed", type=int, default=0, help="seed of the subspace iteration's start")
+    ed.add_argument("--model", help="tiny-ldm folder (default: the embedded one)")
+    ed.add_argument("--base", help="also write the unedited (λ = 0) reconstruction here")
+    ed.add_argument("--out", required=True, help="output PNG")
+    ed.set_defaults(func=_cmd_edit)
 
     _add_service_commands(sub)
 
@@ -466,6 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--requests", type=int, help="requests per (clients, batching) row (default 48)")
     lt.add_argument("--steps", type=int, help="DDIM steps of shallow-diffuse (default 50; verify inverts 30%%)")
     lt.add_argument("--max-batch", type=int, help="server max batch (default 8)")
+    lt.add_argument("--max-wait-ms", type=float, help="server max wait for a batch to fill (default 5)")
+    lt.add_argument("--threads", type=int, help="torch threads for the run (default: torch's, set by OMP_NUM_THREADS)")
     lt.add_argument("--device", help="torch device (default cpu)")
     lt.set_defaults(func=_cmd_loadtest)
 

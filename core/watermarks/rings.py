@@ -1,29 +1,34 @@
 """Fourier ring keys shared by Shallow Diffuse, Tree-Ring and RingID.
 
-A ring key sets the Fourier coefficients of one latent channel inside a disc of radius ``R`` to
-values that depend only on the ring index ``ceil(distance to the centre)`` (0..R), so the key is
-rotationally symmetric and survives rotations of the image. Two placements:
+A ring key sets the Fourier coefficients of one latent channel in the rings ``inner..radius``
+around a centre frequency to values that depend only on the ring index ``ceil(distance to the
+centre)``, so the key is rotationally symmetric. Two placements:
 
-- ``centre="nyquist"`` (Shallow Diffuse): the disc is centred on the Nyquist frequency (index
-  (H/2, W/2) of the *unshifted* spectrum) — the highest frequencies;
-- ``centre="dc"`` (Tree-Ring, RingID): centred on the zero frequency, i.e. (H/2, W/2) of the
-  *shifted* spectrum — the lowest frequencies.
+- ``centre="dc"``: rings around the zero frequency, i.e. (H/2, W/2) of the *shifted* spectrum.
+  Tree-Ring and RingID fill the whole disc (``inner=0``) of the initial noise x_T; Shallow Diffuse
+  uses an annulus (``inner>0``) of mid frequencies at x_t*, where they are still mostly noise;
+- ``centre="nyquist"``: rings around the highest frequency (index (H/2, W/2) of the *unshifted*
+  spectrum), the Shallow Diffuse reference code's placement for Stable Diffusion's f=8 latents.
 
-Both discs are symmetric under k → −k, and the ring values are real, so the pattern is Hermitian
-and the inverse FFT of the injected spectrum is real: nothing is lost to a ``.real``. (The
-reference code centres its Nyquist disc at (31, 32), one bin off, and relies on ``.real`` to
-symmetrise; we centre it exactly.) FFTs use ``norm="ortho"`` so a N(0, 1) latent has
-unit-variance coefficients.
+Ring values are real (``complex_values=False``, Tree-Ring) or complex (``True``): a complex value
+``v`` goes to the bins of the upper half-plane of its ring and ``conj(v)`` to their mirror images,
+so the pattern is still Hermitian and the inverse FFT real, and each ring carries two independent
+numbers instead of one. More numbers per key means a stronger test at the same energy (see
+below). Either way nothing is lost to a ``.real``. (The reference centres its Nyquist disc at
+(31, 32), one bin off, and relies on ``.real`` to symmetrise; we centre it exactly.) FFTs use
+``norm="ortho"`` so a N(0, 1) latent has unit-variance coefficients.
 
-Detection statistic (exact under the null): average ``Re(Y)`` over the bins of each ring
-(one bin of each conjugate pair, self-conjugate bins excluded) to get a ring profile ``m``, and
-score a key by the cosine between ``m`` and its ring values ``w``. A key's ring values are i.i.d.
-Gaussian and independent of any image not watermarked with it, so ``w/‖w‖`` is uniform on the
-sphere and ``cos(w, m)`` has the known distribution of one coordinate of a uniform unit vector in
-``n`` dimensions, whatever the image: ``P(cos ≥ c) = ½·I_{1−c²}((n−1)/2, ½)`` for c ≥ 0. This
-holds for images watermarked with *another* key too, which a per-bin Gaussian test (Tree-Ring's
-χ²) gets wrong: ring keys have few degrees of freedom (n = R rings), so two keys' patterns
-correlate strongly and a strong ring of key A looks like a weak ring of key B to that test.
+Detection statistic (exact under the null): average the spectrum over the upper-half-plane bins
+of each scored ring (self-conjugate bins excluded) to get a ring profile ``m`` — its real parts,
+plus its imaginary parts for complex keys — and score a key by the cosine between ``m`` and its
+ring values ``w``. A key's ring values are i.i.d. Gaussian and independent of any image not
+watermarked with it, so ``w/‖w‖`` is uniform on the sphere and ``cos(w, m)`` has the known
+distribution of one coordinate of a uniform unit vector in ``n = dims`` dimensions, whatever the
+image: ``P(cos ≥ c) = ½·I_{1−c²}((n−1)/2, ½)`` for c ≥ 0. This holds for images watermarked with
+*another* key too, which a per-bin Gaussian test (Tree-Ring's χ²) gets wrong: ring keys have few
+degrees of freedom, so two keys' patterns correlate strongly and a strong ring of key A looks like
+a weak ring of key B to that test. With ``n`` dimensions, p ≈ (1 − c²)^((n−1)/2): doubling ``n``
+squares the p-value reached at the same cosine.
 """
 
 from __future__ import annotations
@@ -42,9 +47,13 @@ CENTRES = ("nyquist", "dc")
 
 @dataclass(frozen=True)
 class RingGeometry:
+    """Rings ``inner..radius`` (in frequency bins) around ``centre`` of a ``size``² spectrum."""
+
     size: int
     radius: int
     centre: str
+    inner: int = 0
+    complex_values: bool = False
 
     def __post_init__(self):
         if self.centre not in CENTRES:
@@ -52,11 +61,28 @@ class RingGeometry:
         if not 1 <= self.radius < self.size // 2 - 6:
             raise InvalidParameterError(f"ring radius must be in [1, {self.size // 2 - 7}] for {self.size}² "
                                         f"latents; got {self.radius}")
+        if not 0 <= self.inner <= self.radius:
+            raise InvalidParameterError(f"inner ring radius must be in [0, radius={self.radius}]; got {self.inner}")
+
+    @property
+    def n_values(self) -> int:
+        """Ring values per key: one per ring ``inner..radius``."""
+        return self.radius - self.inner + 1
+
+    @property
+    def first_scored(self) -> int:
+        # Ring 0 is the lone centre bin, which is its own mirror image: it carries no usable value.
+        return max(self.inner, 1)
+
+    @property
+    def dims(self) -> int:
+        """Degrees of freedom of the detection statistic (``n`` of the p-value)."""
+        return (self.radius - self.first_scored + 1) * (2 if self.complex_values else 1)
 
 
 @lru_cache(maxsize=16)
 def _geometry_tensors(geom: RingGeometry):
-    """Ring index per bin (−1 outside the disc), the scored bins, and the annulus bins for σ."""
+    """Ring index per bin (−1 outside the rings), the upper-half-plane bins, self-conjugate bins."""
     n = geom.size
     idx = torch.arange(n)
     if geom.centre == "nyquist":   # unshifted spectrum, centre (n/2, n/2)
@@ -65,14 +91,14 @@ def _geometry_tensors(geom: RingGeometry):
         d = torch.where(idx <= n // 2, idx, idx - n)
     dist = torch.sqrt(d[:, None].double() ** 2 + d[None, :].double() ** 2)
     ring = torch.ceil(dist - 1e-9).long()
-    ring[dist > geom.radius] = -1
-    # one bin of each conjugate pair: the conjugate of (i, j) is (−i, −j) mod n
+    ring[(dist > geom.radius) | (ring < geom.inner)] = -1
+    # one bin of each conjugate pair: the conjugate of (i, j) is (−i, −j) mod n; the lower flat
+    # index is a half-plane (first rows, then half of row 0), so a complex value's phase has a
+    # fixed geometric meaning
     flat = torch.arange(n * n).view(n, n)
     conj = flat[(-idx) % n][:, (-idx) % n]
     canonical = flat < conj  # strict: self-conjugate bins drop out
-    scored = (ring >= 0) & canonical
-    annulus = (dist > geom.radius + 0.5) & (dist <= geom.radius + 5.5) & canonical
-    return ring, scored, annulus
+    return ring, canonical, flat == conj
 
 
 def ring_values_from_seed(seed: int, radius: int, strength: float = 1.0) -> torch.Tensor:
@@ -81,14 +107,33 @@ def ring_values_from_seed(seed: int, radius: int, strength: float = 1.0) -> torc
     return strength * torch.randn(radius + 1, generator=g, dtype=torch.float64)
 
 
+def key_values_from_seed(seed: int, geom: RingGeometry, strength: float = 1.0) -> torch.Tensor:
+    """Gaussian values for rings ``inner..radius``: real (Tree-Ring, equal to
+    :func:`ring_values_from_seed`) or complex with i.i.d. N(0, strength²) real and imaginary parts."""
+    if not geom.complex_values:
+        return ring_values_from_seed(seed, geom.radius, strength)[geom.inner:]
+    g = torch.Generator().manual_seed(int(seed) % (2 ** 63))
+    parts = strength * torch.randn(2, geom.n_values, generator=g, dtype=torch.float64)
+    return torch.complex(parts[0], parts[1])
+
+
+def _check_values(geom: RingGeometry, values: torch.Tensor) -> None:
+    if values.shape[-1] != geom.n_values:
+        raise InvalidParameterError(f"expected {geom.n_values} ring values (rings {geom.inner}..{geom.radius}); "
+                                    f"got {tuple(values.shape)}")
+
+
 def pattern(geom: RingGeometry, values: torch.Tensor) -> torch.Tensor:
-    """The (size, size) real spectrum pattern W: ``values[ring index]`` inside the disc, 0 outside."""
-    ring, _, _ = _geometry_tensors(geom)
-    if values.shape != (geom.radius + 1,):
-        raise InvalidParameterError(f"expected {geom.radius + 1} ring values; got {tuple(values.shape)}")
-    w = torch.zeros(geom.size, geom.size, dtype=torch.float64)
+    """The (size, size) Hermitian spectrum pattern W: ``values[ring − inner]`` on the upper
+    half-plane, its conjugate on the lower, 0 outside the rings. Complex dtype."""
+    ring, canonical, selfconj = _geometry_tensors(geom)
+    _check_values(geom, values)
+    v = values.to(torch.complex128)
+    w = torch.zeros(geom.size, geom.size, dtype=torch.complex128)
     inside = ring >= 0
-    w[inside] = values.double()[ring[inside]]
+    vals = v[ring[inside] - geom.inner]
+    vals = torch.where(canonical[inside], vals, vals.conj())
+    w[inside] = torch.where(selfconj[inside], vals.real.to(vals.dtype), vals)
     return w
 
 
@@ -103,28 +148,71 @@ def inject(x: torch.Tensor, channel: int, patterns: torch.Tensor, geom: RingGeom
     m = mask(geom).to(x.device)
     out = x.clone()
     spec = torch.fft.fft2(x[:, channel].double(), norm="ortho")
-    spec = torch.where(m, patterns.to(x.device, torch.float64).to(spec.dtype), spec)
+    spec = torch.where(m, patterns.to(x.device).to(spec.dtype), spec)
+    out[:, channel] = torch.fft.ifft2(spec, norm="ortho").real.to(x.dtype)
+    return out
+
+
+def set_ring_means(x: torch.Tensor, channel: int, values: torch.Tensor, geom: RingGeometry) -> torch.Tensor:
+    """Shift every ring of channel ``channel`` of latents x (batch, C, H, W) so that its mean over
+    the upper-half-plane bins becomes the key's value (``values``: (batch, n_values)).
+
+    This is the smallest change (in L2) that gives the latent the key's ring profile — what the
+    detector reads — while :func:`inject` also erases the variation inside each ring (the
+    latent's own content and noise there). Mirror bins get the conjugate shift, so the result is
+    real; a self-conjugate bin gets the real part."""
+    ring, canonical, selfconj = _geometry_tensors(geom)
+    _check_values(geom, values)
+    inside = ring >= 0
+    idx = ring[inside] - geom.inner
+    can = canonical[inside].to(x.device)
+    out = x.clone()
+    spec = torch.fft.fft2(x[:, channel].double(), norm="ortho")
+    bins = spec[:, inside.to(x.device)]
+    upright = torch.where(can, bins, bins.conj())          # every bin seen from the upper half-plane
+    sums = torch.zeros(x.shape[0], geom.n_values, dtype=torch.complex128, device=x.device)
+    sums.index_add_(1, idx.to(x.device), upright)
+    counts = torch.bincount(idx, minlength=geom.n_values).double().to(x.device)
+    shift = (values.to(x.device, torch.complex128) - sums / counts)[:, idx.to(x.device)]
+    shift = torch.where(can, shift, shift.conj())
+    shift = torch.where(selfconj[inside].to(x.device), shift.real.to(shift.dtype), shift)
+    spec[:, inside.to(x.device)] = bins + shift
     out[:, channel] = torch.fft.ifft2(spec, norm="ortho").real.to(x.dtype)
     return out
 
 
 def ring_profile(x: torch.Tensor, channel: int, geom: RingGeometry) -> torch.Tensor:
-    """Mean of Re(fft) over each ring 1..R of channel ``channel``: (batch, R)."""
-    ring, scored, _ = _geometry_tensors(geom)
-    spec = torch.fft.fft2(x[:, channel].detach().double().cpu(), norm="ortho").real
-    idx = ring[scored] - 1                                      # ring 0 is the self-conjugate centre
-    keep = idx >= 0
-    sums = torch.zeros(x.shape[0], geom.radius, dtype=torch.float64)
-    sums.index_add_(1, idx[keep], spec[:, scored][:, keep])
-    counts = torch.bincount(idx[keep], minlength=geom.radius).double()
-    return sums / counts
+    """Per scored ring, the mean of the spectrum over its upper-half-plane bins: real parts
+    (batch, rings), then imaginary parts for complex keys (batch, 2·rings)."""
+    ring, canonical, _ = _geometry_tensors(geom)
+    scored = (ring >= geom.first_scored) & canonical
+    idx = ring[scored] - geom.first_scored
+    nr = geom.radius - geom.first_scored + 1
+    spec = torch.fft.fft2(x[:, channel].detach().double().cpu(), norm="ortho")[:, scored]
+    counts = torch.bincount(idx, minlength=nr).double()
+    parts = [spec.real] + ([spec.imag] if geom.complex_values else [])
+    out = []
+    for part in parts:
+        sums = torch.zeros(x.shape[0], nr, dtype=torch.float64)
+        sums.index_add_(1, idx, part)
+        out.append(sums / counts)
+    return torch.cat(out, 1)
+
+
+def key_vector(geom: RingGeometry, values: torch.Tensor) -> torch.Tensor:
+    """Ring values (keys, n_values) as the vectors the profile is compared with (keys, dims)."""
+    _check_values(geom, values)
+    v = values[..., geom.first_scored - geom.inner:]
+    if geom.complex_values:
+        return torch.cat([v.real, v.imag], -1).double()
+    return v.real.double() if v.is_complex() else v.double()
 
 
 def cosines(x: torch.Tensor, channel: int, values: torch.Tensor, geom: RingGeometry) -> torch.Tensor:
     """cos(ring values of each key, ring profile of each image): (batch, keys). ``values`` is
-    (keys, R + 1); the centre value (index 0) is not scored."""
+    (keys, n_values); rings below ``first_scored`` are not scored."""
     m = ring_profile(x, channel, geom)
-    w = values.double()[:, 1:]
+    w = key_vector(geom, values)
     return (m @ w.T) / (m.norm(dim=1, keepdim=True) * w.norm(dim=1)[None, :]).clamp_min(1e-300)
 
 
@@ -138,14 +226,19 @@ def p_values(cos: torch.Tensor, dims: int) -> np.ndarray:
 
 
 class RingKeyed:
-    """Mixin for ring-key methods (their ``config`` has ``radius`` and ``strength``, and they set
-    ``geom``): key → ring values → spectrum pattern."""
+    """Mixin for ring-key methods (their ``config`` has ``strength``, and they set ``geom``):
+    key → ring values → spectrum pattern → p-values."""
 
     def ring_values(self, key: MethodKey) -> torch.Tensor:
-        return ring_values_from_seed(ring_seed(key), self.config.radius, self.config.strength)
+        return key_values_from_seed(ring_seed(key), self.geom, self.config.strength)
 
     def _values(self, keys) -> torch.Tensor:
         return torch.stack([self.ring_values(k) for k in keys])
 
     def _patterns(self, keys) -> torch.Tensor:
         return torch.stack([pattern(self.geom, v) for v in self._values(keys)])
+
+    def _ring_p_values(self, x: torch.Tensor, keys) -> tuple[torch.Tensor, np.ndarray]:
+        """(cosines, p-values) of latents x (batch, C, H, W) against each key: (batch, keys)."""
+        cos = cosines(x, self.config.channel, self._values(keys), self.geom)
+        return cos, p_values(cos, self.geom.dims)

@@ -32,15 +32,34 @@ from shallowmark.keys import MethodKey
 
 @dataclass(frozen=True)
 class ShallowDiffuseConfig:
-    """Parameters (reference values scaled to 4×64×64 latents)."""
+    """Parameters, chosen on tiny-ldm (4×64×64 latents from 256² images, f=4).
 
-    t_star: float = 0.3              # injection step as a fraction of T
+    The key sits in channel 3 (the channel whose change shows least in the decoded image) on the
+    rings ``inner_radius..radius`` around the zero frequency, with complex ring values. Why there,
+    measured on tiny-ldm (docs/benchmarks/methods/key-scan.md): at t* = 0.3T the latent spectrum is
+    noise-dominated from about ring 7 outwards, so the key replaces mostly noise (PSNR ≈ 38 dB),
+    while a blur of radius 4 px (σ = 1 latent px) still keeps 30-70 % of rings 8-16. The reference
+    code's Nyquist placement (``ring_centre="nyquist"``, radius 10, real values, strength 4) suits
+    Stable Diffusion's f=8 latents; with f=4 it is 1/8 cycle per pixel, and blur r=4 erases it.
+    Complex values give two numbers per ring (18 instead of 9), which the exact p-value turns into
+    a much stronger test at the same energy, so the strength can stay low.
+    """
+
+    # injection step as a fraction of T, or "auto": where the posterior-mean Jacobian's rank ratio
+    # first comes near its minimum (core.jacobian_rank.auto_t_star; measured once per model, cached)
+    t_star: float | str = 0.3
     num_steps: int = 50              # DDIM steps from T to 0
     channel: int = 3                 # latent channel that carries the key
-    radius: int = 10                 # ring disc radius in frequency bins
-    # std of the ring values (ortho-FFT units; a N(0,1) latent has 1). 4 was chosen on tiny-ldm: at 1 the
-    # high-frequency ring barely survives decode/encode (p ~ 1e-3), at 10 PSNR falls to 23-29 dB.
-    strength: float = 4.0
+    radius: int = 16                 # outermost key ring, in frequency bins
+    inner_radius: int = 8            # innermost key ring (0: the whole disc)
+    ring_centre: str = "dc"          # "dc" or "nyquist" (the reference code's placement)
+    complex_key: bool = True         # complex ring values (2 numbers per ring) or real (Tree-Ring's)
+    # "replace": overwrite the rings with the key (the paper's code); "mean": shift each ring's mean
+    # to the key value, the smallest change that gives x_t* the key's ring profile (rings.set_ring_means)
+    ring_write: str = "mean"
+    # std of the real and imaginary parts of the ring values (ortho-FFT units; a N(0, 1) latent
+    # has 1): the x_t* coefficients there have variance ≈ 0.4-1, so the key looks like fresh noise.
+    strength: float = 0.8
     injection: str = "plain"         # "plain" (paper's code) or "nullspace"
     channel_averaging: bool = True   # other channels from the unwatermarked path
     output: str = "decode"           # user scenario: "decode" or "residual"
@@ -48,12 +67,16 @@ class ShallowDiffuseConfig:
     nullspace_iters: int = 3         # subspace iterations
 
     def validate(self, latent_shape) -> None:
-        if not 0.0 < self.t_star < 1.0:
-            raise InvalidParameterError(f"t_star must be in (0, 1); got {self.t_star}")
+        if isinstance(self.t_star, str):
+            check_choice("t_star", self.t_star, ("auto",))
+        elif not 0.0 < self.t_star < 1.0:
+            raise InvalidParameterError(f"t_star must be in (0, 1) or 'auto'; got {self.t_star}")
         check_choice("injection mode", self.injection, ("plain", "nullspace"))
         check_choice("output mode", self.output, ("decode", "residual"))
         if not 0 <= self.channel < latent_shape[0]:
             raise InvalidParameterError(f"channel must be in [0, {latent_shape[0] - 1}]; got {self.channel}")
+        check_choice("ring centre", self.ring_centre, rings.CENTRES)
+        check_choice("ring write", self.ring_write, ("replace", "mean"))
         if self.strength <= 0:
             raise InvalidParameterError(f"strength must be > 0; got {self.strength}")
 
@@ -67,13 +90,23 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         self.config = config or ShallowDiffuseConfig()
         self.config.validate(backend.latent_shape)
         self.grid = ddim.make_grid(backend, self.config.num_steps)
-        self.k_star = self.grid.position(self.config.t_star)
-        self.geom = rings.RingGeometry(backend.latent_shape[-1], self.config.radius, "nyquist")
+        if self.config.t_star == "auto":
+            from shallowmark.core.jacobian_rank import auto_t_star
+
+            self.t_star = auto_t_star(backend, num_steps=self.config.num_steps)
+        else:
+            self.t_star = float(self.config.t_star)
+        self.k_star = self.grid.position(self.t_star)
+        self.geom = rings.RingGeometry(backend.latent_shape[-1], self.config.radius, self.config.ring_centre,
+                                       self.config.inner_radius, self.config.complex_key)
         self.last_model_evals = 0  # of the last generate/embed call, per image
 
     # -- the injection at t* ------------------------------------------------------------------------
     def inject(self, x_star: torch.Tensor, keys: Sequence[MethodKey], cond=None) -> torch.Tensor:
-        marked = rings.inject(x_star, self.config.channel, self._patterns(keys), self.geom)
+        if self.config.ring_write == "replace":
+            marked = rings.inject(x_star, self.config.channel, self._patterns(keys), self.geom)
+        else:
+            marked = rings.set_ring_means(x_star, self.config.channel, self._values(keys), self.geom)
         if self.config.injection == "plain":
             return marked
         from shallowmark.core import jacobian
@@ -154,8 +187,7 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         keys = self.check_keys(keys)
         target_fpr = check_target_fpr(target_fpr)
         self.backend.check_latents(x_star)
-        cos = rings.cosines(x_star, self.config.channel, self._values(keys), self.geom)
-        p = rings.p_values(cos, self.config.radius)
+        cos, p = self._ring_p_values(x_star, keys)
         return [verdict(self.name, p[i], cos[i].tolist(), keys, target_fpr, self.k_star) for i in range(len(cos))]
 
 

@@ -80,6 +80,5 @@ class TreeRing(rings.RingKeyed, LatentMethod):
         keys = self.check_keys(keys)
         target_fpr = check_target_fpr(target_fpr)
         self.backend.check_latents(x_T)
-        cos = rings.cosines(x_T, self.config.channel, self._values(keys), self.geom)
-        p = rings.p_values(cos, self.config.radius)
+        cos, p = self._ring_p_values(x_T, keys)
         return [verdict(self.name, p[i], cos[i].tolist(), keys, target_fpr, model_evals) for i in range(len(cos))]

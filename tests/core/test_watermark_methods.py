@@ -20,26 +20,46 @@ def sd(tiny_ldm):
     return ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(num_steps=20))
 
 
-def test_ring_p_values_are_uniform_under_the_null_even_for_another_keys_ring():
+GEOMETRIES = [rings.RingGeometry(64, 10, "nyquist"), rings.RingGeometry(64, 10, "dc"),
+              rings.RingGeometry(64, 16, "dc", inner=8, complex_values=True),
+              rings.RingGeometry(64, 10, "nyquist", inner=3, complex_values=True)]
+
+
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=lambda g: f"{g.centre}-{g.inner}-{g.radius}-{g.complex_values}")
+def test_ring_p_values_are_uniform_under_the_null_even_for_another_keys_ring(geom):
     """Images carrying key A's ring, scored against 2000 independent keys: p-values are uniform."""
-    geom = rings.RingGeometry(64, 10, "nyquist")
-    a = rings.ring_values_from_seed(3, 10, 4.0)
+    a = rings.key_values_from_seed(3, geom, 4.0)
     x = rings.inject(torch.randn(4, 4, 64, 64, dtype=torch.float64), 3, rings.pattern(geom, a)[None].expand(4, -1, -1), geom)
-    others = torch.stack([rings.ring_values_from_seed(100 + i, 10, 4.0) for i in range(2000)])
-    p = rings.p_values(rings.cosines(x, 3, others, geom), 10).ravel()
+    others = torch.stack([rings.key_values_from_seed(100 + i, geom, 4.0) for i in range(2000)])
+    p = rings.p_values(rings.cosines(x, 3, others, geom), geom.dims).ravel()
     assert abs(float(np.mean(p <= 0.01)) - 0.01) < 0.006 and abs(float(np.mean(p <= 0.1)) - 0.1) < 0.02
-    assert rings.p_values(rings.cosines(x, 3, a[None], geom), 10).max() < 1e-6
+    assert rings.p_values(rings.cosines(x, 3, a[None], geom), geom.dims).max() < 1e-6
 
 
-def test_ring_pattern_is_hermitian_so_injection_is_lossless():
-    for centre in rings.CENTRES:
-        geom = rings.RingGeometry(64, 10, centre)
-        w = rings.pattern(geom, rings.ring_values_from_seed(5, 10))
-        x = torch.randn(2, 4, 64, 64, dtype=torch.float64)
-        y = rings.inject(x, 3, w[None].expand(2, -1, -1), geom)
-        spec = torch.fft.fft2(y[:, 3], norm="ortho")
-        assert torch.allclose(spec[:, rings.mask(geom)].real, w[rings.mask(geom)].expand(2, -1), atol=1e-9)
-        assert torch.equal(y[:, :3], x[:, :3])
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=lambda g: f"{g.centre}-{g.inner}-{g.radius}-{g.complex_values}")
+def test_ring_pattern_is_hermitian_so_injection_is_lossless(geom):
+    w = rings.pattern(geom, rings.key_values_from_seed(5, geom))
+    x = torch.randn(2, 4, 64, 64, dtype=torch.float64)
+    y = rings.inject(x, 3, w[None].expand(2, -1, -1), geom)
+    spec = torch.fft.fft2(y[:, 3], norm="ortho")
+    assert torch.allclose(spec[:, rings.mask(geom)], w[rings.mask(geom)].expand(2, -1), atol=1e-9)
+    assert torch.equal(y[:, :3], x[:, :3])
+    # the key's own profile is exactly its scored values
+    assert torch.allclose(rings.ring_profile(y, 3, geom)[0],
+                          rings.key_vector(geom, rings.key_values_from_seed(5, geom)), atol=1e-9)
+
+
+def test_complex_ring_keys_double_the_degrees_of_freedom_and_keep_tree_ring_values():
+    real = rings.RingGeometry(64, 16, "dc", inner=8)
+    cplx = rings.RingGeometry(64, 16, "dc", inner=8, complex_values=True)
+    assert (real.dims, cplx.dims, rings.RingGeometry(64, 10, "dc").dims) == (9, 18, 10)
+    # Tree-Ring's disc keeps the values it always had (the ring-0 centre value included)
+    full = rings.RingGeometry(64, 10, "dc")
+    assert torch.equal(rings.key_values_from_seed(7, full, 2.0), rings.ring_values_from_seed(7, 10, 2.0))
+    with pytest.raises(InvalidParameterError, match="inner ring radius"):
+        rings.RingGeometry(64, 10, "dc", inner=11)
+    with pytest.raises(InvalidParameterError, match="expected 9 ring values"):
+        rings.pattern(cplx, torch.zeros(10))
 
 
 def test_shallow_diffuse_generate_detect_identify(sd):
