@@ -16,13 +16,9 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 
-def to_tensor(images, size: int | None = None) -> torch.Tensor:
-    """uint8 RGB image(s) (H×W×3 or N×H×W×3) -> float32 NCHW in [-1, 1].
-
-    With ``size``, every image must already be ``size``×``size``: resizing is the caller's choice.
-    """
-    import torch
-
+def rgb_batch(images) -> np.ndarray:
+    """uint8 RGB image(s) (H×W×3 or N×H×W×3) as an N×H×W×3 array; anything else raises
+    InvalidImageError saying what was expected."""
     arr = np.asarray(images)
     if arr.ndim == 3:
         arr = arr[None]
@@ -30,6 +26,17 @@ def to_tensor(images, size: int | None = None) -> torch.Tensor:
         raise InvalidImageError(f"expected RGB image(s) of shape (H, W, 3) or (N, H, W, 3); got {arr.shape}")
     if arr.dtype != np.uint8:
         raise InvalidImageError(f"expected uint8 pixels; got {arr.dtype}")
+    return arr
+
+
+def to_tensor(images, size: int | None = None) -> torch.Tensor:
+    """uint8 RGB image(s) (H×W×3 or N×H×W×3) -> float32 NCHW in [-1, 1].
+
+    With ``size``, every image must already be ``size``×``size``: resizing is the caller's choice.
+    """
+    import torch
+
+    arr = rgb_batch(images)
     if size is not None and arr.shape[1:3] != (size, size):
         raise InvalidImageError(f"expected {size}×{size} images; got {arr.shape[2]}×{arr.shape[1]}")
     return torch.tensor(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)

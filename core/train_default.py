@@ -67,6 +67,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     offset_noise: float = 0.1       # per-channel DC noise: stops the UNet reading colour off x_T
     vae_from: str | None = None     # reuse a trained autoencoder folder and skip stage 1
+    unet_steps: int | None = None   # run exactly this many UNet steps (LR schedule over steps), not to the deadline
     bf16: bool = False              # autocast on CUDA; parameters stay fp32
     save_fp16: bool = True          # halves the committed size; loaded back as fp32
     photos: dict = field(default_factory=dict, repr=False)  # name -> uint8 image; empty = from wheels
@@ -78,6 +79,8 @@ class TrainConfig:
             raise InvalidParameterError(f"vae_share must be in [0.05, 0.95], got {self.vae_share}")
         if self.vae_crop % 4 or self.vae_crop < 32:
             raise InvalidParameterError(f"vae_crop must be a multiple of 4 and >= 32, got {self.vae_crop}")
+        if self.unet_steps is not None and int(self.unet_steps) < 1:
+            raise InvalidParameterError(f"unet_steps must be a positive number of steps, got {self.unet_steps}")
 
 
 class CropSampler:
@@ -265,8 +268,10 @@ def train_default(cfg: TrainConfig, log=print) -> dict:
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.0)
     unet_log, step, t1 = [], 0, time.perf_counter()
-    while time.perf_counter() < deadline or step == 0:  # at least one step, whatever the budget
-        frac = (time.perf_counter() - t1) / max(deadline - t1, 1e-9)
+    # A fixed step count makes a run repeatable on a shared machine (the same seed gives the same
+    # weights whatever the load); otherwise the stage fills the wall-clock budget.
+    while (step < cfg.unet_steps) if cfg.unet_steps else (time.perf_counter() < deadline or step == 0):
+        frac = step / cfg.unet_steps if cfg.unet_steps else (time.perf_counter() - t1) / max(deadline - t1, 1e-9)
         for group in opt.param_groups:
             group["lr"] = _lr_at(frac, cfg.unet_lr)
         z0 = latents[torch.randint(0, latents.shape[0], (cfg.unet_batch,), generator=g).to(device)]

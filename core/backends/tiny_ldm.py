@@ -24,12 +24,12 @@ class TinyLDM(Backend):
     name = "tiny-ldm"
 
     def __init__(self, path: str | Path | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32):
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
+        from diffusers import DDIMScheduler, UNet2DModel
 
         path = Path(path) if path else DEFAULT_PATH
         self.path = path
         self.device, self.dtype = torch.device(device), dtype
-        self.vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, low_cpu_mem_usage=False).to(self.device).eval()
+        self.vae = _load_vae(path / "vae", dtype).to(self.device).eval()
         self.unet = UNet2DModel.from_pretrained(path / "unet", torch_dtype=dtype, low_cpu_mem_usage=False).to(self.device).eval()
         self.vae.requires_grad_(False)
         self.unet.requires_grad_(False)
@@ -47,3 +47,29 @@ class TinyLDM(Backend):
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.vae.parameters()) + sum(p.numel() for p in self.unet.parameters())
+
+
+def _load_vae(folder: Path, dtype: torch.dtype):
+    """The folder's ``AutoencoderKL``. A variant trained with ``--vae-from`` on the embedded autoencoder
+    may ship only ``vae/config.json`` (its own latent statistics) without weights: then the weights
+    are the embedded model's, with the variant's ``latents_mean``/``latents_std``."""
+    import json
+
+    from diffusers import AutoencoderKL
+
+    from shallowmark.errors import InvalidParameterError
+
+    if any(folder.glob("diffusion_pytorch_model*")) or not (folder / "config.json").is_file():
+        return AutoencoderKL.from_pretrained(folder, torch_dtype=dtype, low_cpu_mem_usage=False)
+    own = json.loads((folder / "config.json").read_text())
+    vae = AutoencoderKL.from_pretrained(DEFAULT_PATH / "vae", torch_dtype=dtype, low_cpu_mem_usage=False)
+    arch = ("block_out_channels", "latent_channels", "layers_per_block", "down_block_types", "up_block_types")
+    same = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731 - JSON lists vs config tuples
+    diff = [k for k in arch if k in own and same(own[k]) != same(vae.config[k])]
+    if diff:
+        raise InvalidParameterError(f"{folder} has no autoencoder weights and its config differs from the embedded "
+                                    f"autoencoder in {', '.join(diff)}: it cannot reuse those weights")
+    vae.register_to_config(latents_mean=own.get("latents_mean"), latents_std=own.get("latents_std"),
+                           scaling_factor=own.get("scaling_factor", vae.config.scaling_factor),
+                           shift_factor=own.get("shift_factor"))
+    return vae
