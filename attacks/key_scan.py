@@ -103,6 +103,7 @@ def run(out_dir: Path, candidates=DEFAULT_CANDIDATES, n: int = 16, attacks=DEFAU
     z_ref = torch.cat([ddim.denoise(backend, x_star[i:i + batch], base.grid, base.k_star, 0)
                        for i in range(0, n, batch)])
     reference = _decode(backend, z_ref, batch)
+    spectrum = _signal_vs_noise(z_ref, float(base.grid.alphas[base.k_star]))
 
     def inverted(images):
         return torch.cat([base.invert_for_detection(images[i:i + batch]) for i in range(0, len(images), batch)])
@@ -136,12 +137,30 @@ def run(out_dir: Path, candidates=DEFAULT_CANDIDATES, n: int = 16, attacks=DEFAU
                            attack_strengths={a: (None if a == "clean" else get_attack(a).default) for a in attacks},
                            t_star=base.t_star, num_steps=base.config.num_steps, user_photos=len(photos),
                            torch=torch.__version__, machine=platform.platform(), command=command),
-               candidates=rows, seconds=time.perf_counter() - t_start)
+               spectrum=spectrum, candidates=rows, seconds=time.perf_counter() - t_start)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(res, indent=1))
     (out_dir / "report.md").write_text(_markdown(res))
     return res
+
+
+def _signal_vs_noise(z0: torch.Tensor, alpha_bar: float) -> dict:
+    """Where x_t* is noise: per channel and ring r (around DC), the signal power ᾱ·P(r) of the clean
+    latents (ortho FFT, mean |coefficient|² over the ring) against the noise power 1 − ᾱ, and the
+    first ring from which the signal stays below the noise."""
+    n = z0.shape[-1]
+    idx = torch.arange(n)
+    d = torch.where(idx <= n // 2, idx, idx - n)
+    ring = torch.sqrt(d[:, None].double() ** 2 + d[None, :].double() ** 2).round().long()
+    power = torch.fft.fft2(z0.double(), norm="ortho").abs().pow(2).mean(0)          # (C, H, W)
+    radii = list(range(1, n // 2))
+    signal = {c: [alpha_bar * float(power[c][ring == r].mean()) for r in radii] for c in range(z0.shape[1])}
+    noise = 1.0 - alpha_bar
+    crossover = {c: next((r for i, r in enumerate(radii) if all(v < noise for v in sig[i:])), None)
+                 for c, sig in signal.items()}
+    return dict(alpha_bar=alpha_bar, noise_power=noise, radii=radii, signal_power=signal,
+                noise_dominated_from_ring=crossover)
 
 
 def _markdown(res: dict) -> str:
@@ -166,4 +185,9 @@ def _markdown(res: dict) -> str:
                      f"{'complex' if k['complex_key'] else 'real'} | {k['ring_write']} | {k['channel']} | {k['strength']} | {r['dims']} | "
                      f"{r['psnr']:.2f} | " + " | ".join(cells)
                      + f" | {r['user_residual']['psnr']:.2f} | {r['user_residual']['max_p_jpeg75']:.2g} |")
+    sp = res["spectrum"]
+    lines += ["", f"**Where x_t\\* is noise.** At t* (ᾱ = {sp['alpha_bar']:.3f}) the noise power per Fourier "
+              f"coefficient is 1 − ᾱ = {sp['noise_power']:.3f}. The signal power ᾱ·P(r) of the unwatermarked clean "
+              "latents stays below it from ring " + ", ".join(f"{r} (channel {c})" for c, r in
+                                                              sp["noise_dominated_from_ring"].items()) + " outwards."]
     return "\n".join(lines) + "\n"

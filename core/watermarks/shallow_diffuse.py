@@ -34,15 +34,23 @@ from shallowmark.keys import MethodKey
 class ShallowDiffuseConfig:
     """Parameters, chosen on tiny-ldm (4×64×64 latents from 256² images, f=4).
 
-    The key sits in channel 3 (the channel whose change shows least in the decoded image) on the
-    rings ``inner_radius..radius`` around the zero frequency, with complex ring values. Why there,
-    measured on tiny-ldm (docs/benchmarks/methods/key-scan.md): at t* = 0.3T the latent spectrum is
-    noise-dominated from about ring 7 outwards, so the key replaces mostly noise (PSNR ≈ 38 dB),
-    while a blur of radius 4 px (σ = 1 latent px) still keeps 30-70 % of rings 8-16. The reference
-    code's Nyquist placement (``ring_centre="nyquist"``, radius 10, real values, strength 4) suits
-    Stable Diffusion's f=8 latents; with f=4 it is 1/8 cycle per pixel, and blur r=4 erases it.
-    Complex values give two numbers per ring (18 instead of 9), which the exact p-value turns into
-    a much stronger test at the same energy, so the strength can stay low.
+    The key sits in channel 3 (the reference's choice; the scan measures channel 2 against it) on
+    the rings ``inner_radius..radius`` around the zero frequency, with complex ring values, written
+    by shifting each ring's mean. Why, from the key scan
+    (``shallowmark bench-key-scan``, docs/benchmarks/methods/key-scan):
+
+    - at t* = 0.3T (ᾱ = 0.62) channel 3's signal power ᾱ·P(r) of generated latents falls below the
+      noise power 1 − ᾱ = 0.38 at about ring 9, so rings 8-16 are mostly noise and changing them
+      barely shows, while a radius-4 px blur (σ = 1 latent px) keeps 73 % to 29 % of their
+      amplitude (the Gaussian's transfer function). The reference code's Nyquist placement
+      (``ring_centre="nyquist"``, ``inner_radius=0``, ``radius=10``, real values, ``ring_write=
+      "replace"``, strength 4) suits Stable Diffusion's f=8 latents; with f=4 it is 1/8 cycle per
+      pixel, and that blur erases it;
+    - complex values give two numbers per ring (18 instead of 9): the exact p-value turns more
+      numbers into a much stronger test at the same energy, so the strength can stay low;
+    - ``ring_write="mean"`` moves only each ring's mean — what the detector reads — and keeps the
+      variation inside the ring; on a real photo (user scenario) that variation is the photo's own
+      detail, which overwriting (the paper's code) would erase.
     """
 
     # injection step as a fraction of T, or "auto": where the posterior-mean Jacobian's rank ratio

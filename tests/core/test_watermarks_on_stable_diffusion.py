@@ -14,7 +14,7 @@ def _keys(method, n):
     return [WatermarkKey.from_hex(f"{i + 1:064x}").for_method(method) for i in range(n)]
 
 
-@pytest.mark.parametrize("name,config", [("shallow-diffuse", dict(radius=8, num_steps=20)),
+@pytest.mark.parametrize("name,config", [("shallow-diffuse", dict(radius=8, inner_radius=2, num_steps=20)),
                                          ("tree-ring", dict(radius=8, num_steps=20)),
                                          ("gaussian-shading", dict(num_steps=20, hw_copy=8))])
 def test_generate_then_detect_through_the_sd_adapter(tiny_sd_watermark_backend, name, config):
