@@ -35,7 +35,8 @@ DEFAULT_CANDIDATES = (
     dict(ring_centre="dc", inner_radius=8, radius=16, complex_key=False, ring_write="replace", strength=1.0),
     dict(ring_centre="dc", inner_radius=8, radius=16, complex_key=True, ring_write="replace", strength=1.0),
     dict(ring_centre="dc", inner_radius=8, radius=16, complex_key=True, ring_write="replace", strength=0.8),
-    dict(ring_centre="dc", inner_radius=8, radius=16, complex_key=True, ring_write="mean", strength=0.8),
+    dict(ring_centre="dc", inner_radius=8, radius=16, complex_key=True, ring_write="mean", strength=0.8,
+         embed_strength=0.6),
     dict(ring_centre="dc", inner_radius=8, radius=16, complex_key=True, ring_write="mean", strength=1.0),
     dict(ring_centre="dc", inner_radius=4, radius=12, complex_key=True, ring_write="mean", strength=0.8),
     dict(ring_centre="dc", inner_radius=8, radius=16, complex_key=True, ring_write="mean", strength=0.8, channel=2),
@@ -91,7 +92,8 @@ def run(out_dir: Path, candidates=DEFAULT_CANDIDATES, n: int = 16, attacks=DEFAU
             get_attack(a)  # unknown names fail here, before any model work
     t_start = time.perf_counter()
     backend = load_backend(model)
-    configs = [ShallowDiffuseConfig(**c) for c in candidates]
+    # a candidate's user scenario uses its own strength unless it names an embed_strength
+    configs = [ShallowDiffuseConfig(**{"embed_strength": None, **c}) for c in candidates]
     base = ShallowDiffuse(backend, ShallowDiffuseConfig())
     if any(ShallowDiffuse(backend, c).k_star != base.k_star for c in configs):
         raise InvalidParameterError("all candidates must share t_star and num_steps (they share x_t*)")
@@ -118,7 +120,7 @@ def run(out_dir: Path, candidates=DEFAULT_CANDIDATES, n: int = 16, attacks=DEFAU
                           for i in range(0, n, batch)])
         wm = _decode(backend, z_wm, batch)
         row = dict(config={k: getattr(cfg, k) for k in ("ring_centre", "inner_radius", "radius", "complex_key",
-                                                          "ring_write", "channel", "strength")},
+                                                          "ring_write", "channel", "strength", "embed_strength")},
                    dims=sd.geom.dims, psnr=float(np.mean([psnr(a, b) for a, b in zip(wm, reference)])), attacks={})
         for a in attacks:
             p_pos = np.array([d.p_value for d in sd.detect_latent(inverted(_attack_all(wm, a, 2)), [key])])
@@ -175,8 +177,8 @@ def _markdown(res: dict) -> str:
              "unwatermarked images flagged at p ≤ 0.01. Attack strengths: "
              + ", ".join(f"{a} {s}" for a, s in c["attack_strengths"].items() if s is not None) + ".", "",
              "| centre | rings | values | write | ch | strength | dims | PSNR gen | " + " | ".join(attacks)
-             + " | user residual PSNR | user max p JPEG-75 |",
-             "|" + "---|" * (10 + len(attacks))]
+             + " | user strength | user residual PSNR | user max p JPEG-75 |",
+             "|" + "---|" * (11 + len(attacks))]
     for r in res["candidates"]:
         k = r["config"]
         cells = [f"{r['attacks'][a]['median_log10_p']:.1f} / {r['attacks'][a]['detected']:.2f} / "
@@ -184,7 +186,8 @@ def _markdown(res: dict) -> str:
         lines.append(f"| {k['ring_centre']} | {k['inner_radius']}..{k['radius']} | "
                      f"{'complex' if k['complex_key'] else 'real'} | {k['ring_write']} | {k['channel']} | {k['strength']} | {r['dims']} | "
                      f"{r['psnr']:.2f} | " + " | ".join(cells)
-                     + f" | {r['user_residual']['psnr']:.2f} | {r['user_residual']['max_p_jpeg75']:.2g} |")
+                     + f" | {k['embed_strength'] or k['strength']} | {r['user_residual']['psnr']:.2f} | "
+                       f"{r['user_residual']['max_p_jpeg75']:.2g} |")
     sp = res["spectrum"]
     lines += ["", f"**Where x_t\\* is noise.** At t* (ᾱ = {sp['alpha_bar']:.3f}) the noise power per Fourier "
               f"coefficient is 1 − ᾱ = {sp['noise_power']:.3f}. The signal power ᾱ·P(r) of the unwatermarked clean "

@@ -68,6 +68,10 @@ class ShallowDiffuseConfig:
     # std of the real and imaginary parts of the ring values (ortho-FFT units; a N(0, 1) latent
     # has 1): the x_t* coefficients there have variance ≈ 0.4-1, so the key looks like fresh noise.
     strength: float = 0.8
+    # strength when watermarking an existing image (user scenario). A photo is held to a stricter
+    # bar (PSNR against the original itself) than a generated image, and the detector's cosine does
+    # not depend on the scale of the key, so the verifier needs no flag. None: ``strength``.
+    embed_strength: float | None = 0.6
     injection: str = "plain"         # "plain" (paper's code) or "nullspace"
     channel_averaging: bool = True   # other channels from the unwatermarked path
     output: str = "decode"           # user scenario: "decode" or "residual"
@@ -87,6 +91,8 @@ class ShallowDiffuseConfig:
         check_choice("ring write", self.ring_write, ("replace", "mean"))
         if self.strength <= 0:
             raise InvalidParameterError(f"strength must be > 0; got {self.strength}")
+        if self.embed_strength is not None and self.embed_strength <= 0:
+            raise InvalidParameterError(f"embed_strength must be > 0 or None; got {self.embed_strength}")
 
 
 class ShallowDiffuse(rings.RingKeyed, LatentMethod):
@@ -110,11 +116,11 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         self.last_model_evals = 0  # of the last generate/embed call, per image
 
     # -- the injection at t* ------------------------------------------------------------------------
-    def inject(self, x_star: torch.Tensor, keys: Sequence[MethodKey], cond=None) -> torch.Tensor:
+    def inject(self, x_star: torch.Tensor, keys: Sequence[MethodKey], cond=None, scale: float = 1.0) -> torch.Tensor:
         if self.config.ring_write == "replace":
-            marked = rings.inject(x_star, self.config.channel, self._patterns(keys), self.geom)
+            marked = rings.inject(x_star, self.config.channel, scale * self._patterns(keys), self.geom)
         else:
-            marked = rings.set_ring_means(x_star, self.config.channel, self._values(keys), self.geom)
+            marked = rings.set_ring_means(x_star, self.config.channel, scale * self._values(keys), self.geom)
         if self.config.injection == "plain":
             return marked
         from shallowmark.core import jacobian
@@ -129,9 +135,9 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
             out.append(x_star[i:i + 1] + delta)
         return torch.cat(out)
 
-    def _finish(self, x_star, keys, cond):
+    def _finish(self, x_star, keys, cond, scale: float = 1.0):
         """Inject at t*, denoise both paths to 0, average channels. Returns (z_wm, z_ref)."""
-        x_wm = self.inject(x_star, keys, cond)
+        x_wm = self.inject(x_star, keys, cond, scale)
         both = ddim.denoise(self.backend, torch.cat([x_wm, x_star]), self.grid, self.k_star, 0,
                             cond=_double(cond))
         z_wm, z_ref = both.chunk(2)
@@ -161,7 +167,8 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         cond = self.backend.encode_prompt(prompts, len(images)) if prompts is not None else None
         z0 = self.backend.encode(to_tensor(images).to(self.backend.device))
         x_star = ddim.invert(self.backend, z0, self.grid, 0, self.k_star, cond=cond)
-        z_wm, z_ref = self._finish(x_star, keys, cond)
+        scale = (self.config.embed_strength or self.config.strength) / self.config.strength
+        z_wm, z_ref = self._finish(x_star, keys, cond, scale)
         self.last_model_evals = 3 * self.k_star
         if self.config.output == "decode":
             return to_uint8(self.backend.decode(z_wm))

@@ -150,3 +150,20 @@ def test_shallow_diffuse_auto_t_star_uses_the_rank_profile_choice(tiny_ldm, monk
         ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(t_star="automatic"))
     with pytest.raises(InvalidParameterError, match="or 'auto'"):
         ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(t_star=1.2))
+
+
+def test_user_scenario_uses_embed_strength_and_the_verifier_needs_no_flag(tiny_ldm):
+    """embed_strength scales the key written into a photo; detection (a cosine) finds it either way."""
+    from shallowmark.core.photos import center_crop, heldout_photo
+
+    photo = center_crop(heldout_photo(), 256)[None]
+    key = _keys("shallow-diffuse", 1)
+    change = {}
+    for es in (0.3, 0.9):
+        m = ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(num_steps=20, output="residual", embed_strength=es))
+        out = m.embed(key, photo)
+        change[es] = float(np.sqrt(np.mean((out.astype(float) - photo) ** 2)))
+        assert m.detect(out, key)[0].detected
+    assert 2.0 < change[0.9] / change[0.3] < 4.0       # about proportional to the strength
+    with pytest.raises(InvalidParameterError, match="embed_strength"):
+        ShallowDiffuseConfig(embed_strength=0.0).validate((4, 64, 64))
