@@ -34,13 +34,13 @@ from shallowmark.keys import MethodKey
 class ShallowDiffuseConfig:
     """Parameters, chosen on tiny-ldm (4×64×64 latents from 256² images, f=4).
 
-    The key sits in channel 3 (the reference's choice; the scan measures channel 2 against it) on
+    The key sits in channel 3 (the reference's choice; in the scan channel 2 costs 6.9 dB more) on
     the rings ``inner_radius..radius`` around the zero frequency, with complex ring values, written
     by shifting each ring's mean. Why, from the key scan
     (``shallowmark bench-key-scan``, docs/benchmarks/methods/key-scan):
 
-    - at t* = 0.3T (ᾱ = 0.62) channel 3's signal power ᾱ·P(r) of generated latents falls below the
-      noise power 1 − ᾱ = 0.38 at about ring 9, so rings 8-16 are mostly noise and changing them
+    - at t* = 0.3T (ᾱ = 0.62) the signal power ᾱ·P(r) of generated latents stays below the noise
+      power 1 − ᾱ = 0.38 from ring 8 outwards, so rings 8-16 are mostly noise and changing them
       barely shows, while a radius-4 px blur (σ = 1 latent px) keeps 73 % to 29 % of their
       amplitude (the Gaussian's transfer function). The reference code's Nyquist placement
       (``ring_centre="nyquist"``, ``inner_radius=0``, ``radius=10``, real values, ``ring_write=
