@@ -21,7 +21,6 @@ Noise schedule used for training: t ~ U(t_min, t_max), α_t = cos(πt/2), β_t =
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import math
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from shallowmark.core.molrg import MoLRG
+from shallowmark.core.threads import single_thread
 from shallowmark.errors import InvalidParameterError
 
 DTYPE = torch.float64
@@ -85,18 +85,6 @@ def _derive_seed(seed: int, stream: int) -> int:
     """Independent seeds for independent uses (ground truth, data, initialisation) of one user seed, so
     that e.g. ``MoLRG.random(seed=s)`` and ``train_subspace_dae(seed=s)`` never draw the same numbers."""
     return (int(seed) * 1_000_003 + 7_919 * int(stream) + 1) % (2 ** 63 - 1)
-
-
-@contextlib.contextmanager
-def _single_thread():
-    """These problems are tiny (d ≤ a few hundred): intra-op threads only add contention, so run them
-    on one thread and restore the caller's setting afterwards."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,7 +308,7 @@ def _check_training(steps, lr, noise, noise_draws, restarts, eval_draws, batch_s
         raise InvalidParameterError(f"batch_size must be >= 1 or None; got {batch_size}")
 
 
-@_single_thread()
+@single_thread()
 def train_subspace_dae(data, rank: int, clusters: int = 1, *, steps: int = 400, lr: float = 0.05,
                        seed: int = 0, t_range: Sequence[float] = DEFAULT_T_RANGE, noise: str = "sampled",
                        noise_draws: int = 4, antithetic: bool = True, batch_size: int | None = 512,
@@ -360,7 +348,7 @@ def train_subspace_dae(data, rank: int, clusters: int = 1, *, steps: int = 400, 
 # Posterior mean: closed form vs Monte Carlo
 # ----------------------------------------------------------------------------------------------
 
-@_single_thread()
+@single_thread()
 def posterior_mean_monte_carlo(model: MoLRG, x_t: torch.Tensor, alpha_bar: float, samples: int = 100_000,
                                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-normalised importance estimate of ``E[x0 | x_t]``: draw ``samples`` x0 from the prior and weight
@@ -418,7 +406,7 @@ class PhaseResult:
                     config=self.config)
 
 
-@_single_thread()
+@single_thread()
 def phase_transition(dim: int, r_values: Sequence[int], n_values: Sequence[int], trials: int = 3, seed: int = 0,
                      fit: str = "dae", steps: int = 3000, lr: float = 0.3, noise: str = "expected",
                      noise_draws: int = 4, t_range: Sequence[float] = DEFAULT_T_RANGE,
@@ -682,7 +670,7 @@ def _phase_summary(res: PhaseResult, tol: float = 0.1) -> dict:
                 max_abs_fit_minus_pca_mean_distance=_round(float(np.abs(res.distance - res.pca_distance).max())))
 
 
-@_single_thread()
+@single_thread()
 def run_molrg_analysis(out_dir, quick: bool = False, *, seed: int = 0, command: str | None = None) -> dict:
     """Run the MoLRG checks and write ``report.json``, ``report.md`` and PNG figures into ``out_dir``.
 

@@ -31,7 +31,6 @@ import json
 import math
 import platform
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 
 from shallowmark.core.descriptors import Descriptor, load_descriptor
+from shallowmark.core.threads import single_thread
 from shallowmark.errors import InvalidParameterError
 
 THRESHOLD = 0.6  # SSCD's copy threshold, used by the talk for both scores
@@ -477,17 +477,6 @@ def _settings(quick: bool) -> dict:
                 train_crops=96, heldout_crops=48, vae_crops=16, pairs_shown=6, max_models=3)
 
 
-@contextmanager
-def _single_thread():
-    """Use one intra-op thread for the run (shared machines), and restore the caller's setting."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
-
-
 def model_spec(folder: str | Path) -> ModelSpec:
     """A tiny-ldm folder (``unet/``, ``scheduler/``, ``vae/``) to compare, labelled by its name."""
     path = Path(folder)
@@ -531,7 +520,7 @@ def run_reproducibility_analysis(out_dir, quick: bool = False, *, seed: int = 0,
                    + (f" --models {','.join(str(m) for m in extra_models)}" if extra_models else ""))
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
-    with _single_thread():
+    with single_thread():
         photos = training_photos()
         held = heldout_photo()
 
