@@ -77,7 +77,8 @@ def _decode(backend, z: torch.Tensor, batch: int) -> np.ndarray:
 @torch.no_grad()
 def run(out_dir: Path, candidates=DEFAULT_CANDIDATES, n: int = 16, attacks=DEFAULT_ATTACKS, batch: int = 16,
         model: str = "tiny-ldm", n_user: int = 4, log=print, command: str = "") -> dict:
-    from shallowmark.attacks.methods_report import _jpeg, _keys
+    from shallowmark.attacks import codec
+    from shallowmark.attacks.bench_config import bench_keys
     from shallowmark.attacks.metrics import psnr
     from shallowmark.attacks.registry import get_attack
     from shallowmark.core import ddim
@@ -98,7 +99,7 @@ def run(out_dir: Path, candidates=DEFAULT_CANDIDATES, n: int = 16, attacks=DEFAU
     if any(ShallowDiffuse(backend, c).k_star != base.k_star for c in configs):
         raise InvalidParameterError("all candidates must share t_star and num_steps (they share x_t*)")
     seeds = list(range(20000, 20000 + n))
-    key = _keys(1, "shallow-diffuse", offset=7)[0]
+    key = bench_keys(7, "shallow-diffuse")[-1]  # WatermarkKey.from_hex(7), as in the committed scan
     log(f"x_t* and references for {n} seeds")
     x_star = torch.cat([ddim.denoise(backend, backend.randn_latents(seeds[i:i + batch]), base.grid,
                                      base.grid.num_steps, base.k_star) for i in range(0, n, batch)])
@@ -129,7 +130,7 @@ def run(out_dir: Path, candidates=DEFAULT_CANDIDATES, n: int = 16, attacks=DEFAU
                                      detected=float(np.mean(p_pos <= 0.01)), flagged_unmarked=float(np.mean(p_neg <= 0.01)))
         user = ShallowDiffuse(backend, dataclasses.replace(cfg, output="residual"))
         marked = user.embed([key] * len(photos), photos)
-        p_jpeg = [d.p_value for d in user.detect(np.stack([_jpeg(m, 75) for m in marked]), [key])]
+        p_jpeg = [d.p_value for d in user.detect(np.stack([codec.jpeg(m, 75, None) for m in marked]), [key])]
         row["user_residual"] = dict(psnr=float(np.mean([psnr(a, b) for a, b in zip(marked, photos)])),
                                     max_p_jpeg75=float(max(p_jpeg)))
         row["seconds"] = time.perf_counter() - t0

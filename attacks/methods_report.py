@@ -9,7 +9,6 @@ photo that was never generated (``decode`` and ``residual`` output), and verific
 
 from __future__ import annotations
 
-import io
 import json
 import platform
 import statistics
@@ -19,12 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shallowmark.keys import WatermarkKey
-
-
-def _keys(n: int, method: str, offset: int = 1):
-    """Deterministic test keys (the report must be reproducible); never use such keys in production."""
-    return [WatermarkKey.from_hex(f"{offset + i:064x}").for_method(method) for i in range(n)]
+from shallowmark.attacks import codec
+from shallowmark.attacks.bench_config import bench_keys
 
 
 def _batched(fn, items, batch):
@@ -32,14 +27,6 @@ def _batched(fn, items, batch):
     for i in range(0, len(items), batch):
         out.append(fn(items[i:i + batch]))
     return np.concatenate(out)
-
-
-def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
-    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
 
 
 @torch.no_grad()
@@ -95,7 +82,7 @@ def run(out_dir: Path, n_null: int = 200, n_ident: int = 32, n_fidelity: int = 8
     # -- per method: detection, calibration, identification ------------------------------------------
     for name, m in methods.items():
         t0 = time.perf_counter()
-        keys256 = _keys(256, name)
+        keys256 = bench_keys(256, name)
         keys32 = keys256[:n_ident]
         seeds = list(range(1000, 1000 + n_ident))
         wm = _batched(lambda idx: m.generate([keys32[i] for i in idx], [seeds[i] for i in idx]),
@@ -140,7 +127,7 @@ def run(out_dir: Path, n_null: int = 200, n_ident: int = 32, n_fidelity: int = 8
     # -- Shallow Diffuse: plain vs nullspace injection ------------------------------------------------
     from shallowmark.core.watermarks.shallow_diffuse import ShallowDiffuse, ShallowDiffuseConfig
 
-    key = _keys(1, "shallow-diffuse")
+    key = bench_keys(1, "shallow-diffuse")
     fid = {}
     for mode, n in (("plain", n_fidelity), ("nullspace", n_nullspace)):
         m = ShallowDiffuse(backend, ShallowDiffuseConfig(injection=mode))
@@ -174,7 +161,7 @@ def run(out_dir: Path, n_null: int = 200, n_ident: int = 32, n_fidelity: int = 8
         m = ShallowDiffuse(backend, ShallowDiffuseConfig(output=mode))
         wm = m.embed(key, originals)
         det = m.detect(wm, key)
-        det_jpeg = m.detect(np.stack([_jpeg(x, 75) for x in wm]), key)
+        det_jpeg = m.detect(np.stack([codec.jpeg(x, 75, None) for x in wm]), key)
         user[mode] = dict(n=len(originals), psnr=float(np.mean([psnr(a, b) for a, b in zip(wm, originals)])),
                           ssim=float(np.mean([ssim(a, b) for a, b in zip(wm, originals)])),
                           p_values=[d.p_value for d in det], p_values_jpeg75=[d.p_value for d in det_jpeg])

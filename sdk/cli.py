@@ -20,6 +20,8 @@ def _need(extra: str, feature: str):
     try:
         import torch  # noqa: F401
         import diffusers  # noqa: F401
+        if extra == "server":
+            import grpc_health  # noqa: F401
     except ImportError as e:
         raise MissingDependencyError(feature, extra, e)
 
@@ -210,10 +212,6 @@ def _cmd_edit(args) -> int:
 
 # -- serve -----------------------------------------------------------------------------------------
 def _cmd_serve(args) -> int:
-    try:
-        import grpc_health  # noqa: F401
-    except ImportError as e:
-        raise MissingDependencyError("serve", "server", e)
     _need("server", "serve")
     import logging
     import secrets
@@ -431,10 +429,6 @@ def _add_service_commands(sub) -> None:
 
 # -- loadtest --------------------------------------------------------------------------------------
 def _cmd_loadtest(args) -> int:
-    try:
-        import grpc_health  # noqa: F401
-    except ImportError as e:
-        raise MissingDependencyError("loadtest", "server", e)
     _need("server", "loadtest")
     from shallowmark.server.loadtest import LoadtestConfig, run_loadtest
 
@@ -459,10 +453,6 @@ def _cmd_loadtest(args) -> int:
 
 # -- demo ------------------------------------------------------------------------------------------
 def _cmd_demo(args) -> int:
-    try:
-        import grpc_health  # noqa: F401
-    except ImportError as e:
-        raise MissingDependencyError("demo", "server", e)
     _need("server", "demo")
     from shallowmark.core.demo import run_demo
 
