@@ -161,22 +161,22 @@ def set_ring_means(x: torch.Tensor, channel: int, values: torch.Tensor, geom: Ri
     detector reads — while :func:`inject` also erases the variation inside each ring (the
     latent's own content and noise there). Mirror bins get the conjugate shift, so the result is
     real; a self-conjugate bin gets the real part."""
-    ring, canonical, selfconj = _geometry_tensors(geom)
+    ring, canonical, selfconj = (t.to(x.device) for t in _geometry_tensors(geom))
     _check_values(geom, values)
     inside = ring >= 0
     idx = ring[inside] - geom.inner
-    can = canonical[inside].to(x.device)
+    can = canonical[inside]
     out = x.clone()
     spec = torch.fft.fft2(x[:, channel].double(), norm="ortho")
-    bins = spec[:, inside.to(x.device)]
+    bins = spec[:, inside]
     upright = torch.where(can, bins, bins.conj())          # every bin seen from the upper half-plane
     sums = torch.zeros(x.shape[0], geom.n_values, dtype=torch.complex128, device=x.device)
-    sums.index_add_(1, idx.to(x.device), upright)
-    counts = torch.bincount(idx, minlength=geom.n_values).double().to(x.device)
-    shift = (values.to(x.device, torch.complex128) - sums / counts)[:, idx.to(x.device)]
+    sums.index_add_(1, idx, upright)
+    counts = torch.bincount(idx, minlength=geom.n_values).double()
+    shift = (values.to(x.device, torch.complex128) - sums / counts)[:, idx]
     shift = torch.where(can, shift, shift.conj())
-    shift = torch.where(selfconj[inside].to(x.device), shift.real.to(shift.dtype), shift)
-    spec[:, inside.to(x.device)] = bins + shift
+    shift = torch.where(selfconj[inside], shift.real.to(shift.dtype), shift)
+    spec[:, inside] = bins + shift
     out[:, channel] = torch.fft.ifft2(spec, norm="ortho").real.to(x.dtype)
     return out
 

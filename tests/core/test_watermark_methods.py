@@ -167,3 +167,14 @@ def test_user_scenario_uses_embed_strength_and_the_verifier_needs_no_flag(tiny_l
     assert 2.0 < change[0.9] / change[0.3] < 4.0       # about proportional to the strength
     with pytest.raises(InvalidParameterError, match="embed_strength"):
         ShallowDiffuseConfig(embed_strength=0.0).validate((4, 64, 64))
+
+
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=lambda g: f"{g.centre}-{g.inner}-{g.radius}-{g.complex_values}")
+def test_set_ring_means_gives_the_key_profile_with_a_smaller_change_than_overwriting(geom):
+    x = torch.randn(3, 4, 64, 64, dtype=torch.float64)
+    values = torch.stack([rings.key_values_from_seed(i, geom, 0.7) for i in range(3)])
+    shifted = rings.set_ring_means(x, 3, values, geom)
+    overwritten = rings.inject(x, 3, torch.stack([rings.pattern(geom, v) for v in values]), geom)
+    assert torch.allclose(rings.ring_profile(shifted, 3, geom), rings.key_vector(geom, values), atol=1e-9)
+    assert torch.equal(shifted[:, :3], x[:, :3])
+    assert (shifted - x).norm() < (overwritten - x).norm()
