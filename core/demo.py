@@ -5,7 +5,8 @@
 2. creates a keystore with two keys: the first is used, then rotated out (retired), the second is
    the active one;
 3. embeds through the RPC: two generated images (one per key) and the held-out photo (uploaded
-   and watermarked with the active key), all with Shallow Diffuse;
+   and watermarked with the active key, ``output="residual"`` so that it keeps its own pixels), all
+   with Shallow Diffuse;
 4. attacks every image with the paper's four attacks (JPEG, blur, noise, brightness jitter, each
    at its reference strength), and adds unwatermarked controls (the photo itself, and the second
    generated image's seed rendered without a watermark);
@@ -129,7 +130,7 @@ def run_demo(out: Path, *, num_steps: int = 50, target_fpr: float = 1e-3, worker
                 r = client.embed(new, method=METHOD, seed=1)
                 marked["generated seed 1"] = (r.image, r.key_id)
                 photo = center_crop(heldout_photo(), model.image_size)
-                r = client.embed(new, method=METHOD, image=photo)
+                r = client.embed(new, method=METHOD, image=photo, output="residual")
                 marked["photo (uploaded)"] = (r.image, r.key_id)
                 timings["embed_s"] = time.perf_counter() - t0
                 log(f"embedded 2 generated images and 1 uploaded photo in {timings['embed_s']:.1f} s")

@@ -315,9 +315,11 @@ def _cmd_embed(args) -> int:
     key = ks.get(args.key) if args.key else ks.active()
     if args.image is None and args.seed is None:
         raise ShallowmarkError("give --seed N (with an optional --prompt) to generate, or --image FILE to watermark")
+    if args.output and args.image is None:
+        raise ShallowmarkError("--output applies to --image (a marked upload), not to --seed")
     with _client(args) as c:
         if args.image is not None:
-            res = c.embed(key, method=args.method, model=args.model or "", image=Path(args.image))
+            res = c.embed(key, method=args.method, model=args.model or "", image=Path(args.image), output=args.output)
         else:
             res = c.embed(key, method=args.method, model=args.model or "", seed=args.seed, prompt=args.prompt)
     res.save(args.out)
@@ -413,6 +415,9 @@ def _add_service_commands(sub) -> None:
     src.add_argument("--seed", type=int, help="generate a new image from this seed")
     src.add_argument("--image", help="watermark this PNG/JPEG file (must be the model's size)")
     e.add_argument("--prompt", help="prompt for text-conditioned models (with --seed)")
+    e.add_argument("--output", choices=("decode", "residual"),
+                   help="with --image: 'residual' keeps your pixels and adds only the watermark's change "
+                        "(higher fidelity); 'decode' returns the model's decoding (default: the server's setting)")
     e.add_argument("--out", required=True, help="output PNG")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=_cmd_embed)

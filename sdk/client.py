@@ -397,7 +397,8 @@ class Client:
     # -- API -------------------------------------------------------------------------------------
     def embed(self, key: WatermarkKey | MethodKey, *, method: str | None = None, model: str = "",
               seed: int | None = None, prompt: str | None = None, image: Any = None,
-              timeout: float | None = None, request_id: str | None = None) -> EmbedResult:
+              output: str | None = None, timeout: float | None = None,
+              request_id: str | None = None) -> EmbedResult:
         """Watermark an image: generate one from ``seed`` (and ``prompt``), or mark ``image``.
 
         Args:
@@ -409,12 +410,18 @@ class Client:
             prompt: text prompt (conditional models only; others ignore it and say so in ``notes``).
             image: existing image to watermark: bytes, a path, a uint8 H x W x 3 array or a PIL image,
                 exactly the model's size.
+            output: how a marked ``image`` comes back (shallow-diffuse): ``"residual"`` keeps your
+                pixels and adds only the watermark's change (about 38 dB PSNR on photos with
+                tiny-ldm), ``"decode"`` returns the model's decoding (about 25 dB). Default: the
+                server's setting ("decode" unless configured). Only with ``image``. Use
+                ``"decode"`` to mark an image the model generated itself: there the residual mark
+                comes out weak.
             timeout: seconds for this call, retries included (default: the client's).
             request_id: your id for the call (1..64 of ``[A-Za-z0-9._-]``); default a random one.
 
         Raises:
             ServerError: the server refused (INVALID_ARGUMENT with what to change, ...).
-            InvalidParameterError: neither or both of ``seed`` and ``image``.
+            InvalidParameterError: neither or both of ``seed`` and ``image``; ``output`` with ``seed``.
             KeyMaterialError: a key for another method, or a retired :class:`WatermarkKey`.
         """
         if isinstance(key, WatermarkKey) and key.retired:
@@ -428,7 +435,10 @@ class Client:
             if prompt:
                 raise InvalidParameterError("prompt= applies to generation (seed=), not to image=")
             req.image = _image_bytes(image)
+            req.output = output or ""
         else:
+            if output:
+                raise InvalidParameterError("output= applies to image= (a marked upload), not to seed=")
             if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**64:
                 raise InvalidParameterError(f"seed must be an int in 0..2**64-1; got {seed!r}")
             req.generate.seed = int(seed)

@@ -441,13 +441,19 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
                 raise InvalidParameterError(f"{method_name} cannot watermark an existing image (its watermark is "
                                             f"built into generation); use 'generate', or one of: "
                                             f"{', '.join(embeddable)}")
+            output = validation.check_output_mode(request.output, method)
             img = validation.decode_image(request.image, self.config.max_image_pixels)
             validation.check_image_size(img, lm.image_size, lm.name)
             notes += img.notes
             evals = expected_evals(method, "embed")
             with self.pool.job(lm, evals, f"{method_name} embed", context.time_remaining):
-                out = method.embed([mk], img.pixels[None])[0]
+                out = method.embed([mk], img.pixels[None], **({"output": output} if output else {}))[0]
+            if output:
+                info["output"] = output
         else:
+            if request.output:
+                raise InvalidParameterError("'output' applies to an uploaded image ('image'), not to 'generate': a "
+                                            "generated image has no original pixels to keep")
             gen = request.generate
             prompts = None
             if gen.prompt:

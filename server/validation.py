@@ -203,6 +203,20 @@ def check_target_fpr(value: float, default: float = 0.01) -> float:
     return float(value)
 
 
+def check_output_mode(value: str, method) -> str:
+    """An ``EmbedRequest.output``: empty (the method's configured mode) or one of the method's
+    ``output_modes``."""
+    if not value:
+        return ""
+    modes = tuple(getattr(method, "output_modes", ()))
+    if not modes:
+        raise InvalidParameterError(f"{method.name} has no output modes: leave 'output' empty")
+    if value not in modes:
+        raise InvalidParameterError(f"output must be one of {', '.join(modes)} (or empty for the server's "
+                                    f"setting); got {value!r}")
+    return value
+
+
 def check_request_id(value: str | None) -> str | None:
     """A client-supplied ``x-request-id``: 1..64 of ``[A-Za-z0-9._-]``, or ``None``."""
     if value is None:

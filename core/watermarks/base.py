@@ -66,6 +66,8 @@ class WatermarkMethod:
 
     name: str = "base"
     supports_embed: bool = True
+    # ways :meth:`embed` can return an existing image (its ``output=`` argument); empty: one way only
+    output_modes: tuple[str, ...] = ()
     min_image_size: int = 1
 
     # -- hooks ------------------------------------------------------------------------------------

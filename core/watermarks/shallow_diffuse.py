@@ -29,6 +29,9 @@ from shallowmark.core.watermarks.base import LatentMethod, check_target_fpr, ver
 from shallowmark.errors import InvalidParameterError, check_choice
 from shallowmark.keys import MethodKey
 
+# how an existing image comes back: through the decoder, or its own pixels plus the decoded change
+OUTPUT_MODES = ("decode", "residual")
+
 
 @dataclass(frozen=True)
 class ShallowDiffuseConfig:
@@ -84,7 +87,7 @@ class ShallowDiffuseConfig:
         elif not 0.0 < self.t_star < 1.0:
             raise InvalidParameterError(f"t_star must be in (0, 1) or 'auto'; got {self.t_star}")
         check_choice("injection mode", self.injection, ("plain", "nullspace"))
-        check_choice("output mode", self.output, ("decode", "residual"))
+        check_choice("output mode", self.output, OUTPUT_MODES)
         if not 0 <= self.channel < latent_shape[0]:
             raise InvalidParameterError(f"channel must be in [0, {latent_shape[0] - 1}]; got {self.channel}")
         check_choice("ring centre", self.ring_centre, rings.CENTRES)
@@ -98,6 +101,7 @@ class ShallowDiffuseConfig:
 class ShallowDiffuse(rings.RingKeyed, LatentMethod):
     name = "shallow-diffuse"
     supports_embed = True
+    output_modes = OUTPUT_MODES
 
     def __init__(self, backend, config: ShallowDiffuseConfig | None = None):
         self.backend = backend
@@ -161,7 +165,10 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
 
     # -- user scenario ------------------------------------------------------------------------------
     @torch.no_grad()
-    def embed(self, keys: Sequence[MethodKey], images: np.ndarray, prompts=None) -> np.ndarray:
+    def embed(self, keys: Sequence[MethodKey], images: np.ndarray, prompts=None, output: str | None = None) -> np.ndarray:
+        """Watermark existing images. ``output`` ("decode" or "residual") overrides the config's
+        ``output`` for this call (the service sets it per request)."""
+        output = check_choice("output mode", output or self.config.output, OUTPUT_MODES)
         images = self.check_images(images, self.backend.image_size)
         keys = self.check_keys(keys, len(images))
         cond = self.backend.encode_prompt(prompts, len(images)) if prompts is not None else None
@@ -170,7 +177,7 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         scale = (self.config.embed_strength or self.config.strength) / self.config.strength
         z_wm, z_ref = self._finish(x_star, keys, cond, scale)
         self.last_model_evals = 3 * self.k_star
-        if self.config.output == "decode":
+        if output == "decode":
             return to_uint8(self.backend.decode(z_wm))
         diff = self.backend.decode(z_wm) - self.backend.decode(z_ref)   # only the watermark's change
         return to_uint8(to_tensor(images) + diff.cpu())

@@ -84,8 +84,14 @@ def test_shallow_diffuse_user_scenario_both_outputs(tiny_ldm, sd):
         m = ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(num_steps=20, output=mode))
         wm = m.embed(key, photo)
         out[mode] = psnr(wm[0], photo)
+        if mode == "decode":
+            wm_decode = wm
         assert m.detect(wm, key)[0].p_value < 1e-6
     assert out["residual"] > out["decode"]  # residual keeps the photo's own detail
+    # the per-call override (what the service uses) gives the other mode's image exactly
+    np.testing.assert_array_equal(m.embed(key, photo, output="decode"), wm_decode)
+    with pytest.raises(UnknownNameError):
+        m.embed(key, photo, output="sharp")
 
 
 def test_tree_ring_and_ringid_full_inversion(tiny_ldm):

@@ -75,3 +75,29 @@ def test_post_hoc_round_trips(client_a, server, keys, photo, method):
     assert server.ledger.count("a") == ledger_before + 2
     sources = {(e.image_sha256, e.source) for e in client_a.list_embeds(key_id=keys[2].key_id, page_size=5)}
     assert (uploaded.image_sha256, "image") in sources
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0 ** 2 / mse))
+
+
+def test_residual_output_keeps_the_uploaded_photo(client_a, server, keys, photo):
+    """``output="residual"`` returns the photo plus only the watermark's change: much closer to the
+    upload than the decoder's output, and still identified among the keys."""
+    before = server.ledger.count()
+    dec = client_a.embed(keys[1], method="shallow-diffuse", image=photo, output="decode")
+    res = client_a.embed(keys[1], method="shallow-diffuse", image=photo, output="residual")
+    p_dec, p_res = _psnr(dec.to_array(), photo), _psnr(res.to_array(), photo)
+    assert p_res > p_dec + 5, (p_res, p_dec)
+    for out in (dec, res):
+        v = client_a.verify(out.image, keys, method="shallow-diffuse")
+        assert v.detected and v.identified_key_id == keys[1].key_id
+    assert server.ledger.count() == before + 2
+
+
+def test_output_with_seed_is_refused_before_any_rpc(client_a, keys):
+    from shallowmark.errors import InvalidParameterError
+
+    with pytest.raises(InvalidParameterError, match="output= applies to image="):
+        client_a.embed(keys[0], method="shallow-diffuse", seed=1, output="residual")

@@ -210,13 +210,22 @@ def _bad_requests(keys, embedded):
         "no source": ("Embed", _embed_req(keys), "either"),
         "bad fpr": ("Verify", pb.VerifyRequest(image=embedded.image, method_keys=[mk], target_fpr=1.5),
                     "target_fpr"),
+        "unknown output": ("Embed", _embed_req(keys, image=embedded.image, output="sharp"), "output must be one of"),
+        "output with generate": ("Embed", _embed_req(keys, generate=pb.GenerateSource(seed=1), output="residual"),
+                                 "applies to an uploaded image"),
+        "output for a method without modes": (
+            "Embed", pb.EmbedRequest(method_key=keys[0].for_method("dwtdct").to_bytes(), image=embedded.image,
+                                     output="residual"), "no output modes"),
     }
 
 
 @pytest.mark.parametrize("case", ["not an image", "truncated png", "zero-size", "bomb header", "wrong size",
                                   "unknown method", "unknown model", "short key", "no key", "no source",
-                                  "bad fpr"])
+                                  "bad fpr", "unknown output", "output with generate",
+                                  "output for a method without modes"])
 def test_bad_input_is_invalid_argument_and_ledger_unchanged(server, keys, embedded, case):
+    if case == "output for a method without modes" and "dwtdct" not in server.pool.get("").available:
+        pytest.skip("dwtdct needs the 'bench' extra (invisible-watermark)")
     rpc, req, needle = _bad_requests(keys, embedded)[case]
     before = server.ledger.count()
     channel, stub, md = _raw(server)

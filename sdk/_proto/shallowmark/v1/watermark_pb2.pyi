@@ -18,18 +18,20 @@ class GenerateSource(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("generate", "image", "method", "model", "method_key")
+    __slots__ = ("generate", "image", "method", "model", "method_key", "output")
     GENERATE_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     METHOD_KEY_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
     generate: GenerateSource
     image: bytes
     method: str
     model: str
     method_key: bytes
-    def __init__(self, generate: _Optional[_Union[GenerateSource, _Mapping]] = ..., image: _Optional[bytes] = ..., method: _Optional[str] = ..., model: _Optional[str] = ..., method_key: _Optional[bytes] = ...) -> None: ...
+    output: str
+    def __init__(self, generate: _Optional[_Union[GenerateSource, _Mapping]] = ..., image: _Optional[bytes] = ..., method: _Optional[str] = ..., model: _Optional[str] = ..., method_key: _Optional[bytes] = ..., output: _Optional[str] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
     __slots__ = ("image", "key_id", "method", "model", "image_sha256", "request_id", "notes", "model_evals")
