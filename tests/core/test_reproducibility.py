@@ -212,6 +212,25 @@ def test_variant_folder_may_reuse_the_embedded_autoencoder(tmp_path, tiny_ldm):
         load_backend("tiny-ldm", path=folder)
 
 
+def test_committed_variant_is_a_second_trained_model(tiny_ldm):
+    """core/assets/tiny-ldm-b (in the repository, not the wheel): found by the analysis' default
+    models, the shipped recipe with seed 1, and a different denoiser on the same autoencoder."""
+    from shallowmark.core.backends import load_backend
+    from shallowmark.core.reproducibility import ASSETS, default_models
+
+    folder = ASSETS / "tiny-ldm-b"
+    if not (folder / "unet").is_dir():
+        pytest.skip("the variant is not installed (a wheel install ships only tiny-ldm)")
+    assert [s.label for s in default_models()][:2] == ["shipped", "variant-b"]
+    log = json.loads((folder / "training_log.json").read_text())
+    assert log["config"]["seed"] == 1 and log["unet_steps"] == 3522 and log["config"]["unet_batch"] == 128
+    assert log["final"]["unet_loss"] < 0.05
+    b = load_backend("tiny-ldm", path=folder)
+    for p, q in zip(b.vae.parameters(), tiny_ldm.vae.parameters()):
+        assert torch.equal(p, q)
+    assert any(not torch.equal(p, q) for p, q in zip(b.unet.parameters(), tiny_ldm.unet.parameters()))
+
+
 def test_training_with_a_fixed_number_of_unet_steps(tmp_path):
     from shallowmark.core.train_default import TrainConfig, train_default
 
