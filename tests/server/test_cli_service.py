@@ -41,6 +41,13 @@ def test_keys_embed_verify(server, env, tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["key_id"] == second and out.read_bytes().startswith(b"\x89PNG")
 
+    marked = tmp_path / "marked-upload.png"   # an upload, returned as its own pixels + the mark
+    assert main(["embed", *common, "--image", str(out), "--output", "residual", "--out", str(marked)]) == 0
+    assert marked.read_bytes().startswith(b"\x89PNG")
+    capsys.readouterr()
+    assert main(["embed", *common, "--seed", "4", "--output", "residual", "--out", str(tmp_path / "x.png")]) == 2
+    assert "--output applies to --image" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"nope")
     assert main(["verify", *common, str(out), str(junk), "--json"]) == 2   # one file failed
