@@ -445,7 +445,9 @@ def _cmd_loadtest(args) -> int:
             raise ShallowmarkError(f"--clients takes comma-separated integers, e.g. 1,4,16; got {args.clients!r}")
         if not kw["clients"] or min(kw["clients"]) < 1:
             raise ShallowmarkError("--clients needs positive integers")
-    for name in ("requests", "steps", "max_batch", "max_wait_ms", "threads", "device"):
+    if args.min_seconds is not None and not args.min_seconds >= 0:
+        raise ShallowmarkError(f"--min-seconds needs a number >= 0; got {args.min_seconds}")
+    for name in ("requests", "min_seconds", "steps", "max_batch", "max_wait_ms", "threads", "device"):
         if getattr(args, name) is not None:
             kw[{"requests": "requests_per_level", "steps": "num_steps"}.get(name, name)] = getattr(args, name)
     if args.threads is not None and args.threads < 1:
@@ -593,7 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--out", default="docs/benchmarks/service")
     lt.add_argument("--quick", action="store_true", help="smoke size (10 steps, few requests): checks, not numbers")
     lt.add_argument("--clients", help="comma-separated concurrent client counts (default 1,4,16)")
-    lt.add_argument("--requests", type=int, help="requests per (clients, batching) row (default 48)")
+    lt.add_argument("--requests", type=int, help="requests per (clients, batching) row, at least (default 48)")
+    lt.add_argument("--min-seconds", type=float, help="each row runs at least this long (default 10; --quick 0)")
     lt.add_argument("--steps", type=int, help="DDIM steps of shallow-diffuse (default 50; verify inverts 30%%)")
     lt.add_argument("--max-batch", type=int, help="server max batch (default 8)")
     lt.add_argument("--max-wait-ms", type=float, help="server max wait for a batch to fill (default 5)")

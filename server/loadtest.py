@@ -62,6 +62,9 @@ class LoadtestConfig:
 
     clients: tuple[int, ...] = (1, 4, 16)
     requests_per_level: int = 48      # per (clients, batching) level, spread over the clients
+    # and each level runs for at least this long: on a GPU 48 requests at 16 clients take ~2 s, and
+    # the first batches (formed while the clients connect) then weigh on the row
+    min_seconds: float = 10.0
     num_steps: int = 50               # DDIM steps of the method (verify inverts 30 % of them)
     max_batch: int = 8
     max_wait_ms: float = 5.0
@@ -74,7 +77,8 @@ class LoadtestConfig:
 
     @classmethod
     def quick_config(cls, **kw) -> "LoadtestConfig":
-        base = dict(clients=(1, 4, 16), requests_per_level=8, num_steps=10, inprocess_images=4, quick=True)
+        base = dict(clients=(1, 4, 16), requests_per_level=8, min_seconds=0.0, num_steps=10, inprocess_images=4,
+                    quick=True)
         base.update(kw)
         return cls(**base)
 
@@ -88,8 +92,9 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _level(address: str, token: str, image: bytes, keys, clients: int, total: int) -> dict:
-    """``total`` Verify calls from ``clients`` threads (one Client each), back to back."""
+def _level(address: str, token: str, image: bytes, keys, clients: int, total: int, min_seconds: float = 0.0) -> dict:
+    """At least ``total`` Verify calls from ``clients`` threads (one Client each), back to back; the
+    clients keep sending until ``min_seconds`` have passed too."""
     from shallowmark.client import Client
 
     per = [total // clients + (1 if i < total % clients else 0) for i in range(clients)]
@@ -102,7 +107,9 @@ def _level(address: str, token: str, image: bytes, keys, clients: int, total: in
         with Client(address, token, timeout=600, retries=0) as c:
             c.info()  # connect before the clock starts
             start.wait()
-            for _ in range(n):
+            begin, sent = time.perf_counter(), 0
+            while sent < n or time.perf_counter() - begin < min_seconds:
+                sent += 1
                 t0 = time.perf_counter()
                 try:
                     res = c.verify(image, keys, method=METHOD)
@@ -209,7 +216,7 @@ def run_loadtest(out: str | os.PathLike[str], config: LoadtestConfig | None = No
                 for batching in (True, False):
                     app = apps[batching]
                     before = app.pool.stats()
-                    r = _level(app.address, token, image, mks, n, max(cfg.requests_per_level, n))
+                    r = _level(app.address, token, image, mks, n, max(cfg.requests_per_level, n), cfg.min_seconds)
                     after = app.pool.stats()
                     r.update(clients=n, batching=batching, batches=after["batches"] - before["batches"],
                              batch_sizes=_size_diff(after["sizes"], before["sizes"]),
@@ -234,7 +241,8 @@ def run_loadtest(out: str | os.PathLike[str], config: LoadtestConfig | None = No
         command=command,
         config=dict(model="tiny-ldm", method=METHOD, num_steps=cfg.num_steps, verify_model_evals=verify_evals,
                     keys_per_verify=cfg.n_keys, max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms,
-                    vae_batch=vae_chunk, requests_per_level=cfg.requests_per_level, device=cfg.device,
+                    vae_batch=vae_chunk, requests_per_level=cfg.requests_per_level,
+                    min_seconds=cfg.min_seconds, device=cfg.device,
                     quick=cfg.quick),
         environment=dict(python=platform.python_version(), torch=torch.__version__,
                          torch_threads=torch.get_num_threads(), omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
@@ -285,6 +293,11 @@ def goals(rows: list[dict], inproc: float, inproc1: float) -> dict:
                 served_share_met=bool(share >= GOAL_SERVED_SHARE))
 
 
+def _min_seconds(c: dict) -> str:
+    s = c.get("min_seconds", 0.0)   # reports written before the option have no floor
+    return f" and at least {s:g} s per row" if s else ""
+
+
 def _markdown(rep: dict) -> str:
     c, e, g = rep["config"], rep["environment"], rep["goals"]
     lines = [
@@ -297,8 +310,9 @@ def _markdown(rep: dict) -> str:
         f"{e['torch_threads']} torch thread(s) (OMP_NUM_THREADS={e['omp_num_threads'] or 'unset'}), torch {e['torch']}, "
         f"Python {e['python']}, {e['platform']}. Each request verifies one 256x256 PNG against "
         f"{c['keys_per_verify']} keys with {c['method']} ({c['num_steps']} DDIM steps: one autoencoder encode and "
-        f"{c['verify_model_evals']} denoiser evaluations per verify). {c['requests_per_level']} requests per row "
-        f"(or one per client if more), sent back to back by the clients (one thread and one connection each); "
+        f"{c['verify_model_evals']} denoiser evaluations per verify). At least {c['requests_per_level']} requests "
+        f"per row (or one per client if more){_min_seconds(c)}, sent back to back by the clients (one thread and one "
+        f"connection each); "
         f"the on and off rows of a client count ran one right after the other. Micro-batching: max batch "
         f"{c['max_batch']}, max wait {c['max_wait_ms']:g} ms, autoencoder "
         f"{'one image at a time' if c['vae_batch'] == 1 else (str(c['vae_batch']) + ' images per call') if c['vae_batch'] else 'on the whole batch'} "

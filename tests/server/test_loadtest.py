@@ -39,3 +39,26 @@ def test_quick_loadtest_writes_the_report(tmp_path, capsys):
     assert "| clients | batching | req/s |" in md and "quick smoke size" in md and "## Goals" in md
     assert md.endswith("## Notes\n\nhand-written analysis\n")
     assert "In process, no RPC" in capsys.readouterr().out
+
+
+def test_rows_run_for_at_least_min_seconds(tmp_path):
+    """``--min-seconds``: the clients keep sending past the request count until the floor has passed
+    (a GPU answers 48 requests in about 2 s, too short a row to measure)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(["loadtest", "--quick", "--clients", "1", "--requests", "1", "--min-seconds", "2",
+                     "--threads", "1", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["config"]["min_seconds"] == 2.0
+    for r in rep["throughput"]:
+        assert r["wall_s"] >= 2.0 and r["requests"] > 1 and r["errors"] == 0
+    assert "at least 2 s per row" in (tmp_path / "report.md").read_text()
+
+
+def test_negative_min_seconds_is_refused(tmp_path, capsys):
+    assert main(["loadtest", "--quick", "--min-seconds", "-1", "--out", str(tmp_path)]) == 2
+    assert "--min-seconds needs a number >= 0" in capsys.readouterr().err
