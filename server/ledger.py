@@ -30,6 +30,7 @@ import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Callable
 
 # The record type is the SDK's: the server and the clients that list the ledger share one definition.
 from shallowmark.client import LedgerEntry
@@ -67,6 +68,35 @@ def _check_page_size(page_size: int) -> None:
 def _reused_id(request_id: str) -> InvalidParameterError:
     return InvalidParameterError(f"request id {request_id!r} was already used for a different embed; "
                                  "send a fresh x-request-id for each new embed (reuse it only to retry)")
+
+
+def _list_query(table: str, ph: str, tenant: str, key_id: str | None, page_size: int,
+                page_token: str | None) -> tuple[str, list]:
+    """The paging query of ``list`` for either backend (``ph``: its placeholder, ``?`` or ``%s``);
+    one row more than the page, to tell whether another page follows."""
+    _check_page_size(page_size)
+    sql = (f"SELECT id, tenant, key_id, method, model, image_sha256, created_at, request_id, source "
+           f"FROM {table} WHERE tenant = {ph}")
+    args: list = [tenant]
+    if key_id:
+        sql += f" AND key_id = {ph}"
+        args.append(key_id)
+    if page_token:
+        sql += f" AND id < {ph}"
+        args.append(_decode_cursor(page_token))
+    sql += f" ORDER BY id DESC LIMIT {ph}"
+    args.append(page_size + 1)
+    return sql, args
+
+
+def _page(rows: list, page_size: int, created: Callable[[Any], datetime]) -> tuple[list[LedgerEntry], str]:
+    """Entries and next-page token from :func:`_list_query`'s rows; ``created`` reads the backend's
+    timestamp column."""
+    more = len(rows) > page_size
+    rows = rows[:page_size]
+    entries = [LedgerEntry(tenant=r[1], key_id=r[2], method=r[3], model=r[4], image_sha256=r[5],
+                           created_at=created(r[6]), request_id=r[7], source=r[8]) for r in rows]
+    return entries, (_encode_cursor(rows[-1][0]) if more else "")
 
 
 def _encode_cursor(row_id: int) -> str:
@@ -132,29 +162,13 @@ class SQLiteLedger:
     def list(self, tenant: str, *, key_id: str | None = None, page_size: int = 100,
              page_token: str | None = None) -> tuple[list[LedgerEntry], str]:
         """The tenant's entries, newest first, and the token of the next page ("" on the last)."""
-        _check_page_size(page_size)
-        sql = ("SELECT id, tenant, key_id, method, model, image_sha256, created_at, request_id, source "
-               "FROM embeds WHERE tenant = ?")
-        args: list = [tenant]
-        if key_id:
-            sql += " AND key_id = ?"
-            args.append(key_id)
-        if page_token:
-            sql += " AND id < ?"
-            args.append(_decode_cursor(page_token))
-        sql += " ORDER BY id DESC LIMIT ?"
-        args.append(page_size + 1)
+        sql, args = _list_query("embeds", "?", tenant, key_id, page_size, page_token)
         try:
             with self._lock:
                 rows = self._db.execute(sql, args).fetchall()
         except sqlite3.Error as e:
             raise LedgerError(f"cannot read the ledger: {e}") from None
-        more = len(rows) > page_size
-        rows = rows[:page_size]
-        entries = [LedgerEntry(tenant=r[1], key_id=r[2], method=r[3], model=r[4], image_sha256=r[5],
-                               created_at=datetime.fromisoformat(r[6]), request_id=r[7], source=r[8])
-                   for r in rows]
-        return entries, (_encode_cursor(rows[-1][0]) if more else "")
+        return _page(rows, page_size, datetime.fromisoformat)
 
     def count(self, tenant: str | None = None) -> int:
         """Number of rows (of one tenant, or all)."""
@@ -307,25 +321,9 @@ class PostgresLedger:
     def list(self, tenant: str, *, key_id: str | None = None, page_size: int = 100,
              page_token: str | None = None) -> tuple[list[LedgerEntry], str]:
         """As :meth:`SQLiteLedger.list`: newest first, and the next page's token ("" on the last)."""
-        _check_page_size(page_size)
-        sql = ("SELECT id, tenant, key_id, method, model, image_sha256, created_at, request_id, source "
-               f"FROM {_PG_TABLE} WHERE tenant = %s")
-        args: list = [tenant]
-        if key_id:
-            sql += " AND key_id = %s"
-            args.append(key_id)
-        if page_token:
-            sql += " AND id < %s"
-            args.append(_decode_cursor(page_token))
-        sql += " ORDER BY id DESC LIMIT %s"
-        args.append(page_size + 1)
+        sql, args = _list_query(_PG_TABLE, "%s", tenant, key_id, page_size, page_token)
         rows = self._run("read", lambda db: db.execute(sql, args).fetchall())
-        more = len(rows) > page_size
-        rows = rows[:page_size]
-        entries = [LedgerEntry(tenant=r[1], key_id=r[2], method=r[3], model=r[4], image_sha256=r[5],
-                               created_at=r[6].astimezone(timezone.utc), request_id=r[7], source=r[8])
-                   for r in rows]
-        return entries, (_encode_cursor(rows[-1][0]) if more else "")
+        return _page(rows, page_size, lambda t: t.astimezone(timezone.utc))
 
     def count(self, tenant: str | None = None) -> int:
         """Number of rows (of one tenant, or all)."""
