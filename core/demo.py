@@ -85,6 +85,7 @@ def run_demo(out: Path, *, num_steps: int = 50, target_fpr: float = 1e-3, worker
     from shallowmark.attacks import apply_attack
     from shallowmark.attestation import verify_attestation
     from shallowmark.client import Client
+    from shallowmark.core.images import psnr
     from shallowmark.core.photos import center_crop, heldout_photo
     from shallowmark.keystore import Keystore
     from shallowmark.server.app import ServerApp
@@ -141,8 +142,8 @@ def run_demo(out: Path, *, num_steps: int = 50, target_fpr: float = 1e-3, worker
                     plain = app.pool.method(lm, METHOD).reference([1])[0]
                 controls = {"photo, no watermark": _png(photo), "seed 1, no watermark": _png(plain)}
                 fidelity = {
-                    "generated seed 1 vs its unwatermarked twin": _psnr(_decode(marked["generated seed 1"][0]), plain),
-                    "photo watermarked vs original": _psnr(_decode(marked["photo (uploaded)"][0]), photo),
+                    "generated seed 1 vs its unwatermarked twin": psnr(_decode(marked["generated seed 1"][0]), plain),
+                    "photo watermarked vs original": psnr(_decode(marked["photo (uploaded)"][0]), photo),
                 }
 
                 # -- attacks ----------------------------------------------------------------------------
@@ -222,9 +223,3 @@ def run_demo(out: Path, *, num_steps: int = 50, target_fpr: float = 1e-3, worker
     log(f"wrote {len(cases)} images (images/), contact_sheet.png and summary.json to {out}/ in "
         f"{summary['timings_s']['total_s']:.0f} s")
     return 0
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    from shallowmark.core.images import psnr
-
-    return float(psnr(a, b))

@@ -208,7 +208,7 @@ def check_output_mode(value: str, method) -> str:
     ``output_modes``."""
     if not value:
         return ""
-    modes = tuple(getattr(method, "output_modes", ()))
+    modes = method.output_modes
     if not modes:
         raise InvalidParameterError(f"{method.name} has no output modes: leave 'output' empty")
     if value not in modes:

@@ -77,18 +77,15 @@ def test_post_hoc_round_trips(client_a, server, keys, photo, method):
     assert (uploaded.image_sha256, "image") in sources
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float(10 * np.log10(255.0 ** 2 / mse))
-
-
 def test_residual_output_keeps_the_uploaded_photo(client_a, server, keys, photo):
     """``output="residual"`` returns the photo plus only the watermark's change: much closer to the
     upload than the decoder's output, and still identified among the keys."""
+    from shallowmark.core.images import psnr
+
     before = server.ledger.count()
     dec = client_a.embed(keys[1], method="shallow-diffuse", image=photo, output="decode")
     res = client_a.embed(keys[1], method="shallow-diffuse", image=photo, output="residual")
-    p_dec, p_res = _psnr(dec.to_array(), photo), _psnr(res.to_array(), photo)
+    p_dec, p_res = psnr(dec.to_array(), photo), psnr(res.to_array(), photo)
     assert p_res > p_dec + 5, (p_res, p_dec)
     for out in (dec, res):
         v = client_a.verify(out.image, keys, method="shallow-diffuse")
