@@ -29,7 +29,7 @@ def _need(extra: str, feature: str):
 # -- train-default ---------------------------------------------------------------------------------
 def _cmd_train_default(args) -> int:
     _need("core", "train-default")
-    from shallowmark.core.train_default import TrainConfig, train_default
+    from shallowmark.research.train_default import TrainConfig, train_default
 
     photos = {}
     if args.photos:
@@ -83,7 +83,7 @@ def _cmd_bench_core(args) -> int:
     _need("core", "bench-core")
     from shallowmark.core.backends import load_backend
     from shallowmark.core.backends.tiny_ldm import DEFAULT_PATH
-    from shallowmark.core.foundation_report import measure, write_reports
+    from shallowmark.research.foundation_report import measure, write_reports
 
     model_dir = Path(args.model) if args.model else DEFAULT_PATH
     backend = load_backend("tiny-ldm", path=model_dir)
@@ -155,18 +155,18 @@ def _cmd_bench(args) -> int:
 def _cmd_analyze(args) -> int:
     _need("core", "analyze")
     if args.analysis == "molrg":
-        from shallowmark.core.molrg_theory import run_molrg_analysis
+        from shallowmark.research.molrg_theory import run_molrg_analysis
 
         out = args.out or "docs/analysis/molrg"
         run_molrg_analysis(out, quick=args.quick, seed=args.seed)
     elif args.analysis == "loco-edit":
-        from shallowmark.core.loco_edit import run_loco_edit_analysis
+        from shallowmark.research.loco_edit import run_loco_edit_analysis
 
         out = args.out or "docs/analysis/loco-edit"
         run_loco_edit_analysis(out, quick=args.quick, seed=args.seed, command=args.invocation,
                                log=lambda m: print(m, flush=True))
     elif args.analysis == "jacobian-rank":
-        from shallowmark.core import jacobian_rank
+        from shallowmark.research import jacobian_rank
 
         out = args.out or "docs/analysis/jacobian-rank"
         jacobian_rank.run_jacobian_rank_analysis(
@@ -174,7 +174,7 @@ def _cmd_analyze(args) -> int:
             tol=jacobian_rank.DEFAULT_TOL if args.tol is None else args.tol,
             margin=jacobian_rank.DEFAULT_MARGIN if args.margin is None else args.margin)
     elif args.analysis == "reproducibility":
-        from shallowmark.core.reproducibility import run_reproducibility_analysis
+        from shallowmark.research.reproducibility import run_reproducibility_analysis
 
         out = args.out or "docs/analysis/reproducibility"
         run_reproducibility_analysis(out, quick=args.quick, seed=args.seed, sscd=args.sscd, command=args.invocation,
@@ -188,7 +188,7 @@ def _cmd_edit(args) -> int:
     _need("core", "edit")
     from PIL import Image
 
-    from shallowmark.core import loco_edit
+    from shallowmark.research import loco_edit
     from shallowmark.core.backends import load_backend
 
     # Every input check before the model loads: a typo costs nothing.

@@ -109,7 +109,7 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         self.config.validate(backend.latent_shape)
         self.grid = ddim.make_grid(backend, self.config.num_steps)
         if self.config.t_star == "auto":
-            from shallowmark.core.jacobian_rank import auto_t_star
+            from shallowmark.core.t_star import auto_t_star
 
             self.t_star = auto_t_star(backend, num_steps=self.config.num_steps)
         else:

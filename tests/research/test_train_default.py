@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from shallowmark.core.pca_codec import fit_patch_pca
-from shallowmark.core.train_default import TrainConfig, train_default
+from shallowmark.research.pca_codec import fit_patch_pca
+from shallowmark.research.train_default import TrainConfig, train_default
 from shallowmark.errors import InvalidParameterError
 
 

@@ -12,7 +12,7 @@ import torch
 
 from shallowmark.core import ddim
 from shallowmark.core import jacobian as jac
-from shallowmark.core import loco_edit as le
+from shallowmark.research import loco_edit as le
 from shallowmark.core.backends import load_backend
 from shallowmark.errors import InvalidImageError, InvalidParameterError
 

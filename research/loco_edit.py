@@ -579,7 +579,7 @@ def run_loco_edit_analysis(out_dir, quick: bool = False, *, seed: int = 0, comma
 
     report = dict(
         analysis="loco-edit", quick=bool(quick), seed=seed, command=command,
-        python_api=f"shallowmark.core.loco_edit.run_loco_edit_analysis({str(out)!r}, quick={bool(quick)}, seed={seed})",
+        python_api=f"shallowmark.research.loco_edit.run_loco_edit_analysis({str(out)!r}, quick={bool(quick)}, seed={seed})",
         torch_version=torch.__version__, torch_threads=torch.get_num_threads(), backend=backend.name,
         config=dict(asdict(cfg), lambdas=list(cfg.lambdas), t_sweep=list(cfg.t_sweep)),
         definitions={

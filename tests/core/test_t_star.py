@@ -1,3 +1,6 @@
+"""The rank profile of the posterior-mean Jacobian, the rule for t* and auto_t_star (core.t_star).
+The analysis and its report are tested in tests/research/test_jacobian_rank.py."""
+
 import json
 
 import numpy as np
@@ -5,15 +8,9 @@ import pytest
 import torch
 
 from shallowmark.core import jacobian as J
-from shallowmark.core import jacobian_rank as R
+from shallowmark.core import t_star as R
 from shallowmark.core.backends import load_backend
 from shallowmark.errors import InvalidParameterError
-
-
-@pytest.fixture(scope="module")
-def molrg_k1():
-    """Analytic MoLRG, one cluster of rank 5 in d = 64: J = √ᾱ_t·U Uᵀ exactly (α² + β² = 1)."""
-    return load_backend("analytic", latent_shape=(1, 8, 8), rank=5, clusters=1, seed=3)
 
 
 def _synthetic(ratios, positions, d=10, num_steps=50, images=1):
@@ -54,18 +51,6 @@ def test_profile_two_clusters_rank_between_r_and_kr():
     b = load_backend("analytic", latent_shape=(1, 8, 8), rank=3, clusters=2, seed=1)
     prof = R.rank_profile(b, b.sample_data(3, seed=2), fractions=(0.2, 0.6), crop=None, tol=1e-6)
     assert np.all(prof.ratios() >= 3 / 64) and np.all(prof.ratios() <= 6 / 64)
-
-
-def test_full_size_check_known_answer(molrg_k1):
-    x0 = molrg_k1.sample_data(2, seed=4)
-    chk = R.full_size_check(molrg_k1, x0, fractions=(0.3, 0.7), top_fractions=(0.7,), rank=5, iters=3, probes=64)
-    abar = molrg_k1.alphas_cumprod[list(chk.timesteps)].numpy()
-    assert chk.gain.shape == chk.participation.shape == (2, 2)
-    assert chk.top_fractions == (0.7,) and np.allclose(chk.sigma_max, np.sqrt(abar[1]), rtol=1e-6)
-    # Hutchinson estimates of Σσ²/d = r·ᾱ/d and of the participation ratio r/d (J = √ᾱ·UUᵀ)
-    assert np.allclose(chk.gain, 5 * abar[None] / 64, rtol=0.3)
-    assert np.all(chk.participation_stderr > 0) and np.all(chk.participation_stderr < 0.02)
-    assert np.all(np.abs(chk.participation - 5 / 64) < 4 * chk.participation_stderr + 1e-9)
 
 
 def test_choose_t_star_on_synthetic_profile():
@@ -115,8 +100,6 @@ def test_bad_input_is_rejected(molrg_k1, tiny_ldm):
         R.photo_latents(tiny_ldm, ["nope"])
     with pytest.raises(InvalidParameterError, match="no photos"):
         R.photo_latents(tiny_ldm, [])
-    with pytest.raises(InvalidParameterError, match="probes"):
-        R.full_size_check(molrg_k1, x0, fractions=[0.3], probes=1)
     big = load_backend("analytic", latent_shape=(4, 64, 64), rank=2, seed=0)
     with pytest.raises(InvalidParameterError, match="give t\\* as a number"):
         R.auto_t_star(big, cache=False)
@@ -145,31 +128,6 @@ def test_auto_t_star_caches_per_model(molrg_k1, tmp_path, monkeypatch):
     assert R.model_fingerprint(other) != R.model_fingerprint(molrg_k1)
     assert R.model_fingerprint(load_backend("analytic", latent_shape=(1, 8, 8), rank=5, clusters=1, seed=3)) \
         == R.model_fingerprint(molrg_k1)
-
-
-def test_cli_quick_writes_report(tiny_ldm, tmp_path, monkeypatch, capsys):
-    import shallowmark.core.backends as backends
-    from shallowmark.cli import main
-
-    monkeypatch.setattr(backends, "load_backend", lambda name="tiny-ldm", **kw: tiny_ldm)  # reuse the session's
-    out = tmp_path / "jr"
-    assert main(["analyze", "jacobian-rank", "--quick", "--out", str(out)]) == 0
-    for name in ("report.md", "report.json", "rank_profile.png", "cross_check.png"):
-        assert (out / name).stat().st_size > 0
-    rep = json.loads((out / "report.json").read_text())
-    assert rep["quick"] is True and "--quick" in rep["command"] and rep["settings"]["tol"] == 0.01
-    prof = rep["profile"]
-    assert len(prof["rank_ratio_mean"]) == len(prof["t_fraction"]) == 4
-    assert all(0 < r <= 1 for r in prof["rank_ratio_mean"])
-    auto = rep["t_star"]["auto"]
-    assert 0.1 <= auto <= 0.7 and rep["t_star"]["compare"]["auto"]["position"] == round(auto * 50)
-    assert rep["t_star"]["compare"]["reference"]["position"] == 15
-    assert all(0 < e < 1 for e in rep["round_trip"]["rel_l2_mean"])
-    md = (out / "report.md").read_text()
-    assert rep["command"] in md and "## t* vs 0.3T" in md
-    capsys.readouterr()
-    assert main(["analyze", "jacobian-rank", "--quick", "--out", str(out), "--tol", "1.5"]) == 2
-    assert "tolerance must be in (0, 1)" in capsys.readouterr().err
 
 
 @pytest.mark.slow

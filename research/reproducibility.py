@@ -6,7 +6,7 @@
 - **GL** of a model: ``GL = 1 − P(max_i sim(x, y_i) > 0.6)`` over its samples x and the training set
   {y_i}: the share of samples that are *not* copies of a training image.
 
-The similarity is a copy-detection descriptor (:mod:`shallowmark.core.descriptors`): SSCD from a
+The similarity is a copy-detection descriptor (:mod:`shallowmark.research.descriptors`): SSCD from a
 local TorchScript file when given, else the documented thumbnail stand-in. Every result carries the
 descriptor's name.
 
@@ -39,8 +39,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from shallowmark.core.descriptors import Descriptor, load_descriptor
-from shallowmark.core.threads import single_thread
+from shallowmark.research.descriptors import Descriptor, load_descriptor
+from shallowmark.research.threads import single_thread
 from shallowmark.errors import InvalidParameterError
 
 THRESHOLD = 0.6  # SSCD's copy threshold, used by the talk for both scores
@@ -427,7 +427,7 @@ def training_crops(photos: dict[str, np.ndarray], n: int, seed: int, colour: flo
     """``n`` crops drawn by the training code's own sampler (random scale, position, flip, and the colour
     augmentation at the strength the denoiser's latents got), uint8 at 256²."""
     from shallowmark.core.images import to_uint8
-    from shallowmark.core.train_default import CropSampler
+    from shallowmark.research.train_default import CropSampler
 
     sampler = CropSampler(photos, torch.device("cpu"), torch.Generator().manual_seed(seed))
     return to_uint8(sampler.sample(n, TRAIN_SIZE, colour=colour))
@@ -592,7 +592,7 @@ def run_reproducibility_analysis(out_dir, quick: bool = False, *, seed: int = 0,
     nearest_photos = {lab: _count([ref.labels[k][0] for k in nearest[lab]]) for lab in labels}
     report = dict(
         analysis="reproducibility", quick=bool(quick), seed=seed, command=command,
-        python_api=(f"shallowmark.core.reproducibility.run_reproducibility_analysis({str(out)!r}, quick={bool(quick)}, "
+        python_api=(f"shallowmark.research.reproducibility.run_reproducibility_analysis({str(out)!r}, quick={bool(quick)}, "
                     f"seed={seed}" + (f", sscd={sscd!r}" if sscd else "")
                     + (f", extra_models={[str(m) for m in extra_models]!r}" if extra_models else "") + ")"),
         torch_version=torch.__version__, machine=f"{platform.machine()} CPU, 1 thread",

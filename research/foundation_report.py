@@ -34,7 +34,7 @@ def _timed(fn, repeat: int = 3) -> float:
 
 @torch.no_grad()
 def measure(backend, quick: bool = False, t_star: float = 0.3, num_steps: int = 50) -> dict:
-    from shallowmark.core.pca_codec import fit_patch_pca
+    from shallowmark.research.pca_codec import fit_patch_pca
     from shallowmark.core.photos import center_crop, heldout_photo, training_photos
 
     g = ddim.make_grid(backend, num_steps)

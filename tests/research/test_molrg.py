@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from shallowmark.core.molrg import MoLRG
-from shallowmark.core.molrg_theory import (
+from shallowmark.research.molrg_theory import (
     largest_principal_angle,
     match_subspaces,
     pca_subspace,

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from shallowmark.core.descriptors import SSCDDescriptor, ThumbnailDescriptor, load_descriptor
+from shallowmark.research.descriptors import SSCDDescriptor, ThumbnailDescriptor, load_descriptor
 from shallowmark.core.photos import heldout_photo, training_photos
-from shallowmark.core.reproducibility import (
+from shallowmark.research.reproducibility import (
     THRESHOLD,
     build_reference_set,
     calibrate_descriptor,
@@ -216,7 +216,7 @@ def test_committed_variant_is_a_second_trained_model(tiny_ldm):
     """core/assets/tiny-ldm-b (in the repository, not the wheel): found by the analysis' default
     models, the shipped recipe with seed 1, and a different denoiser on the same autoencoder."""
     from shallowmark.core.backends import load_backend
-    from shallowmark.core.reproducibility import ASSETS, default_models
+    from shallowmark.research.reproducibility import ASSETS, default_models
 
     folder = ASSETS / "tiny-ldm-b"
     if not (folder / "unet").is_dir():
@@ -232,7 +232,7 @@ def test_committed_variant_is_a_second_trained_model(tiny_ldm):
 
 
 def test_training_with_a_fixed_number_of_unet_steps(tmp_path):
-    from shallowmark.core.train_default import TrainConfig, train_default
+    from shallowmark.research.train_default import TrainConfig, train_default
 
     rng = np.random.default_rng(0)
     photos = {"p": rng.integers(0, 256, (200, 220, 3), dtype=np.uint8)}

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from shallowmark.core.molrg import MoLRG
-from shallowmark.core.threads import single_thread
+from shallowmark.research.threads import single_thread
 from shallowmark.errors import InvalidParameterError
 
 DTYPE = torch.float64
@@ -715,7 +715,7 @@ def run_molrg_analysis(out_dir, quick: bool = False, *, seed: int = 0, command: 
 
     report = dict(
         analysis="molrg", quick=bool(quick), seed=seed, command=command,
-        python_api=f"shallowmark.core.molrg_theory.run_molrg_analysis({str(out)!r}, quick={bool(quick)}, seed={seed})",
+        python_api=f"shallowmark.research.molrg_theory.run_molrg_analysis({str(out)!r}, quick={bool(quick)}, seed={seed})",
         torch_version=torch.__version__, dtype="float64",
         schedule="t ~ U(t_min, t_max), alpha_t = cos(pi t / 2), beta_t = sin(pi t / 2)",
         t_range=list(DEFAULT_T_RANGE),
