@@ -103,59 +103,18 @@ def _model_fingerprint(backend, name: str, options: dict) -> str:
 
 def _method_params(m) -> dict:
     """The parameters that define a method instance (for the cache key and the report)."""
-    cfg = getattr(m, "config", None)
-    if cfg is not None and dataclasses.is_dataclass(cfg):
-        params = dataclasses.asdict(cfg)
-    else:
-        params = {k: v for k, v in vars(m).items()
-                  if not k.startswith("_") and isinstance(v, (int, float, str, bool, tuple)) and k != "name"}
-    return {"class": type(m).__name__, **params}
+    return {"class": type(m).__name__, **dataclasses.asdict(m.config)}
 
 
 # -- detection with shared inversions ------------------------------------------------------------------
-def _detect_batch(backend, methods: dict, keys: dict, images: np.ndarray, target_fpr: float) -> dict:
-    """Detections of every method in ``methods`` on one batch, sharing DDIM inversions.
+def _detect_batch(methods: dict, keys: dict, images: np.ndarray, target_fpr: float) -> dict:
+    """Detections of every method in ``methods`` on one batch, sharing DDIM inversions
+    (:func:`~shallowmark.core.watermarks.base.invert_shared`: Shallow Diffuse's x_t* on the way to
+    the x_T of Tree-Ring, RingID and Gaussian Shading, when their step counts agree)."""
+    from shallowmark.core.watermarks import invert_shared
 
-    Shallow Diffuse reads the latent at its t* (``detect_latent``), Tree-Ring / RingID / Gaussian
-    Shading read x_T (``detect_noise``); methods with the same step count share one inversion.
-    Other methods run their own ``detect``.
-    """
-    import torch
-
-    from shallowmark.core import ddim
-    from shallowmark.core.images import to_tensor
-
-    targets: dict[int, set] = {}
-    grids: dict[int, Any] = {}
-    for m in methods.values():
-        if hasattr(m, "detect_latent") and hasattr(m, "k_star"):
-            pos = int(m.k_star)
-        elif hasattr(m, "detect_noise") and hasattr(m, "grid"):
-            pos = int(m.grid.num_steps)
-        else:
-            continue
-        targets.setdefault(m.grid.num_steps, set()).add(pos)
-        grids.setdefault(m.grid.num_steps, m.grid)
-    latents: dict[tuple[int, int], torch.Tensor] = {}
-    if targets:
-        with torch.no_grad():
-            z0 = backend.encode(to_tensor(images).to(backend.device))
-        for ns, positions in targets.items():
-            x, cur = z0, 0
-            for pos in sorted(positions):
-                x = ddim.invert(backend, x, grids[ns], cur, pos)
-                latents[(ns, pos)] = x
-                cur = pos
-    out = {}
-    for name, m in methods.items():
-        if hasattr(m, "detect_latent") and hasattr(m, "k_star"):
-            out[name] = m.detect_latent(latents[(m.grid.num_steps, int(m.k_star))], keys[name], target_fpr)
-        elif hasattr(m, "detect_noise") and hasattr(m, "grid"):
-            ns = m.grid.num_steps
-            out[name] = m.detect_noise(latents[(ns, ns)], keys[name], target_fpr, model_evals=ns)
-        else:
-            out[name] = m.detect(images, keys[name], target_fpr)
-    return out
+    inverted = invert_shared(methods, images)
+    return {name: m.score(inverted[name], keys[name], target_fpr) for name, m in methods.items()}
 
 
 def _attack_rng(setting: AttackSetting, kind: str, method: str, seed: int) -> np.random.Generator:
@@ -218,7 +177,8 @@ def run_bench(config: BenchConfig, progress: bool = True, backend=None, log=None
     import torch
     from tqdm import tqdm
 
-    from shallowmark.core.watermarks import DIFFUSION_METHODS, load_method
+    from shallowmark.core.watermarks import load_method
+    from shallowmark.methods import LATENT, method_spec
 
     if backend is None:
         from shallowmark.core.backends import load_backend
@@ -230,7 +190,7 @@ def run_bench(config: BenchConfig, progress: bool = True, backend=None, log=None
     methods = {}
     for name in method_names:
         kw = {}
-        if config.num_steps is not None and name in DIFFUSION_METHODS:
+        if config.num_steps is not None and method_spec(name).kind == LATENT:
             kw["num_steps"] = int(config.num_steps)
         kw.update(dict(config.method_config).get(name, {}))
         methods[name] = load_method(name, backend, **kw)
@@ -245,11 +205,12 @@ def run_bench(config: BenchConfig, progress: bool = True, backend=None, log=None
     def folder(name: str, kind: str, key_id: str = "") -> str:
         return f"{img_root}/{kind}-{name}-{_h([__version__, params[name]], 10)}" + (f"/{key_id[:16]}" if key_id else "")
 
-    ref_name = next((m for m in method_names if m in DIFFUSION_METHODS), method_names[0])
+    latent = [m for m in method_names if methods[m].kind == LATENT]
+    ref_name = latent[0] if latent else method_names[0]
     # The shared unwatermarked images are plain samples of the model: name them by what makes them
     # (sampler and step count), not by the key parameters of the method that draws them, so that
     # retuning one method's key does not invalidate every method's negatives.
-    sampler = params[ref_name].get("num_steps") if ref_name in DIFFUSION_METHODS else None
+    sampler = params[ref_name].get("num_steps") if ref_name in latent else None
     neg_folder = f"{img_root}/reference-plain-{_h([__version__, 'ddim', sampler], 10)}" if sampler else \
         folder(ref_name, "reference")
     n_work = (n * (1 + len(methods))) + len(attacks) * n * (1 + len(methods))
@@ -286,7 +247,7 @@ def run_bench(config: BenchConfig, progress: bool = True, backend=None, log=None
                 ref_shared[name] = _same_image(first[seeds[0]], neg_images[seeds[0]])
             # -- watermarked images --------------------------------------------------------------------
             pos_images: dict[str, dict[int, np.ndarray]] = {}
-            posthoc = {name: (name not in DIFFUSION_METHODS and methods[name].supports_embed and ref_shared[name])
+            posthoc = {name: (name not in latent and methods[name].supports_embed and ref_shared[name])
                        for name in method_names}
             for name in method_names:
                 m = methods[name]
@@ -334,7 +295,7 @@ def run_bench(config: BenchConfig, progress: bool = True, backend=None, log=None
                 for chunk in _chunks(union, batch):
                     attacked = _apply(setting, np.stack([neg_images[s] for s in chunk]), chunk, "neg", "", backend)
                     todo = {name: methods[name] for name in method_names if need[name] & set(chunk)}
-                    dets = _detect_batch(backend, todo, keys, attacked, fpr)
+                    dets = _detect_batch(todo, keys, attacked, fpr)
                     rows = []
                     for name, ds in dets.items():
                         ctx = ctx_of(name, setting, "neg")
@@ -350,7 +311,7 @@ def run_bench(config: BenchConfig, progress: bool = True, backend=None, log=None
                         attacked = _apply(setting, np.stack([pos_images[name][s] for s in chunk]), chunk, "pos",
                                           name, backend)
                         t0 = time.perf_counter()
-                        dets = _detect_batch(backend, {name: methods[name]}, keys, attacked, fpr)[name]
+                        dets = _detect_batch({name: methods[name]}, keys, attacked, fpr)[name]
                         cache.put_timings("verify", ctx, chunk, (time.perf_counter() - t0) / len(chunk))
                         cache.put_scores(rows_for(name, setting, "pos", chunk, dets, ctx))
                         bar.update(len(chunk))
@@ -380,7 +341,7 @@ def run_bench(config: BenchConfig, progress: bool = True, backend=None, log=None
                                          or [ctx_of(name, a, "pos") for a in attacks], seeds)
             evals = cache.scored(ctx_of(name, attacks[0], "pos"))[seeds[0]][4]
             cost.append(dict(method=name, embed_seconds=embed_s, verify_seconds=verify_s,
-                             verify_model_evals=int(evals), embed_model_evals=_embed_evals(m, name, posthoc[name])))
+                             verify_model_evals=int(evals), embed_model_evals=m.model_evals().generate))
     finally:
         bar.close()
         cache.close()
@@ -396,14 +357,6 @@ def run_bench(config: BenchConfig, progress: bool = True, backend=None, log=None
     return report
 
 
-def _embed_evals(m, name: str, posthoc: bool) -> int:
-    """Denoiser evaluations to make one watermarked image (sampling included)."""
-    g = getattr(m, "grid", None)
-    if posthoc or g is None:
-        return 50 if getattr(m, "backend", None) is not None else 0  # the plain 50-step sample, then embed
-    return int(g.num_steps) + int(getattr(m, "k_star", 0))  # Shallow Diffuse re-runs t*→0 on both paths
-
-
 def _machine(backend) -> dict:
     import torch
 
@@ -413,7 +366,7 @@ def _machine(backend) -> dict:
 
 
 def _config_record(config, method_names, attacks, params, key_ids, model_fp, ref_name, posthoc, backend) -> dict:
-    from shallowmark.core.watermarks import DIFFUSION_METHODS
+    from shallowmark.methods import LATENT, method_spec
 
     return _sanitize(dict(
         mode="in-process", methods=method_names,
@@ -428,7 +381,7 @@ def _config_record(config, method_names, attacks, params, key_ids, model_fp, ref
         cache_dir=str(config.resolved_cache_dir()), server=config.server, quick=bool(config.quick),
         unwatermarked_images=f"{ref_name}.reference(seeds), shared by all methods (same seeds as the watermarked)",
         posthoc_embedded_into_shared_references=[m for m in method_names if posthoc[m]],
-        diffusion_methods=[m for m in method_names if m in DIFFUSION_METHODS],
+        diffusion_methods=[m for m in method_names if method_spec(m).kind == LATENT],
         regen=dict(grid_steps=_regen.GRID_STEPS, default_strength=_regen.DEFAULT_STRENGTH),
         attack_rng="numpy default_rng([crc32(name|strength|pos-or-neg|method), seed]) per image",
         command=config.command or " ".join(sys.argv), versions=_versions(), machine=_machine(backend),

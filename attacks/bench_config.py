@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from shallowmark.errors import InvalidParameterError, MissingDependencyError, ShallowmarkError, check_choice
+from shallowmark.errors import InvalidParameterError, MissingDependencyError, ShallowmarkError, check_choice, check_int
 
 from . import regen as _regen  # noqa: F401  (registers the "regen" attack)
 from .registry import get_attack
@@ -136,11 +135,9 @@ def bench_keys(n: int, method: str):
 
 
 def _all_methods() -> tuple[str, ...]:
-    from shallowmark.keys import METHODS
+    from shallowmark.methods import method_names
 
-    # the canonical order of the methods registry, without importing torch
-    order = ("shallow-diffuse", "tree-ring", "ringid", "gaussian-shading", "dwtdct", "dwtdctsvd", "rivagan")
-    return tuple(m for m in order if m in METHODS) + tuple(m for m in METHODS if m not in order)
+    return method_names()  # the registry's canonical order, without importing torch
 
 
 def _default_cache_dir() -> Path:
@@ -222,27 +219,10 @@ class BenchConfig:
         return Path(self.cache_dir) if self.cache_dir is not None else _default_cache_dir()
 
 
-def _positive_int(name: str, v, lo: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < lo:
-        raise InvalidParameterError(f"{name} must be an integer >= {lo}; got {v!r}")
-    return int(v)
-
-
 def _method_kwarg_names(name: str) -> set[str]:
-    if name == "shallow-diffuse":
-        from shallowmark.core.watermarks.shallow_diffuse import ShallowDiffuseConfig
+    from shallowmark.core.watermarks import config_fields
 
-        return {f.name for f in dataclasses.fields(ShallowDiffuseConfig)}
-    if name in ("tree-ring", "ringid"):
-        from shallowmark.core.watermarks.tree_ring import TreeRingConfig
-
-        return {f.name for f in dataclasses.fields(TreeRingConfig)}
-    from shallowmark.core.watermarks import _CLASSES
-    import importlib
-
-    module, cls_name = _CLASSES[name]
-    cls = getattr(importlib.import_module(f"shallowmark.core.watermarks.{module}"), cls_name)
-    return {p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "backend")}
+    return set(config_fields(name))
 
 
 def validate_config(config: BenchConfig) -> tuple[list[str], list[AttackSetting]]:
@@ -295,13 +275,13 @@ def validate_config(config: BenchConfig) -> tuple[list[str], list[AttackSetting]
         from shallowmark.core.backends import backend_names
 
         check_choice("model", config.model, backend_names())
-    _positive_int("n", config.n)
+    check_int("n", config.n, 1)
     if isinstance(config.seed, bool) or not isinstance(config.seed, (int, np.integer)) or config.seed < 0:
         raise InvalidParameterError(f"seed must be an integer >= 0; got {config.seed!r}")
-    _positive_int("n_keys", config.n_keys)
-    _positive_int("batch", config.batch)
+    check_int("n_keys", config.n_keys, 1)
+    check_int("batch", config.batch, 1)
     if config.num_steps is not None:
-        _positive_int("num_steps", config.num_steps, 2)
+        check_int("num_steps", config.num_steps, 2)
     f = config.target_fpr
     if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < float(f) < 1.0:
         raise InvalidParameterError(f"target_fpr must be in (0, 1); got {f!r}")
@@ -318,14 +298,10 @@ def validate_config(config: BenchConfig) -> tuple[list[str], list[AttackSetting]
         if bad:
             raise InvalidParameterError(f"method_config[{m!r}]: unknown option(s) {sorted(bad)}; valid: "
                                         f"{', '.join(sorted(_method_kwarg_names(m)))}")
-    posthoc = [m for m in methods if m in ("dwtdct", "dwtdctsvd", "rivagan")]
-    if posthoc:
-        from shallowmark.core.watermarks.invisible import _imwatermark
+    from shallowmark.methods import method_spec
 
-        _imwatermark()
-        if "rivagan" in posthoc:
-            if importlib.util.find_spec("onnxruntime") is None:
-                raise MissingDependencyError("the rivagan baseline", "bench")
+    for m in methods:
+        method_spec(m).check_available()
     return methods, attacks
 
 

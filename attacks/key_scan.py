@@ -109,7 +109,7 @@ def run(out_dir: Path, candidates=DEFAULT_CANDIDATES, n: int = 16, attacks=DEFAU
     spectrum = _signal_vs_noise(z_ref, float(base.grid.alphas[base.k_star]))
 
     def inverted(images):
-        return torch.cat([base.invert_for_detection(images[i:i + batch]) for i in range(0, len(images), batch)])
+        return torch.cat([base.invert(images[i:i + batch]) for i in range(0, len(images), batch)])
 
     neg = {a: inverted(_attack_all(reference, a, 1)) for a in attacks}
     photos = user_photos(backend.image_size)[:n_user]
@@ -117,15 +117,15 @@ def run(out_dir: Path, candidates=DEFAULT_CANDIDATES, n: int = 16, attacks=DEFAU
     for cfg in configs:
         t0 = time.perf_counter()
         sd = ShallowDiffuse(backend, cfg)
-        z_wm = torch.cat([sd._finish(x_star[i:i + batch], [key] * len(x_star[i:i + batch]), None)[0]
+        z_wm = torch.cat([sd._finish(x_star[i:i + batch], [key] * len(x_star[i:i + batch]))[0]
                           for i in range(0, n, batch)])
         wm = _decode(backend, z_wm, batch)
         row = dict(config={k: getattr(cfg, k) for k in ("ring_centre", "inner_radius", "radius", "complex_key",
                                                           "ring_write", "channel", "strength", "embed_strength")},
                    dims=sd.geom.dims, psnr=float(np.mean([psnr(a, b) for a, b in zip(wm, reference)])), attacks={})
         for a in attacks:
-            p_pos = np.array([d.p_value for d in sd.detect_latent(inverted(_attack_all(wm, a, 2)), [key])])
-            p_neg = np.array([d.p_value for d in sd.detect_latent(neg[a], [key])])
+            p_pos = np.array([d.p_value for d in sd.score(inverted(_attack_all(wm, a, 2)), [key])])
+            p_neg = np.array([d.p_value for d in sd.score(neg[a], [key])])
             row["attacks"][a] = dict(median_log10_p=float(np.median(np.log10(np.maximum(p_pos, 1e-300)))),
                                      detected=float(np.mean(p_pos <= 0.01)), flagged_unmarked=float(np.mean(p_neg <= 0.01)))
         user = ShallowDiffuse(backend, dataclasses.replace(cfg, output="residual"))

@@ -29,105 +29,68 @@ def _batched(fn, items, batch):
     return np.concatenate(out)
 
 
-@torch.no_grad()
-def run(out_dir: Path, n_null: int = 200, n_ident: int = 32, n_fidelity: int = 8, n_nullspace: int = 4,
-        batch: int = 8, log=print, command: str = "") -> dict:
-    from shallowmark.attacks.metrics import psnr, ssim
+def _null_set(backend, methods: dict, n_null: int, batch: int):
+    """Unwatermarked 50-step samples (seeds 5000..), shared by every method, and each method's
+    :meth:`invert` output for them (one shared inversion per batch, see ``invert_shared``)."""
     from shallowmark.core import ddim
-    from shallowmark.core.backends import load_backend
-    from shallowmark.core.images import to_tensor
-    from shallowmark.core.photos import heldout_photo
-    from shallowmark.core.watermarks import DIFFUSION_METHODS, load_method, method_names
+    from shallowmark.core.images import to_uint8
+    from shallowmark.core.watermarks import invert_shared
 
-    t_start = time.perf_counter()
-    backend = load_backend("tiny-ldm")
-    methods = {n: load_method(n, backend) for n in method_names()}
     grid = ddim.make_grid(backend, 50)
-    res: dict = {"config": dict(model="tiny-ldm", n_null=n_null, n_ident=n_ident, n_fidelity=n_fidelity,
-                                n_nullspace=n_nullspace, target_fpr=0.01, num_steps=50,
-                                shallow_diffuse=vars(methods["shallow-diffuse"].config),
-                                tree_ring=vars(methods["tree-ring"].config),
-                                gaussian_shading=dict(capacity=methods["gaussian-shading"].capacity),
-                                torch=torch.__version__, machine=platform.platform(), command=command),
-                 "methods": {}}
-    checks = []
-
-    def check(name, value, goal, ok):
-        checks.append(dict(name=name, value=value, goal=goal, passed=bool(ok)))
-
-    # -- unwatermarked images, shared by every method (one inversion to x_T for the x_T methods) ----
-    log(f"generating {n_null} unwatermarked images")
     null_seeds = list(range(5000, 5000 + n_null))
     z_null = torch.cat([ddim.denoise(backend, backend.randn_latents(null_seeds[i:i + batch]), grid, 50)
                         for i in range(0, n_null, batch)])
-    from shallowmark.core.images import to_uint8
+    images = np.concatenate([to_uint8(backend.decode(z_null[i:i + batch])) for i in range(0, n_null, batch)])
+    parts = [invert_shared(methods, images[i:i + batch]) for i in range(0, n_null, batch)]
+    inverted = {name: (torch.cat([p[name] for p in parts]) if methods[name].inversion is not None
+                       else np.concatenate([p[name] for p in parts])) for name in methods}
+    return images, inverted
 
-    null_images = np.concatenate([to_uint8(backend.decode(z_null[i:i + batch])) for i in range(0, n_null, batch)])
-    z_enc = torch.cat([backend.encode(to_tensor(null_images[i:i + batch])) for i in range(0, n_null, batch)])
-    sd = methods["shallow-diffuse"]
-    x_star_null = torch.cat([ddim.invert(backend, z_enc[i:i + batch], grid, 0, sd.k_star)
-                             for i in range(0, n_null, batch)])
-    x_T_null = torch.cat([ddim.invert(backend, x_star_null[i:i + batch], grid, sd.k_star, 50)
-                          for i in range(0, n_null, batch)])
-    log(f"  done in {time.perf_counter() - t_start:.0f} s")
 
-    def null_detections(name, keys):
-        m = methods[name]
-        if name == "shallow-diffuse":
-            return m.detect_latent(x_star_null, keys)
-        if name in ("tree-ring", "ringid", "gaussian-shading"):
-            return m.detect_noise(x_T_null, keys, model_evals=50)
-        return m.detect(null_images, keys)
+def _method_row(name: str, m, null_inverted, n_ident: int, n_fidelity: int, batch: int) -> dict:
+    """Detection, wrong-key rate, FPR on the null set, identification among 32 and 256 keys, cost,
+    and (latent methods) fidelity against the same seed."""
+    from shallowmark.attacks.metrics import psnr, ssim
+    from shallowmark.methods import LATENT
 
-    # -- per method: detection, calibration, identification ------------------------------------------
-    for name, m in methods.items():
-        t0 = time.perf_counter()
-        keys256 = bench_keys(256, name)
-        keys32 = keys256[:n_ident]
-        seeds = list(range(1000, 1000 + n_ident))
-        wm = _batched(lambda idx: m.generate([keys32[i] for i in idx], [seeds[i] for i in idx]),
-                      list(range(n_ident)), batch)
-        t_gen = (time.perf_counter() - t0) / n_ident
-        t1 = time.perf_counter()
-        det32 = m.detect(wm, keys32)
-        t_det = (time.perf_counter() - t1) / n_ident
-        det256 = m.detect(wm, keys256)
-        p_true = [d.per_key_p[k.key_id] for d, k in zip(det32, keys32)]
-        own_single = [m.detect(wm[i:i + 1], [keys32[i]])[0] for i in range(min(4, n_ident))] \
-            if name not in DIFFUSION_METHODS else None
-        wrong = [d.per_key_p[keys32[(i + 1) % n_ident].key_id] for i, d in enumerate(det32)]
-        nulls = null_detections(name, [keys256[-1]])
-        fpr = float(np.mean([d.detected for d in nulls]))
-        row = dict(
-            median_p_clean=float(statistics.median(p_true)), max_p_clean=float(max(p_true)),
-            detected_clean=float(np.mean([p <= 0.01 for p in p_true])),
-            wrong_key_detected=float(np.mean([p <= 0.01 for p in wrong])),
-            fpr_at_1pct=fpr, n_null=len(nulls),
-            ident_acc_32=float(np.mean([d.key_id == k.key_id for d, k in zip(det32, keys32)])),
-            ident_acc_256=float(np.mean([d.key_id == k.key_id for d, k in zip(det256, keys32)])),
-            verify_model_evals=det32[0].model_evals, embed_seconds_per_image=t_gen, verify_seconds_per_image=t_det,
-        )
-        if own_single:
-            row["median_p_single_key"] = float(statistics.median(d.p_value for d in own_single))
-        if name in DIFFUSION_METHODS:
-            ref = _batched(lambda idx: m.reference([seeds[i] for i in idx]), list(range(n_fidelity)), batch)
-            row["psnr_vs_same_seed"] = float(np.mean([psnr(a, b) for a, b in zip(wm[:n_fidelity], ref)]))
-            row["ssim_vs_same_seed"] = float(np.mean([ssim(a, b) for a, b in zip(wm[:n_fidelity], ref)]))
-        res["methods"][name] = row
-        log(f"{name}: {json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})} "
-            f"({time.perf_counter() - t0:.0f} s)")
-        check(f"median_p_clean/{name}", row["median_p_clean"], "< 1e-6", row["median_p_clean"] < 1e-6)
-        check(f"fpr_at_1pct/{name}", fpr, "<= 0.02", fpr <= 0.02)
-        if name in ("shallow-diffuse", "ringid"):
-            check(f"ident_acc_32/{name}", row["ident_acc_32"], ">= 0.95", row["ident_acc_32"] >= 0.95)
-        else:
-            check(f"ident_acc_32/{name}", row["ident_acc_32"], "reported", True)
-        check(f"ident_acc_256/{name}", row["ident_acc_256"], "reported", True)
+    keys256 = bench_keys(256, name)
+    keys32 = keys256[:n_ident]
+    seeds = list(range(1000, 1000 + n_ident))
+    t0 = time.perf_counter()
+    wm = _batched(lambda idx: m.generate([keys32[i] for i in idx], [seeds[i] for i in idx]),
+                  list(range(n_ident)), batch)
+    t_gen = (time.perf_counter() - t0) / n_ident
+    t1 = time.perf_counter()
+    det32 = m.detect(wm, keys32)
+    t_det = (time.perf_counter() - t1) / n_ident
+    det256 = m.detect(wm, keys256)
+    p_true = [d.per_key_p[k.key_id] for d, k in zip(det32, keys32)]
+    wrong = [d.per_key_p[keys32[(i + 1) % n_ident].key_id] for i, d in enumerate(det32)]
+    nulls = m.score(null_inverted, [keys256[-1]])
+    row = dict(
+        median_p_clean=float(statistics.median(p_true)), max_p_clean=float(max(p_true)),
+        detected_clean=float(np.mean([p <= 0.01 for p in p_true])),
+        wrong_key_detected=float(np.mean([p <= 0.01 for p in wrong])),
+        fpr_at_1pct=float(np.mean([d.detected for d in nulls])), n_null=len(nulls),
+        ident_acc_32=float(np.mean([d.key_id == k.key_id for d, k in zip(det32, keys32)])),
+        ident_acc_256=float(np.mean([d.key_id == k.key_id for d, k in zip(det256, keys32)])),
+        verify_model_evals=det32[0].model_evals, embed_seconds_per_image=t_gen, verify_seconds_per_image=t_det,
+    )
+    if m.kind != LATENT:
+        own_single = [m.detect(wm[i:i + 1], [keys32[i]])[0] for i in range(min(4, n_ident))]
+        row["median_p_single_key"] = float(statistics.median(d.p_value for d in own_single))
+    else:
+        ref = _batched(lambda idx: m.reference([seeds[i] for i in idx]), list(range(n_fidelity)), batch)
+        row["psnr_vs_same_seed"] = float(np.mean([psnr(a, b) for a, b in zip(wm[:n_fidelity], ref)]))
+        row["ssim_vs_same_seed"] = float(np.mean([ssim(a, b) for a, b in zip(wm[:n_fidelity], ref)]))
+    return row
 
-    # -- Shallow Diffuse: plain vs nullspace injection ------------------------------------------------
+
+def _injection_modes(backend, key, n_fidelity: int, n_nullspace: int, batch: int, log) -> dict:
+    """Shallow Diffuse fidelity and detection with ``plain`` and ``nullspace`` injection."""
+    from shallowmark.attacks.metrics import psnr, ssim
     from shallowmark.core.watermarks.shallow_diffuse import ShallowDiffuse, ShallowDiffuseConfig
 
-    key = bench_keys(1, "shallow-diffuse")
     fid = {}
     for mode, n in (("plain", n_fidelity), ("nullspace", n_nullspace)):
         m = ShallowDiffuse(backend, ShallowDiffuseConfig(injection=mode))
@@ -141,17 +104,21 @@ def run(out_dir: Path, n_null: int = 200, n_ident: int = 32, n_fidelity: int = 8
                          ssim=float(np.mean([ssim(a, b) for a, b in zip(wm, ref)])),
                          median_p=float(statistics.median(d.p_value for d in det)), embed_seconds_per_image=secs)
         log(f"shallow-diffuse {mode}: {fid[mode]}")
-        check(f"psnr/shallow-diffuse-{mode}", fid[mode]["psnr"], ">= 30", fid[mode]["psnr"] >= 30)
-    res["shallow_diffuse_injection"] = fid
+    return fid
 
-    # -- user scenario: a photo that was never generated ---------------------------------------------
-    photo = heldout_photo()
-    from shallowmark.core.photos import center_crop
 
-    h, w = photo.shape[:2]
-    crops = [center_crop(photo, 256)]
+def _user_scenario(backend, key, log) -> dict:
+    """The held-out photo (centre crop and three rescaled crops) watermarked with ``decode`` and
+    ``residual`` output, and detected clean and after JPEG q75."""
     from PIL import Image
 
+    from shallowmark.attacks.metrics import psnr, ssim
+    from shallowmark.core.photos import center_crop, heldout_photo
+    from shallowmark.core.watermarks.shallow_diffuse import ShallowDiffuse, ShallowDiffuseConfig
+
+    photo = heldout_photo()
+    h, w = photo.shape[:2]
+    crops = [center_crop(photo, 256)]
     for (top, left, size) in ((0, 0, 320), (h - 300, w - 300, 300), (h // 4, w // 5, 400)):
         crops.append(np.asarray(Image.fromarray(photo[top:top + size, left:left + size]).resize((256, 256),
                                                                                                  Image.LANCZOS)))
@@ -166,15 +133,63 @@ def run(out_dir: Path, n_null: int = 200, n_ident: int = 32, n_fidelity: int = 8
                           ssim=float(np.mean([ssim(a, b) for a, b in zip(wm, originals)])),
                           p_values=[d.p_value for d in det], p_values_jpeg75=[d.p_value for d in det_jpeg])
         log(f"user scenario {mode}: {user[mode]}")
-        check(f"psnr_user_scenario/shallow-diffuse-{mode}", user[mode]["psnr"],
-              ">= 35 (residual)" if mode == "residual" else "reported",
-              user[mode]["psnr"] >= 35 if mode == "residual" else True)
-    res["user_scenario"] = user
-    r = methods["shallow-diffuse"].k_star / 50
-    sd_evals, tr_evals = res["methods"]["shallow-diffuse"]["verify_model_evals"], res["methods"]["tree-ring"]["verify_model_evals"]
-    ratio = sd_evals / tr_evals
+    return user
+
+
+def _checks(res: dict, methods: dict) -> list[dict]:
+    """The report's goals: each method detects its own key and stays calibrated; Shallow Diffuse and
+    RingID (built for it) identify; fidelity; verification cost against Tree-Ring."""
+    checks = []
+
+    def check(name, value, goal, ok):
+        checks.append(dict(name=name, value=value, goal=goal, passed=bool(ok)))
+
+    for name, row in res["methods"].items():
+        check(f"median_p_clean/{name}", row["median_p_clean"], "< 1e-6", row["median_p_clean"] < 1e-6)
+        check(f"fpr_at_1pct/{name}", row["fpr_at_1pct"], "<= 0.02", row["fpr_at_1pct"] <= 0.02)
+        if name in ("shallow-diffuse", "ringid"):
+            check(f"ident_acc_32/{name}", row["ident_acc_32"], ">= 0.95", row["ident_acc_32"] >= 0.95)
+        else:
+            check(f"ident_acc_32/{name}", row["ident_acc_32"], "reported", True)
+        check(f"ident_acc_256/{name}", row["ident_acc_256"], "reported", True)
+    for mode, r in res["shallow_diffuse_injection"].items():
+        check(f"psnr/shallow-diffuse-{mode}", r["psnr"], ">= 30", r["psnr"] >= 30)
+    for mode, r in res["user_scenario"].items():
+        check(f"psnr_user_scenario/shallow-diffuse-{mode}", r["psnr"],
+              ">= 35 (residual)" if mode == "residual" else "reported", r["psnr"] >= 35 if mode == "residual" else True)
+    ratio = (methods["shallow-diffuse"].model_evals().verify / methods["tree-ring"].model_evals().verify)
     check("verify_evals_ratio/shallow-diffuse-vs-tree-ring", ratio, "<= 0.35", ratio <= 0.35)
-    res["checks"] = checks
+    return checks
+
+
+@torch.no_grad()
+def run(out_dir: Path, n_null: int = 200, n_ident: int = 32, n_fidelity: int = 8, n_nullspace: int = 4,
+        batch: int = 8, log=print, command: str = "") -> dict:
+    from shallowmark.core.backends import load_backend
+    from shallowmark.core.watermarks import load_method, method_names
+
+    t_start = time.perf_counter()
+    backend = load_backend("tiny-ldm")
+    methods = {n: load_method(n, backend) for n in method_names()}
+    res: dict = {"config": dict(model="tiny-ldm", n_null=n_null, n_ident=n_ident, n_fidelity=n_fidelity,
+                                n_nullspace=n_nullspace, target_fpr=0.01, num_steps=50,
+                                shallow_diffuse=vars(methods["shallow-diffuse"].config),
+                                tree_ring=vars(methods["tree-ring"].config),
+                                gaussian_shading=dict(capacity=methods["gaussian-shading"].capacity),
+                                torch=torch.__version__, machine=platform.platform(), command=command),
+                 "methods": {}}
+    log(f"generating {n_null} unwatermarked images")
+    _, null_inverted = _null_set(backend, methods, n_null, batch)
+    log(f"  done in {time.perf_counter() - t_start:.0f} s")
+    for name, m in methods.items():
+        t0 = time.perf_counter()
+        row = res["methods"][name] = _method_row(name, m, null_inverted[name], n_ident, n_fidelity, batch)
+        log(f"{name}: {json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})} "
+            f"({time.perf_counter() - t0:.0f} s)")
+    key = bench_keys(1, "shallow-diffuse")
+    res["shallow_diffuse_injection"] = _injection_modes(backend, key, n_fidelity, n_nullspace, batch, log)
+    res["user_scenario"] = _user_scenario(backend, key, log)
+    res["checks"] = _checks(res, methods)
     res["seconds"] = time.perf_counter() - t_start
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(res, indent=2, default=float))

@@ -57,3 +57,23 @@ def check_choice(kind: str, name: str, valid) -> str:
     if name not in valid:
         raise UnknownNameError(kind, name, valid)
     return name
+
+
+def check_int(name: str, value, lo: int | None = None, hi: int | None = None) -> int:
+    """Return ``value`` as an int if it is an integer (not a bool) in ``lo..hi`` (either bound may be
+    None); otherwise raise :class:`InvalidParameterError` naming the range."""
+    import numbers
+
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if ok:
+        value = int(value)
+        ok = (lo is None or value >= lo) and (hi is None or value <= hi)
+    if not ok:
+        if lo is not None and hi is not None:
+            want = f"exactly {lo}" if lo == hi else f"an integer in {lo}..{hi}"
+        elif lo is not None:
+            want = "a positive integer" if lo == 1 else f"an integer >= {lo}"
+        else:
+            want = "an integer" if hi is None else f"an integer <= {hi}"
+        raise InvalidParameterError(f"{name} must be {want}; got {value!r}")
+    return value

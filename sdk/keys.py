@@ -36,11 +36,13 @@ import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
-from shallowmark.errors import InvalidParameterError, KeyMaterialError, check_choice
+from shallowmark.errors import InvalidParameterError, KeyMaterialError
+from shallowmark.methods import BUILTIN_METHODS, method_names, method_spec
 
 __all__ = [
     "METHODS",
     "SECRET_BYTES",
+    "check_key_id",
     "WatermarkKey",
     "MethodKey",
     "ring_seed",
@@ -49,17 +51,9 @@ __all__ = [
     "method_seed",
 ]
 
-#: Watermark methods a key can be scoped to. The names are part of the derivation: renaming one
-#: changes every key's material for it.
-METHODS: tuple[str, ...] = (
-    "shallow-diffuse",
-    "tree-ring",
-    "ringid",
-    "gaussian-shading",
-    "dwtdct",
-    "dwtdctsvd",
-    "rivagan",
-)
+#: The built-in watermark methods a key can be scoped to (the registry, :mod:`shallowmark.methods`,
+#: may hold more). The names are part of the derivation: renaming one changes every key's material.
+METHODS: tuple[str, ...] = tuple(spec.name for spec in BUILTIN_METHODS)
 
 #: Length of a master secret and of a method's material, in bytes.
 SECRET_BYTES = 32
@@ -68,14 +62,6 @@ _DOMAIN = b"shallowmark/v1/"
 _KEY_ID_PREFIX = "sm1_"
 _KEY_ID_BYTES = 16
 _MAX_PAYLOAD_BITS = 4096
-
-# Which derivations make sense for which method. Refusing the others stops a caller from, say,
-# reusing Tree-Ring material as a ChaCha20 key: the same bytes under two algorithms is a classic
-# way to leak a key, and it is always a bug here.
-_RING_METHODS = frozenset({"shallow-diffuse", "tree-ring", "ringid"})
-_CHACHA_METHODS = frozenset({"gaussian-shading"})
-_PAYLOAD_METHODS = frozenset({"gaussian-shading", "dwtdct", "dwtdctsvd", "rivagan", "ringid"})
-
 
 def _hkdf(secret: bytes, info: bytes, length: int) -> bytes:
     # No salt: the input is already 32 uniformly random bytes, so HKDF-Extract with the default
@@ -95,7 +81,7 @@ def _utc_now() -> str:
 def _check_method(method: str) -> str:
     if not isinstance(method, str):
         raise KeyMaterialError(f"method must be a str, got {type(method).__name__}")
-    return check_choice("method", method, METHODS)
+    return method_spec(method).name
 
 
 @dataclass(frozen=True)
@@ -247,6 +233,13 @@ class MethodKey:
         return hash((self.method, self.key_id, self.material))
 
 
+def check_key_id(key_id: str) -> str:
+    """Return ``key_id`` if it has the public key-id format (``sm1_`` + 32 lowercase hex digits);
+    else raise :class:`KeyMaterialError` naming the format."""
+    _key_id_bytes(key_id)
+    return key_id
+
+
 def _key_id_bytes(key_id: str) -> bytes:
     ok = isinstance(key_id, str) and key_id.startswith(_KEY_ID_PREFIX)
     raw = b""
@@ -262,8 +255,9 @@ def _key_id_bytes(key_id: str) -> bytes:
     return raw
 
 
-def _material_for(mk: MethodKey, derivation: str, allowed: frozenset[str] | None) -> bytes:
-    """Check that ``mk`` may feed ``derivation`` and return its material."""
+def _material_for(mk: MethodKey, derivation: str, restricted: bool = True) -> bytes:
+    """Check that ``mk`` may feed ``derivation`` (with ``restricted``, only the methods whose
+    registry entry lists it may) and return its material."""
     if isinstance(mk, WatermarkKey):
         raise KeyMaterialError(f"{derivation} takes a MethodKey, not the master key; call key.for_method(method) first")
     if not isinstance(mk, MethodKey):
@@ -271,7 +265,8 @@ def _material_for(mk: MethodKey, derivation: str, allowed: frozenset[str] | None
     # Re-check the material even though __post_init__ did: object.__setattr__ can bypass frozen.
     if not isinstance(mk.material, bytes) or len(mk.material) != SECRET_BYTES:
         raise KeyMaterialError(f"method key material must be {SECRET_BYTES} bytes")
-    if allowed is not None and mk.method not in allowed:
+    if restricted and derivation not in method_spec(mk.method).derivations:
+        allowed = [n for n in method_names() if derivation in method_spec(n).derivations]
         raise KeyMaterialError(
             f"key derived for method {mk.method!r} cannot be used for {derivation}, which is for "
             f"{', '.join(sorted(allowed))}; derive a key with key.for_method(...) for that method")
@@ -288,7 +283,7 @@ def ring_seed(mk: MethodKey) -> int:
     Raises:
         KeyMaterialError: ``mk`` was derived for another method, or is malformed.
     """
-    material = _material_for(mk, "ring_seed", _RING_METHODS)
+    material = _material_for(mk, "ring_seed")
     return struct.unpack(">Q", _expand(material, _info(mk, "ring-seed"), 8))[0]
 
 
@@ -304,7 +299,7 @@ def chacha20_key_nonce(mk: MethodKey) -> tuple[bytes, bytes]:
     Raises:
         KeyMaterialError: ``mk`` is not a ``gaussian-shading`` key, or is malformed.
     """
-    material = _material_for(mk, "chacha20_key_nonce", _CHACHA_METHODS)
+    material = _material_for(mk, "chacha20_key_nonce")
     out = _expand(material, _info(mk, "chacha20"), 32 + 12)
     return out[:32], b"\x00\x00\x00\x00" + out[32:]
 
@@ -323,7 +318,7 @@ def payload_bits(mk: MethodKey, n_bits: int) -> np.ndarray:
     if isinstance(n_bits, bool) or not isinstance(n_bits, (int, np.integer)) or not 1 <= n_bits <= _MAX_PAYLOAD_BITS:
         raise InvalidParameterError(f"n_bits must be an int in 1..{_MAX_PAYLOAD_BITS}, got {n_bits!r}")
     n_bits = int(n_bits)
-    material = _material_for(mk, "payload_bits", _PAYLOAD_METHODS)
+    material = _material_for(mk, "payload_bits")
     raw = _expand(material, _info(mk, f"payload-bits/{n_bits}"), (n_bits + 7) // 8)
     return np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="big")[:n_bits].copy()
 
@@ -339,5 +334,5 @@ def method_seed(mk: MethodKey, purpose: str) -> int:
     """
     if not isinstance(purpose, str) or not purpose:
         raise InvalidParameterError(f"purpose must be a non-empty str, got {purpose!r}")
-    material = _material_for(mk, "method_seed", None)
+    material = _material_for(mk, "method_seed", restricted=False)
     return struct.unpack(">Q", _expand(material, _info(mk, "seed/" + purpose), 8))[0]

@@ -21,7 +21,7 @@ fixed per server, so the same method means the same steps) and runs them as one 
 Batch functions (per-request keys differ, the model work does not depend on them):
 
 - Verify (:func:`verify_batch`): the ring and bit methods invert all images in one call
-  (``invert_for_detection``) and score each image against its own keys (``detect_inverted``,
+  (``invert``) and score each image against its own keys (``score``,
   no model evaluation); post-hoc methods (no model in detection) just loop.
 - Embed, generate mode (:func:`generate_batch`): ``method.generate(keys, seeds, prompts)`` with
   one key and one seed per job.
@@ -377,13 +377,16 @@ class VAEChunks:
 
 def verify_batch(method: Any) -> Callable[[list], list]:
     """Batch function for Verify on ``method``; payloads are ``(pixels HxWx3, keys, target_fpr)``,
-    results are :class:`~shallowmark.core.watermarks.base.Detection` (or exceptions)."""
+    results are :class:`~shallowmark.core.watermarks.base.Detection` (or exceptions).
+
+    A latent method inverts the whole batch in one call (:meth:`invert`, the model work) and scores
+    each image against its own keys (:meth:`score`, none); a method without an inversion has no
+    model work to share, so each image is detected on its own."""
 
     def run(payloads: list) -> list:
         import numpy as np
 
-        invert = getattr(method, "invert_for_detection", None)
-        if invert is None or len(payloads) == 1:  # post-hoc methods (no model), or nothing to share
+        if method.inversion is None or len(payloads) == 1:
             out: list = []
             for pixels, keys, fpr in payloads:
                 try:
@@ -391,11 +394,11 @@ def verify_batch(method: Any) -> Callable[[list], list]:
                 except Exception as e:  # noqa: BLE001 - this job's error only
                     out.append(e)
             return out
-        latents = invert(np.stack([p[0] for p in payloads]))
+        latents = method.invert(np.stack([p[0] for p in payloads]))
         out = []
         for i, (_, keys, fpr) in enumerate(payloads):
             try:
-                out.append(method.detect_inverted(latents[i:i + 1], keys, fpr)[0])
+                out.append(method.score(latents[i:i + 1], keys, fpr)[0])
             except Exception as e:  # noqa: BLE001 - this job's error only (e.g. a non-finite latent)
                 out.append(e)
         return out

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from shallowmark.errors import InvalidParameterError
+from shallowmark.errors import InvalidParameterError, check_int
 
 __all__ = ["ServerConfig", "TLSConfig", "load_config", "token_digest"]
 
@@ -133,9 +133,7 @@ class ServerConfig:
             raise InvalidParameterError(f"port must be an int in 0..65535; got {self.port!r}")
         for name in ("max_message_bytes", "max_image_pixels", "max_batch", "max_keys_per_verify",
                      "max_queue", "workers"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise InvalidParameterError(f"{name} must be a positive int; got {v!r}")
+            check_int(name, getattr(self, name), 1)
         if self.max_message_bytes < 1024:
             raise InvalidParameterError(f"max_message_bytes must be at least 1024; got {self.max_message_bytes}")
         if not isinstance(self.batching, bool):
@@ -143,8 +141,7 @@ class ServerConfig:
         if (isinstance(self.max_wait_ms, bool) or not isinstance(self.max_wait_ms, (int, float))
                 or not 0 <= self.max_wait_ms <= 10_000):
             raise InvalidParameterError(f"max_wait_ms must be a number in 0..10000; got {self.max_wait_ms!r}")
-        if isinstance(self.vae_batch, bool) or not isinstance(self.vae_batch, int) or self.vae_batch < 0:
-            raise InvalidParameterError(f"vae_batch must be an int >= 0 (0: automatic); got {self.vae_batch!r}")
+        check_int("vae_batch (0: automatic)", self.vae_batch, 0)
         if not isinstance(self.grace_s, (int, float)) or self.grace_s < 0:
             raise InvalidParameterError(f"grace_s must be >= 0; got {self.grace_s!r}")
         if isinstance(self.models, str) or not self.models:

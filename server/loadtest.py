@@ -13,7 +13,7 @@ What it measures:
   time (on a shared machine, CPU seconds per request show the work apart from the contention);
 - the in-process throughput of the same work with no RPC at all, on the server's own view of the
   model (so with the same autoencoder chunking, see :class:`~shallowmark.server.batching.VAEChunks`):
-  ``invert_for_detection`` on batches of ``max_batch`` images, then each image scored against the
+  ``invert`` on batches of ``max_batch`` images, then each image scored against the
   keys (``inprocess_rps``, measured before and after the service levels and averaged), and the same
   one image at a time (``inprocess_batch1_rps``).
 
@@ -143,9 +143,9 @@ def _inprocess(method, pixels: np.ndarray, mks, n: int, batch: int) -> float:
     done, t0 = 0, time.perf_counter()
     while done < n:
         b = min(batch, n - done)
-        latents = method.invert_for_detection(np.repeat(pixels[None], b, axis=0))
+        latents = method.invert(np.repeat(pixels[None], b, axis=0))
         for i in range(b):
-            method.detect_inverted(latents[i:i + 1], mks, 0.01)
+            method.score(latents[i:i + 1], mks, 0.01)
         done += b
     return n / (time.perf_counter() - t0)
 

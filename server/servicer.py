@@ -30,10 +30,8 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
-import io
 import logging
 import math
-import re
 import threading
 import time
 import uuid
@@ -55,6 +53,8 @@ from shallowmark.errors import (
     MissingDependencyError,
     UnknownNameError,
 )
+from shallowmark.imaging import encode_png
+from shallowmark.keys import check_key_id
 from shallowmark.server import validation
 from shallowmark.server.attestation import Signer, verify_payload
 from shallowmark.server.auth import current_tenant
@@ -79,24 +79,9 @@ log = logging.getLogger("shallowmark.server")
 
 #: Smallest p-value used for ``KeyVerdict.score = -log10(p)``, so the score stays finite (<= 300).
 _P_FLOOR = 1e-300
-_INVISIBLE = ("dwtdct", "dwtdctsvd", "rivagan")
-_KEY_ID = re.compile(r"sm1_[0-9a-f]{32}")
 
 
 # -- models ----------------------------------------------------------------------------------------
-
-
-def expected_evals(method: Any, op: str) -> int:
-    """Denoiser evaluations one image costs for ``op`` in {"generate", "embed", "verify"}."""
-    grid = getattr(method, "grid", None)
-    n = int(grid.num_steps) if grid is not None else 50
-    name = getattr(method, "name", "")
-    if name == "shallow-diffuse":
-        k = int(method.k_star)
-        return {"generate": n + k, "embed": 3 * k, "verify": k}[op]
-    if name in _INVISIBLE:
-        return {"generate": 50, "embed": 0, "verify": 0}[op]
-    return {"generate": n, "embed": 0, "verify": n}[op]
 
 
 @dataclass
@@ -113,17 +98,6 @@ class LoadedModel:
     @property
     def image_size(self) -> int:
         return int(self.backend.image_size)
-
-
-def _invisible_available() -> set[str]:
-    import importlib.util
-
-    out = set()
-    if importlib.util.find_spec("imwatermark") is not None:
-        out |= {"dwtdct", "dwtdctsvd"}
-        if importlib.util.find_spec("onnxruntime") is not None:
-            out.add("rivagan")
-    return out
 
 
 class ModelPool:
@@ -157,7 +131,8 @@ class ModelPool:
                 log.exception("model %s failed to load", name)
 
     def _load(self, name: str) -> LoadedModel:
-        from shallowmark.core.watermarks import DIFFUSION_METHODS, load_method
+        from shallowmark.core.watermarks import latent_method_names, load_method
+        from shallowmark.methods import POST_HOC, method_names, method_spec
 
         loader = self._loader
         if loader is None:
@@ -170,9 +145,12 @@ class ModelPool:
             chunk = 1 if str(getattr(backend, "device", options["device"])).startswith("cpu") else 0
         if chunk:  # the methods see a backend whose VAE calls are split (see VAEChunks)
             backend = VAEChunks(backend, chunk)
+        # latent methods are built now (they share the backend); post-hoc ones on first use, where
+        # the packages they need are installed
         methods = {m: load_method(m, backend, **dict(self.config.method_options.get(m, {})))
-                   for m in DIFFUSION_METHODS}
-        available = tuple(DIFFUSION_METHODS) + tuple(m for m in _INVISIBLE if m in _invisible_available())
+                   for m in latent_method_names()}
+        available = tuple(latent_method_names()) + tuple(
+            m for m in method_names() if method_spec(m).kind == POST_HOC and method_spec(m).available)
         return LoadedModel(name=name, backend=backend, methods=methods, available=available,
                            sec_per_eval=_time_one_eval(backend))
 
@@ -381,14 +359,6 @@ def _rpc(fn):
     return wrapper
 
 
-def _png(pixels: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8), "RGB").save(buf, format="PNG")
-    return buf.getvalue()
-
-
 class WatermarkServicer(pb_grpc.WatermarkServicer):
     """Implements ``shallowmark.v1.Watermark`` on a :class:`ModelPool`, a ledger and a :class:`Signer`."""
 
@@ -437,7 +407,7 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
         notes: list[str] = []
         if source == "image":
             if not method.supports_embed:
-                embeddable = [m for m in lm.available if getattr(lm.methods.get(m), "supports_embed", True)]
+                embeddable = [m for m in lm.available if self.pool.method(lm, m).supports_embed]
                 raise InvalidParameterError(f"{method_name} cannot watermark an existing image (its watermark is "
                                             f"built into generation); use 'generate', or one of: "
                                             f"{', '.join(embeddable)}")
@@ -445,7 +415,7 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
             img = validation.decode_image(request.image, self.config.max_image_pixels)
             validation.check_image_size(img, lm.image_size, lm.name)
             notes += img.notes
-            evals = expected_evals(method, "embed")
+            evals = method.model_evals().embed
             with self.pool.job(lm, evals, f"{method_name} embed", context.time_remaining):
                 out = method.embed([mk], img.pixels[None], **({"output": output} if output else {}))[0]
             if output:
@@ -461,12 +431,12 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
                     prompts = [gen.prompt]
                 else:
                     notes.append(f"prompt ignored: {lm.name} is unconditional")
-            evals = expected_evals(method, "generate")
+            evals = method.model_evals().generate
             job = BatchJob(key=("generate", method_name, prompts is not None),
                            payload=(mk, int(gen.seed), prompts[0] if prompts else None),
                            run=generate_batch(method), evals=evals, what=f"{method_name} generate")
             out = self.pool.run_jobs(lm, [job], context.time_remaining)[0]
-        png = _png(out)
+        png = encode_png(out)
         sha = hashlib.sha256(png).hexdigest()
         self.ledger.record(tenant=tenant, key_id=mk.key_id, method=method_name, model=lm.name,
                            image_sha256=sha, request_id=rid, source=source)
@@ -490,9 +460,9 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
         img = validation.decode_image(request.image, self.config.max_image_pixels)
         validation.check_image_size(img, lm.image_size, lm.name)
 
-        evals = sum(expected_evals(m, "verify") for m in methods.values())
+        evals = sum(m.model_evals().verify for m in methods.values())
         jobs = [BatchJob(key=("verify", name), payload=(img.pixels, group, target_fpr),
-                         run=verify_batch(methods[name]), evals=expected_evals(methods[name], "verify"),
+                         run=verify_batch(methods[name]), evals=methods[name].model_evals().verify,
                          what=f"{name} verify" if len(groups) == 1 else "verify")
                 for name, group in groups.items()]
         detections = dict(zip(groups, self.pool.run_jobs(lm, jobs, context.time_remaining)))
@@ -545,15 +515,11 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
                 if m in seen:
                     continue
                 seen.add(m)
-                obj = lm.methods.get(m)
-                if obj is None:  # post-hoc methods are built on first use
-                    methods.append(pb.MethodInfo(name=m, supports_embed=True, generate_model_evals=50))
-                else:
-                    methods.append(pb.MethodInfo(
-                        name=m, supports_embed=bool(obj.supports_embed),
-                        generate_model_evals=expected_evals(obj, "generate"),
-                        embed_model_evals=expected_evals(obj, "embed") if obj.supports_embed else 0,
-                        verify_model_evals=expected_evals(obj, "verify")))
+                obj = self.pool.method(lm, m)  # post-hoc methods are cheap to build (no model)
+                costs = obj.model_evals()
+                methods.append(pb.MethodInfo(
+                    name=m, supports_embed=bool(obj.supports_embed), generate_model_evals=costs.generate,
+                    embed_model_evals=costs.embed if obj.supports_embed else 0, verify_model_evals=costs.verify))
         c = self.config
         return pb.GetInfoResponse(
             models=models, methods=methods, default_model=c.default_model,
@@ -568,8 +534,8 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
         if request.tenant and request.tenant != tenant:
             raise PermissionDenied(f"your token is not allowed to read tenant {request.tenant!r}'s ledger; "
                                    "leave 'tenant' empty to read your own")
-        if request.key_id and not _KEY_ID.fullmatch(request.key_id):
-            raise KeyMaterialError(f"malformed key_id {request.key_id!r}; expected 'sm1_' and 32 lowercase hex digits")
+        if request.key_id:
+            check_key_id(request.key_id)
         size = request.page_size or 100
         entries, token = self.ledger.list(tenant, key_id=request.key_id or None, page_size=size,
                                           page_token=request.page_token or None)

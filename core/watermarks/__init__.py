@@ -1,49 +1,37 @@
 """Watermark methods, one file each, behind one interface (:mod:`.base`).
 
-``load_method(name, backend, **config)`` builds one by its public name — the names used by the
-CLI, the proto and the reports.
+Which methods exist is the registry's business (:mod:`shallowmark.methods`); this module builds
+them: ``load_method(name, backend, **config)`` takes the config keywords of the method's config
+dataclass (``config_fields(name)`` lists them).
 """
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
 
-from shallowmark.core.watermarks.base import Detection, WatermarkMethod
-from shallowmark.errors import check_choice
-from shallowmark.keys import METHODS
-
-_CLASSES = {
-    "shallow-diffuse": ("shallow_diffuse", "ShallowDiffuse"),
-    "tree-ring": ("tree_ring", "TreeRing"),
-    "ringid": ("ringid", "RingID"),
-    "gaussian-shading": ("gaussian_shading", "GaussianShading"),
-    "dwtdct": ("invisible", "DwtDct"),
-    "dwtdctsvd": ("invisible", "DwtDctSvd"),
-    "rivagan": ("invisible", "RivaGAN"),
-}
-assert set(_CLASSES) == set(METHODS)
-DIFFUSION_METHODS = ("shallow-diffuse", "tree-ring", "ringid", "gaussian-shading")
+from shallowmark.core.watermarks.base import Detection, InversionStop, ModelEvals, WatermarkMethod, invert_shared
+from shallowmark.errors import InvalidParameterError
+from shallowmark.methods import latent_method_names, method_names, method_spec
 
 
-def method_names() -> list[str]:
-    return list(_CLASSES)
+def method_class(name: str) -> type:
+    """The class registered for ``name`` (UnknownNameError lists the registered methods)."""
+    return method_spec(name).load()
+
+
+def config_fields(name: str) -> tuple[str, ...]:
+    """The config keywords ``load_method(name, ...)`` takes."""
+    return tuple(f.name for f in dataclasses.fields(method_class(name).config_class))
 
 
 def load_method(name: str, backend=None, **config) -> WatermarkMethod:
-    """The method ``name`` on ``backend``. Config keywords go to the method's config dataclass
-    where it has one (``ShallowDiffuseConfig``, ``TreeRingConfig``) or to its constructor."""
-    check_choice("method", name, _CLASSES)
-    module, cls_name = _CLASSES[name]
-    cls = getattr(importlib.import_module(f"shallowmark.core.watermarks.{module}"), cls_name)
-    if name == "shallow-diffuse":
-        from shallowmark.core.watermarks.shallow_diffuse import ShallowDiffuseConfig
-
-        return cls(backend, ShallowDiffuseConfig(**config))
-    if name in ("tree-ring", "ringid"):
-        from shallowmark.core.watermarks.tree_ring import TreeRingConfig
-
-        return cls(backend, TreeRingConfig(**config))
-    return cls(backend, **config)
+    """The method ``name`` on ``backend``, with ``config`` as keywords of its config dataclass."""
+    cls = method_class(name)
+    bad = set(config) - set(config_fields(name))
+    if bad:
+        raise InvalidParameterError(f"{name}: unknown option(s) {sorted(bad)}; valid: {', '.join(config_fields(name))}")
+    return cls(backend, cls.config_class(**config))
 
 
-__all__ = ["DIFFUSION_METHODS", "Detection", "WatermarkMethod", "load_method", "method_names"]
+__all__ = ["Detection", "InversionStop", "ModelEvals", "WatermarkMethod", "config_fields", "invert_shared",
+           "latent_method_names", "load_method", "method_class", "method_names"]

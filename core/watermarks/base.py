@@ -8,6 +8,17 @@ A method works on uint8 RGB images (N×H×W×3 numpy) and on method-scoped keys
 - ``embed(keys, images)``: the user scenario — watermark existing images, where the method can;
 - ``detect(images, keys, target_fpr)``: one :class:`Detection` per image.
 
+Detection is two steps, and every caller that shares or batches work (server batching, the
+benchmark, the methods report) uses them instead of asking what a method is:
+
+- ``invert(images)``: the model work of a verification. A latent method encodes and runs DDIM
+  inversion up to its :attr:`~WatermarkMethod.inversion` stop (t* for Shallow Diffuse, T for the
+  x_T methods); a post-hoc method returns the checked pixels;
+- ``score(inverted, keys, target_fpr)``: the detector on that output, without model work.
+
+``detect`` is ``score(invert(images))``, written once here. What each operation costs in
+denoiser evaluations per image is data the method declares (:meth:`~WatermarkMethod.model_evals`).
+
 Every detector returns a p-value under "this image was not watermarked with this key" and a verdict
 at the caller's target FPR, Bonferroni-corrected for the number of keys searched.
 """
@@ -21,6 +32,27 @@ import numpy as np
 
 from shallowmark.errors import InvalidImageError, InvalidParameterError, KeyMaterialError
 from shallowmark.keys import MethodKey
+from shallowmark.methods import LATENT, POST_HOC
+
+
+@dataclass(frozen=True)
+class ModelEvals:
+    """Denoiser evaluations one image costs, per operation (0 where the method does not do it
+    or needs no model)."""
+
+    generate: int
+    embed: int
+    verify: int
+
+
+@dataclass(frozen=True)
+class InversionStop:
+    """Where a latent method's verification inversion ends: grid position ``position`` of a
+    ``num_steps``-step DDIM grid (0 is x_0, ``num_steps`` is x_T). Methods with the same grid
+    share one inversion up to the furthest stop."""
+
+    num_steps: int
+    position: int
 
 
 @dataclass(frozen=True)
@@ -48,10 +80,15 @@ class Detection:
     per_key_p: dict = field(default_factory=dict)
 
 
+def best_key(p_values: Sequence[float], scores: Sequence[float]) -> int:
+    """Index of the best key: smallest p-value, ties broken by the larger score."""
+    return int(np.lexsort((-np.asarray(scores, dtype=float), np.asarray(p_values, dtype=float)))[0])
+
+
 def verdict(method: str, p_values: Sequence[float], scores: Sequence[float], keys: Sequence[MethodKey],
             target_fpr: float, model_evals: int, bits=None, bit_accuracies=None) -> Detection:
-    """Pick the best key (smallest p-value, ties by score) and apply the corrected threshold."""
-    best = int(np.lexsort((-np.asarray(scores, dtype=float), np.asarray(p_values, dtype=float)))[0])
+    """Pick the best key (:func:`best_key`) and apply the corrected threshold."""
+    best = best_key(p_values, scores)
     p = float(p_values[best])
     p_corr = min(1.0, p * len(keys))
     return Detection(method=method, score=float(scores[best]), p_value=p, p_value_corrected=p_corr,
@@ -61,14 +98,48 @@ def verdict(method: str, p_values: Sequence[float], scores: Sequence[float], key
                      per_key_p={k.key_id: float(pv) for k, pv in zip(keys, p_values)})
 
 
+def bit_verdict(method: str, recovered: np.ndarray, expected: np.ndarray, keys: Sequence[MethodKey],
+                target_fpr: float, model_evals: int) -> Detection:
+    """The verdict of a bit-carrying method on one image.
+
+    ``recovered[k]``: the n bits read under key k (the same row for every key where reading needs
+    no key), ``expected[k]``: key k's payload. k matching bits of n give the exact one-sided p-value
+    ``P(Binomial(n, 1/2) >= k)``: an image not watermarked with that key agrees with its payload on
+    each bit with probability 1/2. ``score`` and ``bit_accuracy`` are the fraction that match.
+    """
+    from scipy.stats import binom
+
+    recovered, expected = np.asarray(recovered), np.asarray(expected)
+    n = expected.shape[1]
+    matches = (recovered == expected).sum(axis=1)
+    p = binom.sf(matches - 1, n, 0.5)
+    acc = matches / n
+    best = best_key(p, acc)
+    return verdict(method, p.tolist(), acc.tolist(), keys, target_fpr, model_evals,
+                   bits=recovered[best].copy(), bit_accuracies=acc.tolist())
+
+
 class WatermarkMethod:
-    """Base class. Subclasses set ``name`` and ``supports_embed`` and implement the hooks."""
+    """Base class. Subclasses set ``name``, ``kind``, ``supports_embed`` and ``config_class`` (a
+    frozen dataclass with ``validate(latent_shape)``; ``latent_shape`` is None for a post-hoc
+    method built without a backend) and implement the hooks."""
 
     name: str = "base"
+    kind: str = POST_HOC
     supports_embed: bool = True
+    config_class: type | None = None
     # ways :meth:`embed` can return an existing image (its ``output=`` argument); empty: one way only
     output_modes: tuple[str, ...] = ()
     min_image_size: int = 1
+
+    def _configure(self, backend, config) -> None:
+        """Set ``backend`` and a validated ``config`` (the config class's defaults when None)."""
+        config = self.config_class() if config is None else config
+        if not isinstance(config, self.config_class):
+            raise InvalidParameterError(f"{self.name}: config must be a {self.config_class.__name__}; "
+                                        f"got {type(config).__name__}")
+        config.validate(None if backend is None else tuple(int(s) for s in backend.latent_shape))
+        self.backend, self.config = backend, config
 
     # -- hooks ------------------------------------------------------------------------------------
     def generate(self, keys: Sequence[MethodKey], seeds: Sequence[int], prompts=None) -> np.ndarray:
@@ -80,8 +151,38 @@ class WatermarkMethod:
     def embed(self, keys: Sequence[MethodKey], images: np.ndarray) -> np.ndarray:
         raise NotImplementedError(f"{self.name} cannot watermark an existing image")
 
-    def detect(self, images: np.ndarray, keys: Sequence[MethodKey], target_fpr: float = 0.01) -> list[Detection]:
+    def model_evals(self) -> ModelEvals:
+        """Denoiser evaluations per image of generate, embed and verify."""
         raise NotImplementedError
+
+    @property
+    def inversion(self) -> InversionStop | None:
+        """Where :meth:`invert` stops on the DDIM grid; None for methods that need no inversion."""
+        return None
+
+    def invert(self, images: np.ndarray, prompts=None):
+        """The model work of a verification, for a whole batch whatever its keys; :meth:`score`
+        reads its output. Post-hoc methods need none: the checked pixels come back."""
+        return self.check_images(images)
+
+    def _score(self, inverted, keys: list[MethodKey], target_fpr: float) -> list[Detection]:
+        raise NotImplementedError
+
+    # -- detection, written once ------------------------------------------------------------------
+    def score(self, inverted, keys: Sequence[MethodKey], target_fpr: float = 0.01) -> list[Detection]:
+        """One :class:`Detection` per item of :meth:`invert`'s output; no model evaluation."""
+        keys = self.check_keys(keys)
+        target_fpr = check_target_fpr(target_fpr)
+        if self.inversion is not None:
+            self.backend.check_latents(inverted)
+        return self._score(inverted, keys, target_fpr)
+
+    def detect(self, images: np.ndarray, keys: Sequence[MethodKey], target_fpr: float = 0.01,
+               prompts=None) -> list[Detection]:
+        """One :class:`Detection` per image: :meth:`invert`, then :meth:`score`."""
+        target_fpr = check_target_fpr(target_fpr)
+        keys = self.check_keys(keys)
+        return self.score(self.invert(images, prompts), keys, target_fpr)
 
     # -- input checks shared by all methods -------------------------------------------------------
     def check_keys(self, keys: Sequence[MethodKey], n: int | None = None) -> list[MethodKey]:
@@ -131,11 +232,38 @@ def check_target_fpr(target_fpr: float) -> float:
 
 class LatentMethod(WatermarkMethod):
     """A method that works on a diffusion backend's latents (``self.backend``, ``self.grid``):
-    ``generate`` decodes :meth:`generate_latents`, and ``reference`` is plain DDIM sampling from the
-    same seeds' noise, the fidelity baseline."""
+    ``generate`` decodes :meth:`generate_latents`, ``reference`` is plain DDIM sampling from the
+    same seeds' noise (the fidelity baseline), and :meth:`invert` encodes and inverts DDIM up to
+    :attr:`inversion_position`."""
+
+    kind = LATENT
+
+    @property
+    def inversion_position(self) -> int:
+        """Grid position where verification's inversion stops (``grid.num_steps``: x_T)."""
+        return int(self.grid.num_steps)
+
+    @property
+    def inversion(self) -> InversionStop:
+        return InversionStop(int(self.grid.num_steps), self.inversion_position)
 
     def generate_latents(self, keys: Sequence[MethodKey], seeds: Sequence[int], prompts=None):
         raise NotImplementedError
+
+    def invert(self, images: np.ndarray, prompts=None):
+        """x at :attr:`inversion_position` of each image (encode, invert 0 → stop), one batched call.
+        Verification normally passes no prompt (the verifier does not know it): the empty prompt,
+        as the references do."""
+        import torch
+
+        from shallowmark.core import ddim
+        from shallowmark.core.images import to_tensor
+
+        images = self.check_images(images, self.backend.image_size)
+        with torch.no_grad():
+            cond = self.backend.encode_prompt(prompts, len(images)) if prompts is not None else None
+            z0 = self.backend.encode(to_tensor(images).to(self.backend.device))
+            return ddim.invert(self.backend, z0, self.grid, 0, self.inversion_position, cond=cond)
 
     def generate(self, keys: Sequence[MethodKey], seeds: Sequence[int], prompts=None) -> np.ndarray:
         import torch
@@ -156,3 +284,39 @@ class LatentMethod(WatermarkMethod):
             z = ddim.denoise(self.backend, self.backend.randn_latents(seeds), self.grid, self.grid.num_steps, 0,
                              cond=cond)
             return to_uint8(self.backend.decode(z))
+
+
+def invert_shared(methods: dict, images: np.ndarray) -> dict:
+    """Every method's :meth:`~WatermarkMethod.invert` output for one batch, sharing the model work:
+    latent methods on the same backend and DDIM grid are encoded once and inverted once, stage by
+    stage, up to the furthest stop (Shallow Diffuse's x_t* on the way to the x_T methods' x_T).
+
+    Returns ``{name: inverted}`` for the keys of ``methods`` (name -> method)."""
+    import torch
+
+    from shallowmark.core import ddim
+    from shallowmark.core.images import to_tensor
+
+    out: dict = {}
+    groups: dict[tuple[int, int], list[str]] = {}
+    for name, m in methods.items():
+        if m.inversion is None:
+            out[name] = m.invert(images)
+        else:
+            groups.setdefault((id(m.backend), m.inversion.num_steps), []).append(name)
+    encoded: dict[int, torch.Tensor] = {}
+    for (backend_id, _), names in groups.items():
+        first = methods[names[0]]
+        backend = first.backend
+        if backend_id not in encoded:
+            pixels = first.check_images(images, backend.image_size)
+            with torch.no_grad():
+                encoded[backend_id] = backend.encode(to_tensor(pixels).to(backend.device))
+        x, cur, at = encoded[backend_id], 0, {}
+        for pos in sorted({methods[n].inversion.position for n in names}):
+            with torch.no_grad():
+                x = ddim.invert(backend, x, first.grid, cur, pos)
+            at[pos], cur = x, pos
+        for n in names:
+            out[n] = at[methods[n].inversion.position]
+    return out

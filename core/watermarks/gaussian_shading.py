@@ -22,38 +22,59 @@ magnitudes (drawn from the seed) differ. The reference implementation does the s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from shallowmark.core.ddim import denoise, invert, make_grid
-from shallowmark.core.images import to_tensor, to_uint8
-from shallowmark.core.watermarks.base import Detection, WatermarkMethod, check_target_fpr, verdict
-from shallowmark.errors import InvalidParameterError
+from shallowmark.core.ddim import make_grid
+from shallowmark.core.watermarks.base import Detection, LatentMethod, ModelEvals, bit_verdict, check_target_fpr
+from shallowmark.errors import InvalidParameterError, check_int
 from shallowmark.keys import MethodKey, chacha20_key_nonce, payload_bits
 
-__all__ = ["GaussianShading"]
+__all__ = ["GaussianShading", "GaussianShadingConfig"]
 
 # u is kept inside (0, 1) so that Φ⁻¹ stays finite (|x| <= ~7.0).
 _U_EPS = 1e-12
 _MAX_CAPACITY = 4096  # what payload_bits can derive
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
-        raise InvalidParameterError(f"{name} must be a positive integer; got {value!r}")
-    return int(value)
+@dataclass(frozen=True)
+class GaussianShadingConfig:
+    """Gaussian Shading's parameters (the reference's ``ch_copy=1, hw_copy=8``).
+
+    num_steps: DDIM steps for generation and for the inversion in detection.
+    ch_copy: copies of the message along the latent channels (must divide C).
+    hw_copy: copies along each spatial axis (must divide H and W).
+    """
+
+    num_steps: int = 50
+    ch_copy: int = 1
+    hw_copy: int = 8
+
+    def validate(self, latent_shape) -> None:
+        if latent_shape is None:
+            raise InvalidParameterError("gaussian-shading needs a diffusion backend")
+        for name in ("num_steps", "ch_copy", "hw_copy"):
+            check_int(name, getattr(self, name), 1)
+        c, h, w = (int(v) for v in latent_shape)
+        if c % self.ch_copy or h % self.hw_copy or w % self.hw_copy:
+            raise InvalidParameterError(
+                f"gaussian-shading: ch_copy ({self.ch_copy}) must divide the latent channels ({c}) and hw_copy "
+                f"({self.hw_copy}) must divide the latent height and width ({h}×{w})")
+        capacity = (c // self.ch_copy) * (h // self.hw_copy) * (w // self.hw_copy)
+        if capacity > _MAX_CAPACITY:
+            raise InvalidParameterError(
+                f"gaussian-shading: capacity {capacity} bits exceeds {_MAX_CAPACITY}; raise ch_copy or hw_copy")
 
 
-class GaussianShading(WatermarkMethod):
+class GaussianShading(LatentMethod):
     """Gaussian Shading: encrypted message bits in the signs of x_T; detection by full DDIM inversion.
 
     Args:
         backend: the diffusion backend.
-        num_steps: DDIM steps for generation and for the inversion in detection.
-        ch_copy: copies of the message along the latent channels (must divide C).
-        hw_copy: copies along each spatial axis (must divide H and W).
+        config: a :class:`GaussianShadingConfig` (steps and copies); default the reference's.
 
     The message carries ``capacity = C/ch_copy · H/hw_copy · W/hw_copy`` bits (256 for a 4×64×64
     latent with the reference's ``ch_copy=1, hw_copy=8``), each repeated ``ch_copy · hw_copy²`` times.
@@ -65,25 +86,20 @@ class GaussianShading(WatermarkMethod):
 
     name = "gaussian-shading"
     supports_embed = False
+    config_class = GaussianShadingConfig
 
-    def __init__(self, backend, num_steps: int = 50, ch_copy: int = 1, hw_copy: int = 8):
-        self.backend = backend
-        self.num_steps = _positive_int("num_steps", num_steps)
-        self.ch_copy = _positive_int("ch_copy", ch_copy)
-        self.hw_copy = _positive_int("hw_copy", hw_copy)
+    def __init__(self, backend, config: GaussianShadingConfig | None = None):
+        self._configure(backend, config)
+        self.num_steps, self.ch_copy, self.hw_copy = self.config.num_steps, self.config.ch_copy, self.config.hw_copy
         c, h, w = (int(v) for v in backend.latent_shape)
-        if c % self.ch_copy or h % self.hw_copy or w % self.hw_copy:
-            raise InvalidParameterError(
-                f"{self.name}: ch_copy ({self.ch_copy}) must divide the latent channels ({c}) and hw_copy "
-                f"({self.hw_copy}) must divide the latent height and width ({h}×{w})")
         self.latent_shape = (c, h, w)
         self.message_shape = (c // self.ch_copy, h // self.hw_copy, w // self.hw_copy)
         self.capacity = int(np.prod(self.message_shape))
-        if self.capacity > _MAX_CAPACITY:
-            raise InvalidParameterError(
-                f"{self.name}: capacity {self.capacity} bits exceeds {_MAX_CAPACITY}; raise ch_copy or hw_copy")
         self.copies = self.ch_copy * self.hw_copy * self.hw_copy
         self.grid = make_grid(backend, self.num_steps)
+
+    def model_evals(self) -> ModelEvals:
+        return ModelEvals(generate=self.num_steps, embed=0, verify=self.num_steps)
 
     # -- message, tiling and encryption -----------------------------------------------------------
     def message(self, key: MethodKey) -> np.ndarray:
@@ -150,15 +166,12 @@ class GaussianShading(WatermarkMethod):
     # -- WatermarkMethod --------------------------------------------------------------------------
     def generate_latents(self, keys: Sequence[MethodKey], seeds: Sequence[int], prompts=None) -> torch.Tensor:
         """Watermarked clean latents x_0 (before decoding)."""
-        x = self.watermarked_noise(keys, seeds)
-        with torch.no_grad():
-            return denoise(self.backend, x, self.grid, self.grid.num_steps, 0,
-                           cond=self.backend.encode_prompt(prompts, x.shape[0]))
+        from shallowmark.core.ddim import denoise
 
-    def generate(self, keys: Sequence[MethodKey], seeds: Sequence[int], prompts=None) -> np.ndarray:
-        """Images (N×H×W×3 uint8) from watermarked x_T, one key for all seeds or one per seed."""
+        x = self.watermarked_noise(keys, seeds)
+        cond = self.backend.encode_prompt(prompts, x.shape[0]) if prompts is not None else None
         with torch.no_grad():
-            return to_uint8(self.backend.decode(self.generate_latents(keys, seeds, prompts)))
+            return denoise(self.backend, x, self.grid, self.grid.num_steps, 0, cond=cond)
 
     def reference(self, seeds: Sequence[int], prompts=None) -> np.ndarray:
         """Same-seed images from plain N(0, 1) noise (``backend.randn_latents``).
@@ -168,61 +181,20 @@ class GaussianShading(WatermarkMethod):
         differs far more than it does for the ring methods, which only perturb x_T's spectrum. Use it
         for distribution-level fidelity (FID/CLIP), not for a paired PSNR.
         """
-        seeds = self._check_seeds(seeds)
-        return self._sample(self.backend.randn_latents(seeds), prompts)
+        return super().reference(self._check_seeds(seeds), prompts)
 
     def embed(self, keys: Sequence[MethodKey], images: np.ndarray) -> np.ndarray:
         raise NotImplementedError(
             f"{self.name} cannot watermark an existing image: its watermark is the initial noise of "
             "generation. Use generate() (server scenario), or a method with supports_embed=True")
 
-    def detect(self, images: np.ndarray, keys: Sequence[MethodKey], target_fpr: float = 0.01) -> list[Detection]:
-        """Invert each image to x_T (``num_steps`` model evaluations) and test every key."""
-        keys = self.check_keys(keys)
-        target_fpr = check_target_fpr(target_fpr)
-        return self.detect_noise(self.invert_for_detection(images), keys, target_fpr, model_evals=self.num_steps)
-
-    def invert_for_detection(self, images: np.ndarray, prompts=None) -> torch.Tensor:
-        """x_T of each image (encode, invert 0 → T): the model work of :meth:`detect`, one batched
-        call for all images whatever their keys; score it with :meth:`detect_inverted`."""
-        arr = self.check_images(images, size=self.backend.image_size)
-        x = to_tensor(arr).to(self.backend.device, self.backend.dtype)
-        with torch.no_grad():
-            z0 = self.backend.encode(x)
-        return invert(self.backend, z0, self.grid, 0, None, cond=None)
-
-    def detect_inverted(self, latents: torch.Tensor, keys: Sequence[MethodKey],
-                        target_fpr: float = 0.01) -> list[Detection]:
-        """Detection from :meth:`invert_for_detection`'s output (no model evaluation)."""
-        return self.detect_noise(latents, keys, target_fpr, model_evals=self.num_steps)
-
-    def detect_noise(self, x_t: torch.Tensor, keys: Sequence[MethodKey], target_fpr: float = 0.01,
-                     model_evals: int = 0) -> list[Detection]:
-        """Detection from an already recovered x_T (N, C, H, W), e.g. one inversion shared by
-        several detectors. Non-finite latents raise the backend's ``InvalidShapeError``."""
-        from scipy.stats import binom
-
-        keys = self.check_keys(keys)
-        target_fpr = check_target_fpr(target_fpr)
-        self.backend.check_latents(x_t)
+    def _score(self, x_t: torch.Tensor, keys: list[MethodKey], target_fpr: float) -> list[Detection]:
+        """Sign bits of x_T, decrypted and voted under each key, against that key's message."""
         signs = (x_t.detach().float().cpu().numpy() > 0).astype(np.uint8)
-        n = self.capacity
-        recovered, matches = [], []
-        for k in keys:
-            bits = self.decrypt(signs, k)  # (N, capacity)
-            recovered.append(bits)
-            matches.append((bits == self.message(k)[None]).sum(axis=1))
-        recovered = np.stack(recovered, axis=1)  # (N, K, capacity)
-        matches = np.stack(matches, axis=1)  # (N, K)
-        out = []
-        for i in range(signs.shape[0]):
-            k_i = matches[i]
-            p = binom.sf(k_i - 1, n, 0.5)
-            acc = k_i / n
-            best = int(np.lexsort((-acc, p))[0])  # the key verdict() picks
-            out.append(verdict(self.name, p.tolist(), acc.tolist(), keys, target_fpr, model_evals,
-                               bits=recovered[i, best].copy(), bit_accuracies=acc.tolist()))
-        return out
+        recovered = np.stack([self.decrypt(signs, k) for k in keys], axis=1)  # (N, K, capacity)
+        expected = np.stack([self.message(k) for k in keys])                    # (K, capacity)
+        return [bit_verdict(self.name, recovered[i], expected, keys, target_fpr, self.num_steps)
+                for i in range(signs.shape[0])]
 
     @staticmethod
     def threshold_for_fpr(n_bits: int, fpr: float) -> float:
@@ -234,7 +206,7 @@ class GaussianShading(WatermarkMethod):
         """
         from scipy.stats import binom
 
-        n = _positive_int("n_bits", n_bits)
+        n = check_int("n_bits", n_bits, 1)
         fpr = check_target_fpr(fpr)
         ks = np.arange(n + 2)
         tail = binom.sf(ks - 1, n, 0.5)  # P(X >= k); 0 at k = n + 1
@@ -249,9 +221,3 @@ class GaussianShading(WatermarkMethod):
             if isinstance(s, bool) or not isinstance(s, (int, np.integer)):
                 raise InvalidParameterError(f"{self.name}: seeds must be integers; got {s!r}")
         return [int(s) for s in seeds]
-
-    def _sample(self, x: torch.Tensor, prompts) -> np.ndarray:
-        cond = self.backend.encode_prompt(prompts, x.shape[0])
-        z = denoise(self.backend, x, self.grid, self.grid.num_steps, 0, cond=cond)
-        with torch.no_grad():
-            return to_uint8(self.backend.decode(z))

@@ -23,18 +23,40 @@ DwtDctSvd and RivaGAN do not have this problem.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
-from shallowmark.core.watermarks.base import Detection, WatermarkMethod, check_target_fpr, verdict
-from shallowmark.errors import InvalidParameterError, MissingDependencyError
+from shallowmark.core.watermarks.base import Detection, ModelEvals, WatermarkMethod, bit_verdict
+from shallowmark.errors import InvalidParameterError, MissingDependencyError, check_int
 from shallowmark.keys import MethodKey, payload_bits
 
-__all__ = ["DwtDct", "DwtDctSvd", "RivaGAN"]
+__all__ = ["DwtDct", "DwtDctSvd", "RivaGAN", "DwtDctConfig", "RivaGANConfig"]
 
 # 4×4 blocks in the 128×128 DWT LL band of a 256×256 image: one copy of each bit needs a block.
 _MAX_DWT_BITS = 1024
+
+
+@dataclass(frozen=True)
+class DwtDctConfig:
+    """DwtDct's and DwtDctSvd's payload length: 1..1024 bits (one 4×4 block of the 256² image's
+    DWT LL band per copy); 64 by default (16 copies of each bit)."""
+
+    n_bits: int = 64
+
+    def validate(self, latent_shape=None) -> None:
+        check_int("n_bits", self.n_bits, 1, _MAX_DWT_BITS)
+
+
+@dataclass(frozen=True)
+class RivaGANConfig:
+    """RivaGAN's payload length: its ONNX model is built for exactly 32 bits."""
+
+    n_bits: int = 32
+
+    def validate(self, latent_shape=None) -> None:
+        check_int("n_bits", self.n_bits, 32, 32)
 
 
 def _imwatermark():
@@ -51,18 +73,16 @@ class _InvisibleWatermark(WatermarkMethod):
 
     supports_embed = True
     min_image_size = 256
+    config_class = DwtDctConfig
     _iw_method: str = ""
-    default_bits: int = 64
-    _allowed_bits: tuple[int, int] = (1, _MAX_DWT_BITS)
 
-    def __init__(self, backend=None, n_bits: int | None = None):
-        lo, hi = self._allowed_bits
-        n_bits = self.default_bits if n_bits is None else n_bits
-        if isinstance(n_bits, bool) or not isinstance(n_bits, (int, np.integer)) or not lo <= n_bits <= hi:
-            allowed = f"exactly {lo}" if lo == hi else f"an int in {lo}..{hi}"
-            raise InvalidParameterError(f"{self.name}: n_bits must be {allowed}; got {n_bits!r}")
-        self.n_bits = int(n_bits)
-        self.backend = backend
+    def __init__(self, backend=None, config=None):
+        self._configure(backend, config)
+        self.n_bits = int(self.config.n_bits)
+
+    def model_evals(self) -> ModelEvals:
+        # generate is a plain 50-step DDIM sample, then the post-hoc embed; nothing else uses the model
+        return ModelEvals(generate=50 if self.backend is not None else 0, embed=0, verify=0)
 
     # -- package access ---------------------------------------------------------------------------
     def _ensure_model(self) -> None:
@@ -120,27 +140,14 @@ class _InvisibleWatermark(WatermarkMethod):
         self.check_keys(keys, n=len(list(seeds)))
         return self.embed(keys, self._sample(seeds, prompts))
 
-    def detect(self, images: np.ndarray, keys: Sequence[MethodKey], target_fpr: float = 0.01) -> list[Detection]:
-        """Decode ``n_bits`` bits per image and test them against every candidate key.
-
-        p-value per key: ``P(Binomial(n_bits, 1/2) >= matches)``; the verdict is Bonferroni-corrected
-        over the keys. ``score`` and ``bit_accuracy`` are the best key's fraction of matching bits.
-        """
-        from scipy.stats import binom
-
-        target_fpr = check_target_fpr(target_fpr)
-        keys = self.check_keys(keys)
-        imgs = self.check_images(images)
+    def _score(self, images: np.ndarray, keys: list[MethodKey], target_fpr: float) -> list[Detection]:
+        """Decode ``n_bits`` bits per image and test them against every candidate key's payload."""
         payloads = np.stack([payload_bits(mk, self.n_bits) for mk in keys])  # K×n
         self._ensure_model()
         out = []
-        for im in imgs:
+        for im in images:
             bits = self._decode_one(im)
-            matches = (payloads == bits[None]).sum(axis=1)
-            p = binom.sf(matches - 1, self.n_bits, 0.5)
-            acc = matches / self.n_bits
-            out.append(verdict(self.name, p, acc, keys, target_fpr, model_evals=0, bits=bits,
-                               bit_accuracies=acc))
+            out.append(bit_verdict(self.name, np.broadcast_to(bits, payloads.shape), payloads, keys, target_fpr, 0))
         return out
 
 
@@ -163,8 +170,7 @@ class RivaGAN(_InvisibleWatermark):
 
     name = "rivagan"
     _iw_method = "rivaGan"
-    default_bits = 32
-    _allowed_bits = (32, 32)
+    config_class = RivaGANConfig
 
     _loaded = False
     _load_lock = threading.Lock()

@@ -242,3 +242,11 @@ class RingKeyed:
         """(cosines, p-values) of latents x (batch, C, H, W) against each key: (batch, keys)."""
         cos = cosines(x, self.config.channel, self._values(keys), self.geom)
         return cos, p_values(cos, self.geom.dims)
+
+    def _score(self, x: torch.Tensor, keys, target_fpr: float) -> list:
+        """The ring statistic's verdict for each latent (the protocol's scoring hook)."""
+        from shallowmark.core.watermarks.base import verdict
+
+        cos, p = self._ring_p_values(x, keys)
+        evals = self.model_evals().verify
+        return [verdict(self.name, p[i], cos[i].tolist(), keys, target_fpr, evals) for i in range(len(cos))]

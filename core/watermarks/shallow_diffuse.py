@@ -25,7 +25,7 @@ import torch
 from shallowmark.core import ddim
 from shallowmark.core.images import to_tensor, to_uint8
 from shallowmark.core.watermarks import rings
-from shallowmark.core.watermarks.base import LatentMethod, check_target_fpr, verdict
+from shallowmark.core.watermarks.base import LatentMethod, ModelEvals
 from shallowmark.errors import InvalidParameterError, check_choice
 from shallowmark.keys import MethodKey
 
@@ -82,6 +82,8 @@ class ShallowDiffuseConfig:
     nullspace_iters: int = 3         # subspace iterations
 
     def validate(self, latent_shape) -> None:
+        if latent_shape is None:
+            raise InvalidParameterError("shallow-diffuse needs a diffusion backend")
         if isinstance(self.t_star, str):
             check_choice("t_star", self.t_star, ("auto",))
         elif not 0.0 < self.t_star < 1.0:
@@ -102,11 +104,10 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
     name = "shallow-diffuse"
     supports_embed = True
     output_modes = OUTPUT_MODES
+    config_class = ShallowDiffuseConfig
 
     def __init__(self, backend, config: ShallowDiffuseConfig | None = None):
-        self.backend = backend
-        self.config = config or ShallowDiffuseConfig()
-        self.config.validate(backend.latent_shape)
+        self._configure(backend, config)
         self.grid = ddim.make_grid(backend, self.config.num_steps)
         if self.config.t_star == "auto":
             from shallowmark.core.t_star import auto_t_star
@@ -117,10 +118,19 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         self.k_star = self.grid.position(self.t_star)
         self.geom = rings.RingGeometry(backend.latent_shape[-1], self.config.radius, self.config.ring_centre,
                                        self.config.inner_radius, self.config.complex_key)
-        self.last_model_evals = 0  # of the last generate/embed call, per image
+
+    @property
+    def inversion_position(self) -> int:
+        return self.k_star
+
+    def model_evals(self) -> ModelEvals:
+        # generate: T → t*, then t* → 0 on the watermarked and the reference path (one batched call
+        # per step, counted once); embed: invert 0 → t*, then both paths t* → 0; verify: 0 → t*.
+        n, k = int(self.grid.num_steps), int(self.k_star)
+        return ModelEvals(generate=n + k, embed=3 * k, verify=k)
 
     # -- the injection at t* ------------------------------------------------------------------------
-    def inject(self, x_star: torch.Tensor, keys: Sequence[MethodKey], cond=None, scale: float = 1.0) -> torch.Tensor:
+    def inject(self, x_star: torch.Tensor, keys: Sequence[MethodKey], scale: float = 1.0) -> torch.Tensor:
         if self.config.ring_write == "replace":
             marked = rings.inject(x_star, self.config.channel, scale * self._patterns(keys), self.geom)
         else:
@@ -133,17 +143,20 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         out = []
         for i in range(x_star.shape[0]):
             sub = jacobian.top_subspace(self.backend, x_star[i:i + 1], t, self.config.nullspace_rank,
-                                        self.config.nullspace_iters, cond=cond,
-                                        seed=i)
+                                        self.config.nullspace_iters, cond=None, seed=i)
             delta = jacobian.nullspace_project(marked[i:i + 1] - x_star[i:i + 1], sub)
             out.append(x_star[i:i + 1] + delta)
         return torch.cat(out)
 
-    def _finish(self, x_star, keys, cond, scale: float = 1.0):
-        """Inject at t*, denoise both paths to 0, average channels. Returns (z_wm, z_ref)."""
-        x_wm = self.inject(x_star, keys, cond, scale)
-        both = ddim.denoise(self.backend, torch.cat([x_wm, x_star]), self.grid, self.k_star, 0,
-                            cond=_double(cond))
+    def _finish(self, x_star, keys, scale: float = 1.0):
+        """Inject at t*, denoise both paths to 0, average channels. Returns (z_wm, z_ref).
+
+        From t* to 0 both paths are denoised without the prompt (no classifier-free guidance), as
+        the reference code does: the layout is fixed by t*, guidance there would double the UNet
+        work, and the verifier inverts without the prompt, so the unguided model is the one whose
+        steps it retraces (the nullspace projection uses the same model's Jacobian)."""
+        x_wm = self.inject(x_star, keys, scale)
+        both = ddim.denoise(self.backend, torch.cat([x_wm, x_star]), self.grid, self.k_star, 0, cond=None)
         z_wm, z_ref = both.chunk(2)
         if self.config.channel_averaging:
             keep = [c for c in range(z_wm.shape[1]) if c != self.config.channel]
@@ -159,8 +172,7 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         cond = self.backend.encode_prompt(prompts, len(seeds)) if prompts is not None else None
         x_star = ddim.denoise(self.backend, self.backend.randn_latents(seeds), self.grid,
                               self.grid.num_steps, self.k_star, cond=cond)
-        z_wm, _ = self._finish(x_star, keys, cond)
-        self.last_model_evals = self.grid.num_steps + self.k_star
+        z_wm, _ = self._finish(x_star, keys)
         return z_wm
 
     # -- user scenario ------------------------------------------------------------------------------
@@ -175,53 +187,8 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         z0 = self.backend.encode(to_tensor(images).to(self.backend.device))
         x_star = ddim.invert(self.backend, z0, self.grid, 0, self.k_star, cond=cond)
         scale = (self.config.embed_strength or self.config.strength) / self.config.strength
-        z_wm, z_ref = self._finish(x_star, keys, cond, scale)
-        self.last_model_evals = 3 * self.k_star
+        z_wm, z_ref = self._finish(x_star, keys, scale)
         if output == "decode":
             return to_uint8(self.backend.decode(z_wm))
         diff = self.backend.decode(z_wm) - self.backend.decode(z_ref)   # only the watermark's change
         return to_uint8(to_tensor(images) + diff.cpu())
-
-    # -- verification -------------------------------------------------------------------------------
-    @torch.no_grad()
-    def detect(self, images: np.ndarray, keys: Sequence[MethodKey], target_fpr: float = 0.01,
-               prompts=None) -> list:
-        target_fpr = check_target_fpr(target_fpr)
-        images = self.check_images(images, self.backend.image_size)
-        keys = self.check_keys(keys)
-        return self.detect_latent(self.invert_for_detection(images, prompts), keys, target_fpr)
-
-    @torch.no_grad()
-    def invert_for_detection(self, images: np.ndarray, prompts=None) -> torch.Tensor:
-        """x_t* of each image (encode, invert 0 → t*): the model work of :meth:`detect`, one batched
-        call for all images whatever their keys; score it with :meth:`detect_inverted`."""
-        images = self.check_images(images, self.backend.image_size)
-        cond = self.backend.encode_prompt(prompts, len(images)) if prompts is not None else None
-        z0 = self.backend.encode(to_tensor(images).to(self.backend.device))
-        return ddim.invert(self.backend, z0, self.grid, 0, self.k_star, cond=cond)
-
-    def detect_inverted(self, latents: torch.Tensor, keys: Sequence[MethodKey], target_fpr: float = 0.01) -> list:
-        """Detection from :meth:`invert_for_detection`'s output (no model evaluation)."""
-        return self.detect_latent(latents, keys, target_fpr)
-
-    def detect_latent(self, x_star: torch.Tensor, keys: Sequence[MethodKey], target_fpr: float = 0.01) -> list:
-        """Detection from an already inverted x_t* (batch, C, H, W)."""
-        keys = self.check_keys(keys)
-        target_fpr = check_target_fpr(target_fpr)
-        self.backend.check_latents(x_star)
-        cos, p = self._ring_p_values(x_star, keys)
-        return [verdict(self.name, p[i], cos[i].tolist(), keys, target_fpr, self.k_star) for i in range(len(cos))]
-
-
-def _double(cond):
-    """Conditioning for a batch that was doubled by concatenation (watermarked + reference)."""
-    if cond is None:
-        return None
-    if hasattr(cond, "cond_emb"):
-        import dataclasses
-
-        return dataclasses.replace(cond, cond_emb=torch.cat([cond.cond_emb] * 2) if cond.cond_emb.shape[0] > 1
-                                   else cond.cond_emb,
-                                   uncond_emb=torch.cat([cond.uncond_emb] * 2) if cond.uncond_emb.shape[0] > 1
-                                   else cond.uncond_emb)
-    return torch.cat([cond, cond])

@@ -114,7 +114,7 @@ def test_rerun_with_one_more_attack_reuses_cache(quick, tiny_ldm):
         counter = _Counter(mp)
         detected = []
         orig = bench._detect_batch
-        mp.setattr(bench, "_detect_batch", lambda b, ms, *a: detected.append(sorted(ms)) or orig(b, ms, *a))
+        mp.setattr(bench, "_detect_batch", lambda ms, *a: detected.append(sorted(ms)) or orig(ms, *a))
         rep = bench.run_bench(cfg, progress=False, backend=tiny_ldm)
     assert counter.calls == {"generate": 0, "reference": 0, "embed": 0}
     assert [p.stat().st_mtime_ns for p in pngs] == mtimes
@@ -134,11 +134,11 @@ def test_interrupted_run_resumes(quick, tiny_ldm, tmp_path):
     orig = bench._detect_batch
     calls = []
 
-    def flaky(backend, methods, *a):
+    def flaky(methods, *a):
         calls.append(sorted(methods))
         if len(calls) == 6:  # the negatives and one positive are scored when the run stops
             raise KeyboardInterrupt("simulated interruption")
-        return orig(backend, methods, *a)
+        return orig(methods, *a)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(bench, "_detect_batch", flaky)
@@ -152,7 +152,7 @@ def test_interrupted_run_resumes(quick, tiny_ldm, tmp_path):
     calls.clear()
     with pytest.MonkeyPatch.context() as mp:
         counter = _Counter(mp)
-        mp.setattr(bench, "_detect_batch", lambda b, ms, *a: calls.append(sorted(ms)) or orig(b, ms, *a))
+        mp.setattr(bench, "_detect_batch", lambda ms, *a: calls.append(sorted(ms)) or orig(ms, *a))
         resumed = bench.run_bench(cfg, progress=False, backend=tiny_ldm)
     assert counter.calls == {"generate": 0, "reference": 0, "embed": 0}
     assert calls == [["shallow-diffuse"]] * 3  # only the 3 missing positives

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from shallowmark.core.watermarks.gaussian_shading import GaussianShading
+from shallowmark.core.watermarks.gaussian_shading import GaussianShading, GaussianShadingConfig
 from shallowmark.errors import InvalidImageError, InvalidParameterError, InvalidShapeError, KeyMaterialError
 from shallowmark.keys import WatermarkKey, payload_bits
 
@@ -133,7 +133,7 @@ def test_bad_inputs(gs, tiny_ldm, keys):
         gs.generate(keys[:1], [])
     nan = torch.full((1, 4, 64, 64), float("nan"))
     with pytest.raises(InvalidShapeError):
-        gs.detect_noise(nan, keys[:1])
+        gs.score(nan, keys[:1])
     for kw in ({"hw_copy": 3}, {"ch_copy": 3}, {"hw_copy": 0}, {"ch_copy": 1, "hw_copy": 1}):
         with pytest.raises(InvalidParameterError):
-            GaussianShading(tiny_ldm, **kw)
+            GaussianShading(tiny_ldm, GaussianShadingConfig(**kw))

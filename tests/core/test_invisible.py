@@ -10,7 +10,7 @@ pytest.importorskip("onnxruntime")
 from PIL import Image  # noqa: E402
 
 from shallowmark.core.images import psnr  # noqa: E402
-from shallowmark.core.watermarks.invisible import DwtDct, DwtDctSvd, RivaGAN  # noqa: E402
+from shallowmark.core.watermarks.invisible import DwtDct, DwtDctConfig, DwtDctSvd, RivaGAN, RivaGANConfig  # noqa: E402
 from shallowmark.errors import InvalidImageError, InvalidParameterError, KeyMaterialError  # noqa: E402
 from shallowmark.keys import WatermarkKey  # noqa: E402
 
@@ -86,13 +86,13 @@ def test_psnr(marked, photos):
 
 def test_payload_length():
     assert DwtDct().n_bits == 64 and DwtDctSvd().n_bits == 64 and RivaGAN().n_bits == 32
-    assert DwtDctSvd(n_bits=32).n_bits == 32
+    assert DwtDctSvd(config=DwtDctConfig(n_bits=32)).n_bits == 32
     for bad in (16, 64, 0, True, 32.0):
         with pytest.raises(InvalidParameterError, match="32"):
-            RivaGAN(n_bits=bad)
+            RivaGAN(config=RivaGANConfig(n_bits=bad))
     for bad in (0, 1025, 2.5):
         with pytest.raises(InvalidParameterError, match="n_bits"):
-            DwtDct(n_bits=bad)
+            DwtDct(config=DwtDctConfig(n_bits=bad))
 
 
 def test_generate_is_reference_plus_embed(tiny_ldm):

@@ -24,10 +24,7 @@ def test_generate_then_detect_through_the_sd_adapter(tiny_sd_watermark_backend, 
     z0 = m.generate_latents(keys[:2], [1, 2], prompts=["a photo of a red cat", "a blue house"])
     assert z0.shape == (2, *b.latent_shape)
     grid = ddim.make_grid(b, 20)
-    if name == "shallow-diffuse":
-        det = m.detect_latent(ddim.invert(b, z0, grid, 0, m.k_star), keys)
-    else:
-        det = m.detect_noise(ddim.invert(b, z0, grid, 0, 20), keys)
+    det = m.score(ddim.invert(b, z0, grid, 0, m.inversion.position), keys)
     assert [d.key_id for d in det] == [keys[0].key_id, keys[1].key_id]
     assert all(d.detected and d.p_value < 1e-6 for d in det)
     # the decode path runs and gives images of the pipeline's size

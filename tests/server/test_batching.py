@@ -295,14 +295,14 @@ def test_one_bad_request_does_not_fail_the_batch(tmp_path, loader, make_config, 
     app = _server(tmp_path, loader, make_config)
     lm = app.pool.get("tiny-ldm")
     method = app.pool.method(lm, "shallow-diffuse")
-    original = method.detect_latent
+    original = method._score
 
     def flaky(latents, ks, fpr=0.01):
         if any(k.key_id == keys[1].key_id for k in ks):
             raise RuntimeError("injected failure")
         return original(latents, ks, fpr)
 
-    method.detect_latent = flaky
+    method._score = flaky
     try:
         def one(i):
             with Client(app.address, TOKEN_A, timeout=300, retries=0) as c:
@@ -315,7 +315,7 @@ def test_one_bad_request_does_not_fail_the_batch(tmp_path, loader, make_config, 
             results = list(ex.map(one, range(6)))
         stats = app.pool.stats()
     finally:
-        method.detect_latent = original
+        method._score = original
         app.stop(1.0)
     assert stats["jobs"] == 6 and stats["batches"] < 6
     assert isinstance(results[3], ServerError) and results[3].code == grpc.StatusCode.INTERNAL

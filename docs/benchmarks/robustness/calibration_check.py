@@ -27,7 +27,7 @@ backend = load_backend("tiny-ldm")
 sd = load_method("shallow-diffuse", backend)
 files = sorted(glob.glob(f"{sys.argv[1]}/images/tiny-ldm-*/reference-plain-*/*.png"))[:100]
 images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
-x_star = torch.cat([sd.invert_for_detection(images[i:i + 20]) for i in range(0, len(images), 20)])
+x_star = torch.cat([sd.invert(images[i:i + 20]) for i in range(0, len(images), 20)])
 keys = [WatermarkKey.from_hex(f"{i + 5000:064x}").for_method("shallow-diffuse") for i in range(400)]
 _, p = sd._ring_p_values(x_star, keys)                     # (images, keys)
 per_key = (p <= 0.01).mean(0)
