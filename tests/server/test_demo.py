@@ -6,7 +6,7 @@ import json
 
 
 def test_demo_through_the_service(tmp_path, monkeypatch):
-    from shallowmark.core.demo import ATTACKS, run_demo
+    from shallowmark.cli.demo import ATTACKS, run_demo
     from shallowmark.keys import WatermarkKey
 
     # Fixed keys: with random ones an unwatermarked control is "detected" with probability ~target FPR.

@@ -461,7 +461,7 @@ def _cmd_loadtest(args) -> int:
 # -- demo ------------------------------------------------------------------------------------------
 def _cmd_demo(args) -> int:
     _need("server", "demo")
-    from shallowmark.core.demo import run_demo
+    from shallowmark.cli.demo import run_demo
 
     return run_demo(Path(args.out), num_steps=args.steps)
 
