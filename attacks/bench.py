@@ -32,7 +32,8 @@ shallowmark server instead, as an auditor without model access would; see
 :mod:`shallowmark.attacks.bench_server`. The modules: :mod:`~shallowmark.attacks.bench_config`
 (the grid and its validation), :mod:`~shallowmark.attacks.bench_cache` (the cache),
 :mod:`~shallowmark.attacks.bench_report` (metrics rows and the report files), this one (the
-in-process runner and the entry point).
+in-process executor and the entry point), :mod:`~shallowmark.attacks.bench_grid` (the steps of a
+run, shared by both modes).
 """
 
 from __future__ import annotations
@@ -45,15 +46,12 @@ import os
 import platform
 import sys
 import time
-import zlib
-from typing import Any, Sequence
 
 import numpy as np
 
 from shallowmark.errors import InvalidParameterError
 
 from . import regen as _regen  # noqa: F401  (registers the "regen" attack)
-from .bench_cache import BenchCache as _Cache
 from .bench_cache import stable_hash as _h
 from .bench_config import (  # noqa: F401  (re-exported: the public names of the benchmark live here)
     DEFAULT_ATTACKS,
@@ -73,7 +71,8 @@ from .bench_config import (  # noqa: F401  (re-exported: the public names of the
     parse_attacks,
     validate_config,
 )
-from .bench_report import _sanitize, detection_results, versions as _versions, write_reports
+from .bench_grid import Grid, chunks, keyed_images, run_grid
+from .bench_report import _sanitize, versions as _versions
 from .registry import get_attack
 
 __all__ = [
@@ -117,22 +116,6 @@ def _detect_batch(methods: dict, keys: dict, images: np.ndarray, target_fpr: flo
     return {name: m.score(inverted[name], keys[name], target_fpr) for name, m in methods.items()}
 
 
-def _attack_rng(setting: AttackSetting, kind: str, method: str, seed: int) -> np.random.Generator:
-    """One generator per attacked image, independent of batching and run order."""
-    tag = zlib.crc32(f"{setting.name}|{setting.value!r}|{kind}|{method}".encode())
-    return np.random.default_rng([tag, int(seed)])
-
-
-def _apply(setting: AttackSetting, images: np.ndarray, seeds: Sequence[int], kind: str, method: str,
-           backend) -> np.ndarray:
-    from .registry import apply_attack
-
-    spec = get_attack(setting.name)
-    ctx = {"model": backend} if "model" in spec.context else {}
-    return np.stack([apply_attack(setting.name, im, setting.value, rng=_attack_rng(setting, kind, method, s), **ctx)
-                     for im, s in zip(images, seeds)])
-
-
 def _same_image(a: np.ndarray, b: np.ndarray) -> bool:
     """Equal up to float rounding: the same sampling run in another batch may flip a few pixels by 1."""
     if a.shape != b.shape:
@@ -141,12 +124,167 @@ def _same_image(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(d.max() <= 2 and np.mean(d > 0) < 0.01)
 
 
-def _chunks(seq: Sequence, size: int):
-    for i in range(0, len(seq), size):
-        yield seq[i:i + size]
+# -- the in-process executor ---------------------------------------------------------------------------
+class InProcessExecutor:
+    """The grid's work on a model in this process (see :mod:`~shallowmark.attacks.bench_grid`).
+
+    Negatives are the ``reference(seeds)`` of the first latent method, shared by every method;
+    a method whose own reference equals them (checked on the first seed) is compared with them for
+    fidelity, otherwise with its own. Post-hoc methods are watermarked by embedding into the shared
+    negatives, which is what their ``generate`` does. Detection shares DDIM inversions
+    (:func:`_detect_batch`)."""
+
+    mode = "in-process"
+    ctx_tag: list = []
+    definitions = DEFINITIONS
+
+    def __init__(self, config: BenchConfig, backend=None):
+        self.config, self.backend = config, backend
+
+    def prepare(self, grid, log) -> None:
+        import torch
+
+        from shallowmark.core.watermarks import load_method
+        from shallowmark.methods import LATENT
+
+        config = self.config
+        if self.backend is None:
+            from shallowmark.core.backends import load_backend
+
+            self.backend = load_backend(config.model, **dict(config.model_options))
+        self._grad = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)  # this thread only; restored by close()
+        self.fingerprint = _model_fingerprint(self.backend, config.model, dict(config.model_options))
+        self.methods = {}
+        for name in grid.method_names:
+            kw = {"num_steps": int(config.num_steps)} if config.num_steps is not None and _kind(name) == LATENT else {}
+            kw.update(dict(config.method_config).get(name, {}))
+            self.methods[name] = load_method(name, self.backend, **kw)
+        self.params = {n: _method_params(m) for n, m in self.methods.items()}
+        self.attack_context = self.backend
+        latent = [m for m in grid.method_names if self.methods[m].kind == LATENT]
+        self.latent = latent
+        self.ref_name = latent[0] if latent else grid.method_names[0]
+        # The shared unwatermarked images are plain samples of the model: name them by what makes them
+        # (sampler and step count), not by the key parameters of the method that draws them, so that
+        # retuning one method's key does not invalidate every method's negatives.
+        sampler = self.params[self.ref_name].get("num_steps") if self.ref_name in latent else None
+        self.neg_folder = f"{self._root}/reference-plain-{_h([_version(), 'ddim', sampler], 10)}" if sampler else \
+            self.folder(self.ref_name, "reference")
+        log(f"unwatermarked images: {self.ref_name}.reference, seeds {grid.seeds[0]}..{grid.seeds[-1]}")
+
+    @property
+    def _root(self) -> str:
+        return f"{self.config.model}-{self.fingerprint}"
+
+    def folder(self, name: str, kind: str, key_id: str = "") -> str:
+        return f"{self._root}/{kind}-{name}-{_h([_version(), self.params[name]], 10)}" + \
+            (f"/{key_id[:16]}" if key_id else "")
+
+    def images_id(self, name: str, kind: str) -> str:
+        return self.folder(name, "watermarked") if kind == "pos" else self.neg_folder
+
+    def image_work(self, grid) -> int:
+        return grid.n * (1 + len(grid.method_names))
+
+    def _references(self, cache, bar, name: str, want, count: bool) -> dict:
+        fold = self.neg_folder if name == self.ref_name else self.folder(name, "reference")
+        have = cache.load_images(fold, want)
+        missing = [s for s in want if s not in have]
+        if count:
+            bar.update(len(want) - len(missing))
+        for chunk in chunks(missing, int(self.config.batch)):
+            t0 = time.perf_counter()
+            ims = self.methods[name].reference(list(chunk))
+            cache.save_images(fold, chunk, ims)
+            cache.put_timings("reference", fold, chunk, (time.perf_counter() - t0) / len(chunk))
+            have.update(zip(chunk, ims))
+            if count:
+                bar.update(len(chunk))
+        return have
+
+    def make_images(self, grid, cache, bar) -> tuple[dict, dict]:
+        seeds = grid.seeds
+        negatives = self._references(cache, bar, self.ref_name, seeds, True)
+        self.ref_shared = {name: name == self.ref_name or _same_image(
+            self._references(cache, bar, name, seeds[:1], False)[seeds[0]], negatives[seeds[0]])
+            for name in grid.method_names}
+        self.posthoc = {name: (name not in self.latent and self.methods[name].supports_embed and self.ref_shared[name])
+                        for name in grid.method_names}
+        positives, self.own_refs = {}, {}
+        for name in grid.method_names:
+            m = self.methods[name]
+            if self.posthoc[name]:
+                def make(key, chunk, m=m):
+                    return m.embed([key], np.stack([negatives[s] for s in chunk]))
+            else:
+                def make(key, chunk, m=m):
+                    return m.generate([key], chunk)
+            positives[name] = keyed_images(grid, cache, bar, name, lambda kid, n=name: self.folder(n, "watermarked", kid),
+                                           make, "embed")
+            if not self.ref_shared[name]:
+                self.own_refs[name] = self._references(cache, bar, name, seeds, False)
+        return negatives, positives
+
+    def detect(self, wanted: dict, images: np.ndarray, grid) -> dict:
+        dets = _detect_batch({n: self.methods[n] for n in wanted}, grid.keys, images, grid.target_fpr)
+        return {n: [_score_row(dets[n][i]) for i in idx] for n, idx in wanted.items()}
+
+    def fidelity(self, grid, negatives: dict, positives: dict) -> list[dict]:
+        from .metrics import psnr, ssim
+
+        out = []
+        for name in grid.method_names:
+            refs = negatives if self.ref_shared[name] else self.own_refs[name]
+            pairs = [(positives[name][s], refs[s]) for s in grid.seeds]
+            ps = [psnr(a, b) for a, b in pairs]
+            out.append(dict(method=name, psnr=float(np.mean([p for p in ps if math.isfinite(p)] or [math.inf])),
+                            ssim=float(np.mean([ssim(a, b) for a, b in pairs])),
+                            reference="shared" if self.ref_shared[name] else "own", note=_FIDELITY_NOTES.get(name)))
+        return out
+
+    def cost(self, grid, cache, ctx_of) -> list[dict]:
+        out = []
+        for name in grid.method_names:
+            embed_s = cache.mean_timing("embed", [self.folder(name, "watermarked")], grid.seeds)
+            if embed_s is not None and self.posthoc[name]:
+                embed_s += cache.mean_timing("reference", [self.neg_folder], grid.seeds) or 0.0
+            verify_s = cache.mean_timing("verify", [ctx_of(name, a, "pos") for a in grid.attacks if a.name == "clean"]
+                                         or [ctx_of(name, a, "pos") for a in grid.attacks], grid.seeds)
+            evals = cache.scored(ctx_of(name, grid.attacks[0], "pos"))[grid.seeds[0]][4]
+            out.append(dict(method=name, embed_seconds=embed_s, verify_seconds=verify_s,
+                            verify_model_evals=int(evals), embed_model_evals=self.methods[name].model_evals().generate))
+        return out
+
+    def config_record(self, grid) -> dict:
+        return _config_record(self.config, list(grid.method_names), grid.attacks, self.params, grid.key_ids,
+                              self.fingerprint, self.ref_name, self.posthoc, self.backend)
+
+    def close(self) -> None:
+        import torch
+
+        torch.set_grad_enabled(getattr(self, "_grad", True))
 
 
-# -- the run -------------------------------------------------------------------------------------------
+def _score_row(d) -> tuple:
+    """A :class:`Detection` as the cache stores it."""
+    return (float(d.score), float(d.p_value), int(d.detected), None if d.bit_accuracy is None else float(d.bit_accuracy),
+            int(d.model_evals), d.key_id)
+
+
+def _kind(name: str) -> str:
+    from shallowmark.methods import method_spec
+
+    return method_spec(name).kind
+
+
+def _version() -> str:
+    from shallowmark import __version__
+
+    return __version__
+
+
+# -- the entry point -----------------------------------------------------------------------------------
 def run_bench(config: BenchConfig, progress: bool = True, backend=None, log=None, client=None) -> dict:
     """Run the benchmark of ``config``; write the reports to ``config.out_dir`` and return report.json's dict.
 
@@ -171,190 +309,7 @@ def run_bench(config: BenchConfig, progress: bool = True, backend=None, log=None
     if client is not None:
         raise InvalidParameterError("client= needs config.server, the address that client talks to")
     method_names, attacks = validate_config(config)
-    log = log or (lambda msg: None)
-    t_start = time.perf_counter()
-
-    import torch
-    from tqdm import tqdm
-
-    from shallowmark.core.watermarks import load_method
-    from shallowmark.methods import LATENT, method_spec
-
-    if backend is None:
-        from shallowmark.core.backends import load_backend
-
-        backend = load_backend(config.model, **dict(config.model_options))
-    model_fp = _model_fingerprint(backend, config.model, dict(config.model_options))
-    from shallowmark import __version__
-
-    methods = {}
-    for name in method_names:
-        kw = {}
-        if config.num_steps is not None and method_spec(name).kind == LATENT:
-            kw["num_steps"] = int(config.num_steps)
-        kw.update(dict(config.method_config).get(name, {}))
-        methods[name] = load_method(name, backend, **kw)
-    params = {n: _method_params(m) for n, m in methods.items()}
-    keys = {n: bench_keys(config.n_keys, n) for n in method_names}
-    key_ids = {n: [k.key_id for k in ks] for n, ks in keys.items()}
-    seeds = config.seeds
-    n, batch, fpr = int(config.n), int(config.batch), float(config.target_fpr)
-    cache = _Cache(config.resolved_cache_dir())
-    img_root = f"{config.model}-{model_fp}"
-
-    def folder(name: str, kind: str, key_id: str = "") -> str:
-        return f"{img_root}/{kind}-{name}-{_h([__version__, params[name]], 10)}" + (f"/{key_id[:16]}" if key_id else "")
-
-    latent = [m for m in method_names if methods[m].kind == LATENT]
-    ref_name = latent[0] if latent else method_names[0]
-    # The shared unwatermarked images are plain samples of the model: name them by what makes them
-    # (sampler and step count), not by the key parameters of the method that draws them, so that
-    # retuning one method's key does not invalidate every method's negatives.
-    sampler = params[ref_name].get("num_steps") if ref_name in latent else None
-    neg_folder = f"{img_root}/reference-plain-{_h([__version__, 'ddim', sampler], 10)}" if sampler else \
-        folder(ref_name, "reference")
-    n_work = (n * (1 + len(methods))) + len(attacks) * n * (1 + len(methods))
-    bar = tqdm(total=n_work, disable=not progress, desc="bench", unit="img", file=sys.stderr, dynamic_ncols=True)
-    try:
-        with torch.no_grad():
-            # -- unwatermarked images (shared) ---------------------------------------------------------
-            def references(name: str, want: Sequence[int], count: bool) -> dict[int, np.ndarray]:
-                fold = neg_folder if name == ref_name else folder(name, "reference")
-                have = cache.load_images(fold, want)
-                missing = [s for s in want if s not in have]
-                if count:
-                    bar.update(len(want) - len(missing))
-                for chunk in _chunks(missing, batch):
-                    t0 = time.perf_counter()
-                    ims = methods[name].reference(list(chunk))
-                    cache.save_images(fold, chunk, ims)
-                    cache.put_timings("reference", fold, chunk, (time.perf_counter() - t0) / len(chunk))
-                    have.update(zip(chunk, ims))
-                    if count:
-                        bar.update(len(chunk))
-                return have
-
-            log(f"unwatermarked images: {ref_name}.reference, seeds {seeds[0]}..{seeds[-1]}")
-            neg_images = references(ref_name, seeds, True)
-            # each method's reference for fidelity: the shared images if its reference equals them
-            own_refs: dict[str, dict[int, np.ndarray]] = {}
-            ref_shared: dict[str, bool] = {}
-            for name in method_names:
-                if name == ref_name:
-                    ref_shared[name] = True
-                    continue
-                first = references(name, seeds[:1], False)
-                ref_shared[name] = _same_image(first[seeds[0]], neg_images[seeds[0]])
-            # -- watermarked images --------------------------------------------------------------------
-            pos_images: dict[str, dict[int, np.ndarray]] = {}
-            posthoc = {name: (name not in latent and methods[name].supports_embed and ref_shared[name])
-                       for name in method_names}
-            for name in method_names:
-                m = methods[name]
-                imgs: dict[int, np.ndarray] = {}
-                for j, kid in enumerate(key_ids[name]):
-                    mine = [s for i, s in enumerate(seeds) if i % config.n_keys == j]
-                    fold = folder(name, "watermarked", kid)
-                    have = cache.load_images(fold, mine)
-                    bar.update(len(have))
-                    missing = [s for s in mine if s not in have]
-                    for chunk in _chunks(missing, batch):
-                        t0 = time.perf_counter()
-                        if posthoc[name]:
-                            ims = m.embed([keys[name][j]], np.stack([neg_images[s] for s in chunk]))
-                        else:
-                            ims = m.generate([keys[name][j]], list(chunk))
-                        cache.save_images(fold, chunk, ims)
-                        cache.put_timings("embed", folder(name, "watermarked"), chunk,
-                                          (time.perf_counter() - t0) / len(chunk))
-                        have.update(zip(chunk, ims))
-                        bar.update(len(chunk))
-                    imgs.update(have)
-                pos_images[name] = imgs
-                if not ref_shared[name]:
-                    own_refs[name] = references(name, seeds, False)
-            bar.set_postfix_str("detect")
-
-            # -- attacks and detection -----------------------------------------------------------------
-            def ctx_of(name: str, setting: AttackSetting, kind: str) -> str:
-                images_id = folder(name, "watermarked") if kind == "pos" else neg_folder
-                return _h([_SCHEMA_VERSION, __version__, model_fp, name, params[name], key_ids[name],
-                           setting.name, setting.value, fpr, kind, images_id], 24)
-
-            def rows_for(name, setting, kind, chunk, dets, ctx):
-                return [(ctx, int(s), name, setting.label, kind, float(d.score), float(d.p_value), int(d.detected),
-                         None if d.bit_accuracy is None else float(d.bit_accuracy), int(d.model_evals),
-                         d.key_id) for s, d in zip(chunk, dets)]
-
-            for setting in attacks:
-                bar.set_postfix_str(setting.label)
-                # negatives: one attacked copy per seed, shared by every method
-                need = {name: set(seeds) - set(cache.scored(ctx_of(name, setting, "neg"))) for name in method_names}
-                union = sorted(set().union(*need.values()))
-                bar.update(n - len(union))
-                for chunk in _chunks(union, batch):
-                    attacked = _apply(setting, np.stack([neg_images[s] for s in chunk]), chunk, "neg", "", backend)
-                    todo = {name: methods[name] for name in method_names if need[name] & set(chunk)}
-                    dets = _detect_batch(todo, keys, attacked, fpr)
-                    rows = []
-                    for name, ds in dets.items():
-                        ctx = ctx_of(name, setting, "neg")
-                        rows += [r for r in rows_for(name, setting, "neg", chunk, ds, ctx) if r[1] in need[name]]
-                    cache.put_scores(rows)
-                    bar.update(len(chunk))
-                # positives: each method's own images
-                for name in method_names:
-                    ctx = ctx_of(name, setting, "pos")
-                    missing = [s for s in seeds if s not in cache.scored(ctx)]
-                    bar.update(n - len(missing))
-                    for chunk in _chunks(missing, batch):
-                        attacked = _apply(setting, np.stack([pos_images[name][s] for s in chunk]), chunk, "pos",
-                                          name, backend)
-                        t0 = time.perf_counter()
-                        dets = _detect_batch({name: methods[name]}, keys, attacked, fpr)[name]
-                        cache.put_timings("verify", ctx, chunk, (time.perf_counter() - t0) / len(chunk))
-                        cache.put_scores(rows_for(name, setting, "pos", chunk, dets, ctx))
-                        bar.update(len(chunk))
-        bar.close()
-
-        # -- metrics -----------------------------------------------------------------------------------
-        from .metrics import psnr, ssim
-
-        results, curves = detection_results(cache, attacks, method_names, seeds, ctx_of)
-        fidelity = []
-        for name in method_names:
-            refs = neg_images if ref_shared[name] else own_refs[name]
-            pairs = [(pos_images[name][s], refs[s]) for s in seeds]
-            ps = [psnr(a, b) for a, b in pairs]
-            fidelity.append(dict(method=name, psnr=float(np.mean([p for p in ps if math.isfinite(p)] or [math.inf])),
-                                 ssim=float(np.mean([ssim(a, b) for a, b in pairs])),
-                                 reference="shared" if ref_shared[name] else "own",
-                                 note=_FIDELITY_NOTES.get(name)))
-        cost = []
-        for name in method_names:
-            m = methods[name]
-            embed_s = cache.mean_timing("embed", [folder(name, "watermarked")], seeds)
-            if embed_s is not None and posthoc[name]:
-                sample_s = cache.mean_timing("reference", [neg_folder], seeds)
-                embed_s = embed_s + (sample_s or 0.0)
-            verify_s = cache.mean_timing("verify", [ctx_of(name, a, "pos") for a in attacks if a.name == "clean"]
-                                         or [ctx_of(name, a, "pos") for a in attacks], seeds)
-            evals = cache.scored(ctx_of(name, attacks[0], "pos"))[seeds[0]][4]
-            cost.append(dict(method=name, embed_seconds=embed_s, verify_seconds=verify_s,
-                             verify_model_evals=int(evals), embed_model_evals=m.model_evals().generate))
-    finally:
-        bar.close()
-        cache.close()
-
-    report = _sanitize(dict(
-        config=_config_record(config, method_names, attacks, params, key_ids, model_fp, ref_name, posthoc,
-                              backend),
-        results=results, fidelity=fidelity, cost=cost, definitions=DEFINITIONS,
-        seconds=time.perf_counter() - t_start,
-    ))
-    out = write_reports(config.out_dir, report, attacks, method_names, curves)
-    log(f"wrote {out / 'report.json'}, report.md, roc.png, tradeoff.png ({report['seconds']:.0f} s)")
-    return report
+    return run_grid(Grid.build(config, method_names, attacks), InProcessExecutor(config, backend), progress, log)
 
 
 def _machine(backend) -> dict:

@@ -6,7 +6,6 @@ machine without the model stack.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import os
 from dataclasses import dataclass, field

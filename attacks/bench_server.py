@@ -38,7 +38,6 @@ import io
 import math
 import os
 import sys
-import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -48,8 +47,7 @@ import numpy as np
 
 from shallowmark.errors import InvalidImageError, InvalidParameterError, UnknownNameError
 
-from .bench import _apply, _chunks
-from .bench_cache import BenchCache, stable_hash
+from .bench_cache import stable_hash
 from .bench_config import (
     DEFAULT_ATTACKS,
     DEFINITIONS,
@@ -60,7 +58,8 @@ from .bench_config import (
     bench_keys,
     validate_config,
 )
-from .bench_report import _sanitize, client_machine, detection_results, versions, write_reports
+from .bench_grid import Grid, keyed_images, run_grid
+from .bench_report import _sanitize, client_machine, versions
 from .registry import get_attack
 
 __all__ = ["run_server_bench", "photo_crops", "SERVER_DEFINITIONS"]
@@ -109,8 +108,6 @@ def run_server_bench(config: BenchConfig, progress: bool = True, log=None, clien
         ServerError: a call failed during the run (what was done so far stays in the cache).
     """
     method_names, attacks = validate_config(config)
-    log = log or (lambda msg: None)
-    t_start = time.perf_counter()
     own = client is None
     if own:
         from shallowmark.client import Client
@@ -120,7 +117,7 @@ def run_server_bench(config: BenchConfig, progress: bool = True, log=None, clien
         raise InvalidParameterError(f"client talks to {getattr(client, 'address', None)!r}, config.server is "
                                     f"{config.server!r}")
     try:
-        return _run(config, method_names, attacks, client, progress, log, t_start)
+        return run_grid(Grid.build(config, method_names, attacks), ServerExecutor(config, client), progress, log)
     finally:
         if own:
             client.close()
@@ -238,159 +235,126 @@ def _negatives(config: BenchConfig, size: int) -> tuple[dict[int, np.ndarray], d
     return images, record, ident
 
 
-# -- the run ---------------------------------------------------------------------------------------------
-def _row(ctx: str, seed: int, method: str, label: str, kind: str, res) -> tuple:
+# -- the server executor ----------------------------------------------------------------------------------
+def _score_row(res) -> tuple:
+    """A VerifyResult as the cache stores it (see :mod:`~shallowmark.attacks.bench_grid`)."""
     best = res.best
-    return (ctx, int(seed), method, label, kind, float(res.method_score), float(best.p_value), int(res.detected),
+    return (float(res.method_score), float(best.p_value), int(res.detected),
             float(res.method_score) if res.num_bits else None, int(res.model_evals), best.key_id)
 
 
-def _run(config: BenchConfig, method_names, attacks, client, progress: bool, log, t_start: float) -> dict:
-    from tqdm import tqdm
+class ServerExecutor:
+    """The grid's work done by a server through the SDK: Embed for the positives (from seeds, or
+    of the negatives themselves with ``positives="upload"``), Verify for every score, ``batch`` calls
+    in flight; attacks run here. Negatives are the auditor's own images."""
 
-    from shallowmark import __version__
+    mode = "server"
+    ctx_tag = ["server"]
+    definitions = SERVER_DEFINITIONS
+    attack_context = None
 
-    from .metrics import psnr, ssim
+    def __init__(self, config: BenchConfig, client):
+        self.config, self.client = config, client
+        self.pool = ThreadPoolExecutor(max_workers=int(config.batch), thread_name_prefix="bench-rpc")
 
-    info, model_info, method_infos = _server_setup(config, method_names, client, log)
-    size = int(model_info.image_size)
-    neg_images, neg_record, neg_id = _negatives(config, size)
-    log(f"server {config.server}: shallowmark {info.server_version}, model {config.model} ({size}×{size}), "
-        f"methods {', '.join(method_names)}; unwatermarked images: {neg_record['source']}")
-    # -- nothing has been asked of the server but GetInfo so far ------------------------------------------
+    def prepare(self, grid, log) -> None:
+        config = self.config
+        self.info, self.model_info, self.method_infos = _server_setup(config, grid.method_names, self.client, log)
+        size = int(self.model_info.image_size)
+        self.neg_images, self.neg_record, self.neg_id = _negatives(config, size)
+        log(f"server {config.server}: shallowmark {self.info.server_version}, model {config.model} ({size}×{size}), "
+            f"methods {', '.join(grid.method_names)}; unwatermarked images: {self.neg_record['source']}")
+        # -- nothing has been asked of the server but GetInfo so far --------------------------------------
+        self.fingerprint = stable_hash([self.info.server_version, _model_record(self.model_info),
+                                        self.info.attestation_public_key.hex()], 16)
+        self.params = {n: {"class": "server", **dataclasses.asdict(self.method_infos[n])} for n in grid.method_names}
+        self.can_upload = {n: bool(self.method_infos[n].supports_embed) for n in grid.method_names}
+        self.source = {n: "upload" if config.positives == "upload" and self.can_upload[n] else "generate"
+                       for n in grid.method_names}
 
-    server_fp = stable_hash([info.server_version, _model_record(model_info), info.attestation_public_key.hex()], 16)
-    params = {n: {"class": "server", **dataclasses.asdict(method_infos[n])} for n in method_names}
-    keys = {n: bench_keys(config.n_keys, n) for n in method_names}
-    key_ids = {n: [k.key_id for k in ks] for n, ks in keys.items()}
-    can_upload = {n: bool(method_infos[n].supports_embed) for n in method_names}
-    source = {n: "upload" if config.positives == "upload" and can_upload[n] else "generate" for n in method_names}
-    seeds = config.seeds
-    n, batch, fpr, model = int(config.n), int(config.batch), float(config.target_fpr), config.model
-    root = f"via-server/{model}-{server_fp}"
+    def folder(self, name: str, kind: str, key_id: str = "") -> str:
+        from shallowmark import __version__
 
-    def folder(name: str, kind: str, key_id: str = "") -> str:
-        base = f"{root}/{kind}-{name}-{stable_hash([__version__, params[name]], 10)}"
+        base = f"via-server/{self.config.model}-{self.fingerprint}/{kind}-{name}-" \
+               f"{stable_hash([__version__, self.params[name]], 10)}"
         if kind == "uploaded":
-            base += f"-{neg_id}"  # the server's versions of these very negatives
+            base += f"-{self.neg_id}"  # the server's versions of these very negatives
         return base + (f"/{key_id[:16]}" if key_id else "")
 
-    def pos_folder(name: str) -> str:
-        return folder(name, "uploaded" if source[name] == "upload" else "watermarked")
+    def images_id(self, name: str, kind: str) -> str:
+        if kind != "pos":
+            return f"negatives-{self.neg_id}"
+        return self.folder(name, "uploaded" if self.source[name] == "upload" else "watermarked")
 
-    def ctx_of(name: str, setting, kind: str) -> str:
-        images_id = pos_folder(name) if kind == "pos" else f"negatives-{neg_id}"
-        return stable_hash(["server", _SCHEMA_VERSION, __version__, server_fp, name, params[name], key_ids[name],
-                            setting.name, setting.value, fpr, kind, images_id], 24)
+    def image_work(self, grid) -> int:
+        return grid.n * (sum(self.can_upload.values()) + sum(v == "generate" for v in self.source.values()))
 
-    uploads = [m for m in method_names if can_upload[m]]
-    generated = [m for m in method_names if source[m] == "generate"]
-    n_work = n * (len(uploads) + len(generated)) + len(attacks) * n * 2 * len(method_names)
-    cache = BenchCache(config.resolved_cache_dir())
-    bar = tqdm(total=n_work, disable=not progress, desc="bench", unit="img", file=sys.stderr, dynamic_ncols=True)
-    pool = ThreadPoolExecutor(max_workers=batch, thread_name_prefix="bench-rpc")
-    try:
-        # -- watermarked images: the server's Embed ---------------------------------------------------------
-        def embedded(name: str, kind: str) -> dict[int, np.ndarray]:
-            imgs: dict[int, np.ndarray] = {}
-            for j, kid in enumerate(key_ids[name]):
-                mine = [s for i, s in enumerate(seeds) if i % config.n_keys == j]
-                fold = folder(name, kind, kid)
-                have = cache.load_images(fold, mine)
-                bar.update(len(have))
-                missing = [s for s in mine if s not in have]
+    def make_images(self, grid, cache, bar) -> tuple[dict, dict]:
+        model = self.config.model
 
-                def call(s, key=keys[name][j]):
-                    if kind == "uploaded":
-                        return client.embed(key, method=name, model=model, image=neg_images[s])
-                    return client.embed(key, method=name, model=model, seed=s)
+        def embedded(name: str, kind: str) -> dict:
+            def call(key, s):
+                if kind == "uploaded":
+                    return self.client.embed(key, method=name, model=model, image=self.neg_images[s])
+                return self.client.embed(key, method=name, model=model, seed=s)
 
-                for chunk in _chunks(missing, batch):
-                    t0 = time.perf_counter()
-                    ims = np.stack([r.to_array() for r in pool.map(call, chunk)])
-                    cache.save_images(fold, chunk, ims)
-                    cache.put_timings("embed-upload" if kind == "uploaded" else "embed", folder(name, kind), chunk,
-                                      (time.perf_counter() - t0) / len(chunk))
-                    have.update(zip(chunk, ims))
-                    bar.update(len(chunk))
-                imgs.update(have)
-            return imgs
+            def make(key, chunk):
+                return np.stack([r.to_array() for r in self.pool.map(lambda s: call(key, s), chunk)])
 
-        uploaded = {name: embedded(name, "uploaded") for name in uploads}
-        pos_images = {name: uploaded[name] if source[name] == "upload" else embedded(name, "watermarked")
-                      for name in method_names}
-        bar.set_postfix_str("verify")
+            return keyed_images(grid, cache, bar, name, lambda kid: self.folder(name, kind, kid), make,
+                                "embed-upload" if kind == "uploaded" else "embed")
 
-        # -- attacks here, Verify there -----------------------------------------------------------------
-        def verify(name: str, setting, kind: str, chunk, images, timed: bool) -> None:
-            ctx = ctx_of(name, setting, kind)
-            t0 = time.perf_counter()
-            results = list(pool.map(lambda im: client.verify(im, keys[name], target_fpr=fpr, model=model), images))
-            if timed:
-                cache.put_timings("verify", ctx, chunk, (time.perf_counter() - t0) / len(chunk))
-            cache.put_scores([_row(ctx, s, name, setting.label, kind, r) for s, r in zip(chunk, results)])
-            bar.update(len(chunk))
+        self.uploaded = {name: embedded(name, "uploaded") for name in grid.method_names if self.can_upload[name]}
+        positives = {name: self.uploaded[name] if self.source[name] == "upload" else embedded(name, "watermarked")
+                     for name in grid.method_names}
+        return self.neg_images, positives
 
-        for setting in attacks:
-            bar.set_postfix_str(setting.label)
-            # negatives: one attacked copy per seed, shared by every method, verified per method
-            need = {name: set(seeds) - set(cache.scored(ctx_of(name, setting, "neg"))) for name in method_names}
-            bar.update(sum(n - len(v) for v in need.values()))
-            for chunk in _chunks(sorted(set().union(*need.values())), batch):
-                attacked = _apply(setting, np.stack([neg_images[s] for s in chunk]), chunk, "neg", "", None)
-                for name in method_names:
-                    mine = [i for i, s in enumerate(chunk) if s in need[name]]
-                    if mine:
-                        verify(name, setting, "neg", [chunk[i] for i in mine], [attacked[i] for i in mine], False)
-            # positives: each method's own images
-            for name in method_names:
-                missing = [s for s in seeds if s not in cache.scored(ctx_of(name, setting, "pos"))]
-                bar.update(n - len(missing))
-                for chunk in _chunks(missing, batch):
-                    attacked = _apply(setting, np.stack([pos_images[name][s] for s in chunk]), chunk, "pos", name,
-                                      None)
-                    verify(name, setting, "pos", chunk, list(attacked), True)
-        bar.close()
+    def detect(self, wanted: dict, images: np.ndarray, grid) -> dict:
+        def verify(name, im):
+            return self.client.verify(im, grid.keys[name], target_fpr=grid.target_fpr, model=self.config.model)
 
-        # -- metrics --------------------------------------------------------------------------------------
-        results, curves = detection_results(cache, attacks, method_names, seeds, ctx_of)
-        fidelity = []
-        for name in method_names:
-            if not can_upload[name]:
-                fidelity.append(dict(method=name, psnr=None, ssim=None, reference=None,
-                                     note="the server cannot watermark an uploaded image with this method (the "
-                                          "watermark is built into generation): no original to compare with"))
+        return {name: [_score_row(r) for r in self.pool.map(lambda i: verify(name, images[i]), idx)]
+                for name, idx in wanted.items()}
+
+    def fidelity(self, grid, negatives: dict, positives: dict) -> list[dict]:
+        from .metrics import psnr, ssim
+
+        out = []
+        for name in grid.method_names:
+            if not self.can_upload[name]:
+                out.append(dict(method=name, psnr=None, ssim=None, reference=None,
+                                note="the server cannot watermark an uploaded image with this method (the "
+                                     "watermark is built into generation): no original to compare with"))
                 continue
-            pairs = [(uploaded[name][s], neg_images[s]) for s in seeds]
+            pairs = [(self.uploaded[name][s], negatives[s]) for s in grid.seeds]
             ps = [psnr(a, b) for a, b in pairs]
-            fidelity.append(dict(method=name, psnr=float(np.mean([p for p in ps if math.isfinite(p)] or [math.inf])),
-                                 ssim=float(np.mean([ssim(a, b) for a, b in pairs])), reference="upload",
-                                 note="user scenario: the server's watermarked version vs the uploaded original"))
-        cost = []
-        for name in method_names:
-            mi = method_infos[name]
-            verify_s = cache.mean_timing("verify", [ctx_of(name, a, "pos") for a in attacks if a.name == "clean"]
-                                         or [ctx_of(name, a, "pos") for a in attacks], seeds)
-            evals = cache.scored(ctx_of(name, attacks[0], "pos"))[seeds[0]][4]
-            cost.append(dict(
-                method=name, embed_seconds=cache.mean_timing("embed", [folder(name, "watermarked")], seeds),
-                verify_seconds=verify_s, verify_model_evals=int(evals),
-                embed_model_evals=int(mi.generate_model_evals),
-                upload_embed_seconds=cache.mean_timing("embed-upload", [folder(name, "uploaded")], seeds),
-                upload_embed_model_evals=int(mi.embed_model_evals) if can_upload[name] else None))
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        bar.close()
-        cache.close()
+            out.append(dict(method=name, psnr=float(np.mean([p for p in ps if math.isfinite(p)] or [math.inf])),
+                            ssim=float(np.mean([ssim(a, b) for a, b in pairs])), reference="upload",
+                            note="user scenario: the server's watermarked version vs the uploaded original"))
+        return out
 
-    left_out = [a for a in DEFAULT_ATTACKS if get_attack(a).context] if config.attacks == DEFAULT_ATTACKS else []
-    record = _config_record(config, method_names, attacks, params, key_ids, server_fp, info, model_info, source,
-                            neg_record, left_out)
-    report = _sanitize(dict(config=record, results=results, fidelity=fidelity, cost=cost,
-                            definitions=SERVER_DEFINITIONS, seconds=time.perf_counter() - t_start))
-    out = write_reports(config.out_dir, report, attacks, method_names, curves)
-    log(f"wrote {out / 'report.json'}, report.md, roc.png, tradeoff.png ({report['seconds']:.0f} s)")
-    return report
+    def cost(self, grid, cache, ctx_of) -> list[dict]:
+        out = []
+        for name in grid.method_names:
+            mi = self.method_infos[name]
+            verify_s = cache.mean_timing("verify", [ctx_of(name, a, "pos") for a in grid.attacks if a.name == "clean"]
+                                         or [ctx_of(name, a, "pos") for a in grid.attacks], grid.seeds)
+            evals = cache.scored(ctx_of(name, grid.attacks[0], "pos"))[grid.seeds[0]][4]
+            out.append(dict(
+                method=name, embed_seconds=cache.mean_timing("embed", [self.folder(name, "watermarked")], grid.seeds),
+                verify_seconds=verify_s, verify_model_evals=int(evals), embed_model_evals=int(mi.generate_model_evals),
+                upload_embed_seconds=cache.mean_timing("embed-upload", [self.folder(name, "uploaded")], grid.seeds),
+                upload_embed_model_evals=int(mi.embed_model_evals) if self.can_upload[name] else None))
+        return out
+
+    def config_record(self, grid) -> dict:
+        config = self.config
+        left_out = [a for a in DEFAULT_ATTACKS if get_attack(a).context] if config.attacks == DEFAULT_ATTACKS else []
+        return _config_record(config, list(grid.method_names), grid.attacks, self.params, grid.key_ids,
+                              self.fingerprint, self.info, self.model_info, self.source, self.neg_record, left_out)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _model_record(m) -> dict:
