@@ -32,10 +32,23 @@ from pathlib import Path
 
 import numpy as np
 
+from shallowmark.cli._common import need
 from shallowmark.imaging import decode_rgb, encode_png
 
 ATTACKS = ("jpeg", "blur", "noise", "jitter")
 METHOD = "shallow-diffuse"
+
+
+def register(sub) -> None:
+    d = sub.add_parser("demo", help="the newcomer's tour: a local server, keys, embed, attacks, verify")
+    d.add_argument("--out", default="demo-out")
+    d.add_argument("--steps", type=int, default=50, help="DDIM steps of generation (verification inverts 30%%)")
+    d.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    need("server", "demo")
+    return run_demo(Path(args.out), num_steps=args.steps)
 
 
 def _contact_sheet(cells: list[list[np.ndarray]], labels: list[list[tuple[str, bool | None]]],

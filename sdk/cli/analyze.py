@@ -1,0 +1,123 @@
+"""The research analyses (``shallowmark analyze molrg|loco-edit|jacobian-rank|reproducibility``) and
+``shallowmark edit`` (a LOCO edit of one image)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shallowmark.cli._common import log, need, print_report
+from shallowmark.errors import ShallowmarkError
+
+
+def register(sub) -> None:
+    an = sub.add_parser("analyze", help="the research analyses; each writes report.md, report.json and PNGs")
+    an.add_argument("analysis", choices=["molrg", "loco-edit", "jacobian-rank", "reproducibility"],
+                    help="molrg: MoLRG posterior mean, DAE = PCA, phase transition; loco-edit: edits along the top "
+                         "singular vectors of the posterior-mean Jacobian and their locality; jacobian-rank: rank "
+                         "ratio of the posterior-mean Jacobian across t and the automatic t* of Shallow Diffuse; "
+                         "reproducibility: RP score between tiny-ldm models from the same noise and GL score "
+                         "(copies of the training set)")
+    an.add_argument("--out", help="output folder (default docs/analysis/<analysis>)")
+    an.add_argument("--quick", action="store_true", help="a small run that finishes in seconds")
+    an.add_argument("--seed", type=int, default=0)
+    an.add_argument("--tol", type=float, help="jacobian-rank: σ_i counts when σ_i > tol·σ_max, in (0, 1) (default 0.01)")
+    an.add_argument("--margin", type=float, help="jacobian-rank: t* rule margin in [0, 1) (default 0.1)")
+    an.add_argument("--sscd", metavar="FILE", help="reproducibility: a local SSCD TorchScript file for the similarity "
+                                                   "(default: the documented thumbnail stand-in)")
+    an.add_argument("--models", metavar="DIRS", help="reproducibility: comma-separated tiny-ldm folders to compare "
+                                                     "with the shipped model and its variants")
+    an.set_defaults(func=_cmd_analyze)
+
+    ed = sub.add_parser("edit", help="LOCO edit of one image with tiny-ldm: x_t + λ v_i along a top singular vector "
+                                     "of the posterior-mean Jacobian, then DDIM to 0; prints the edit's locality")
+    ed.add_argument("--image", required=True,
+                    help="PNG/JPEG file (other sizes are resized and centre-cropped to 256²)")
+    ed.add_argument("--t", type=float, default=0.5, help="noise level as a fraction of T, in (0, 1) (default 0.5)")
+    ed.add_argument("--index", type=int, default=0, help="singular vector v_i to edit along, 0 = largest (default 0)")
+    ed.add_argument("--lambda", dest="lam", type=float, default=0.05,
+                    help="edit strength λ as a fraction of ‖x_t‖, either sign (default 0.05)")
+    ed.add_argument("--rank", type=int, default=8,
+                    help="singular vectors to compute; --index must be below it (default 8)")
+    ed.add_argument("--iters", type=int, default=10, help="subspace iterations (default 10)")
+    ed.add_argument("--steps", type=int, default=50, help="DDIM steps of the full grid (default 50)")
+    ed.add_argument("--mass", type=float, default=0.5,
+                    help="the region u_i highlights holds this share of Σ|u_i|² (default 0.5); locality is the share "
+                         "of the pixel change inside it")
+    ed.add_argument("--seed", type=int, default=0, help="seed of the subspace iteration's start")
+    ed.add_argument("--model", help="tiny-ldm folder (default: the embedded one)")
+    ed.add_argument("--base", help="also write the unedited (λ = 0) reconstruction here")
+    ed.add_argument("--out", required=True, help="output PNG")
+    ed.set_defaults(func=_cmd_edit)
+
+
+# -- one function per analysis: each runs it and returns the folder it wrote ------------------------
+def _molrg(args) -> str:
+    from shallowmark.research.molrg_theory import run_molrg_analysis
+
+    out = args.out or "docs/analysis/molrg"
+    run_molrg_analysis(out, quick=args.quick, seed=args.seed)
+    return out
+
+
+def _loco_edit(args) -> str:
+    from shallowmark.research.loco_edit import run_loco_edit_analysis
+
+    out = args.out or "docs/analysis/loco-edit"
+    run_loco_edit_analysis(out, quick=args.quick, seed=args.seed, command=args.invocation, log=log)
+    return out
+
+
+def _jacobian_rank(args) -> str:
+    from shallowmark.research import jacobian_rank
+
+    out = args.out or "docs/analysis/jacobian-rank"
+    jacobian_rank.run_jacobian_rank_analysis(
+        out, quick=args.quick, seed=args.seed, command=args.invocation, log=log,
+        tol=jacobian_rank.DEFAULT_TOL if args.tol is None else args.tol,
+        margin=jacobian_rank.DEFAULT_MARGIN if args.margin is None else args.margin)
+    return out
+
+
+def _reproducibility(args) -> str:
+    from shallowmark.research.reproducibility import run_reproducibility_analysis
+
+    out = args.out or "docs/analysis/reproducibility"
+    run_reproducibility_analysis(out, quick=args.quick, seed=args.seed, sscd=args.sscd, command=args.invocation,
+                                 extra_models=[m for m in (args.models or "").split(",") if m])
+    return out
+
+
+_ANALYSES = {"molrg": _molrg, "loco-edit": _loco_edit, "jacobian-rank": _jacobian_rank,
+             "reproducibility": _reproducibility}
+
+
+def _cmd_analyze(args) -> int:
+    need("core", "analyze")
+    print_report(_ANALYSES[args.analysis](args))
+    return 0
+
+
+def _cmd_edit(args) -> int:
+    need("core", "edit")
+    from PIL import Image
+
+    from shallowmark.core.backends import load_backend
+    from shallowmark.research import loco_edit
+
+    # Every input check before the model loads: a typo costs nothing.
+    loco_edit.check_t(args.t)
+    loco_edit.check_lambda(args.lam)
+    loco_edit.check_mass(args.mass)
+    loco_edit.check_index(args.index, args.rank)
+    for flag, path in (("--out", args.out), ("--base", args.base)):
+        if path is not None and (Path(path).suffix.lower() != ".png" or not Path(path).resolve().parent.is_dir()):
+            raise ShallowmarkError(f"{flag} must be a .png file in an existing folder; got {path}")
+    image = loco_edit.read_image(args.image)
+    backend = load_backend("tiny-ldm", **({"path": args.model} if args.model else {}))
+    res = loco_edit.loco_edit_image(backend, image, t=args.t, index=args.index, lam=args.lam, rank=args.rank,
+                                    iters=args.iters, num_steps=args.steps, mass=args.mass, seed=args.seed)
+    Image.fromarray(res.image).save(args.out)
+    if args.base:
+        Image.fromarray(res.base).save(args.base)
+    print(f"wrote {args.out}: {res.summary()}")
+    return 0
