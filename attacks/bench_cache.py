@@ -62,13 +62,13 @@ class BenchCache:
         return out
 
     def save_images(self, folder: str, seeds: Sequence[int], images: np.ndarray) -> None:
-        from PIL import Image
+        from shallowmark.imaging import encode_png
 
         for s, im in zip(seeds, images):
             p = self.image_path(folder, s)
             p.parent.mkdir(parents=True, exist_ok=True)
             tmp = p.with_suffix(".tmp.png")
-            Image.fromarray(np.ascontiguousarray(im)).save(tmp, format="PNG")
+            tmp.write_bytes(encode_png(np.asarray(im)))
             os.replace(tmp, p)  # atomic: a half-written PNG is never read back
 
     # scores

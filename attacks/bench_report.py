@@ -16,6 +16,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from shallowmark.reports import markdown_table, write_report
+
 from .bench_config import TPR_DEFINITION
 
 __all__ = ["detection_results", "write_reports", "versions"]
@@ -49,10 +51,7 @@ def detection_results(cache, attacks, method_names: Sequence[str], seeds: Sequen
 
 def write_reports(out_dir, report: dict, attacks, method_names: Sequence[str], curves: dict) -> Path:
     """Write the four report files to ``out_dir`` (created if missing) and return it."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=_json_default, allow_nan=False))
-    (out / "report.md").write_text(_markdown(report))
+    out = write_report(out_dir, report, _markdown(report), default=_json_default, allow_nan=False)
     _plot_roc(out / "roc.png", attacks, method_names, curves, report["results"])
     _plot_tradeoff(out / "tradeoff.png", report["results"], report["fidelity"],
                    server=report["config"].get("mode") == "server")
@@ -110,31 +109,29 @@ def _detection_tables(rep: dict) -> list[str]:
     methods = c["methods"]
     labels = [a["label"] for a in c["attacks"]]
     res = {(r["method"], r["attack"]): r for r in rep["results"]}
-    lines = ["## AUC / TPR@1%FPR", "",
-             "| method | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
-    for m in methods:
-        lines.append(f"| {m} | " + " | ".join(f"{res[m, a]['auc']:.3f} / {res[m, a]['tpr_at_1pct_fpr']:.2f}"
-                                               for a in labels) + " |")
+
+    def table(cell, rows=methods):
+        return markdown_table(["method", *labels], ([m, *(cell(res[m, a]) for a in labels)] for m in rows))
+
+    lines = ["## AUC / TPR@1%FPR", "", *table(lambda r: f"{r['auc']:.3f} / {r['tpr_at_1pct_fpr']:.2f}")]
     lines += ["", f"## Detected at target FPR {c['target_fpr']:g} (watermarked / unwatermarked flagged)", "",
-              "| method | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
-    for m in methods:
-        lines.append(f"| {m} | " + " | ".join(f"{res[m, a]['detected_pos']:.2f} / {res[m, a]['detected_neg']:.2f}"
-                                               for a in labels) + " |")
+              *table(lambda r: f"{r['detected_pos']:.2f} / {r['detected_neg']:.2f}")]
     bit_methods = [m for m in methods if any(res[m, a]["bit_accuracy"] is not None for a in labels)]
     if bit_methods:
-        lines += ["", "## Bit accuracy (watermarked images)", "",
-                  "| method | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
-        for m in bit_methods:
-            lines.append(f"| {m} | " + " | ".join(_f(res[m, a]["bit_accuracy"]) for a in labels) + " |")
+        lines += ["", "## Bit accuracy (watermarked images)", "", *table(lambda r: _f(r["bit_accuracy"]), bit_methods)]
     return lines
 
 
 def _attacks_and_definitions(rep: dict) -> list[str]:
-    lines = ["", "## Attacks", "", "| attack | strength | meaning |", "|---|---|---|"]
-    for a in rep["config"]["attacks"]:
-        lines.append(f"| {a['label']} | {a['strength']:g} | {a['scale']} |")
+    lines = ["", "## Attacks", "", *markdown_table(["attack", "strength", "meaning"], (
+        [a["label"], f"{a['strength']:g}", a["scale"]] for a in rep["config"]["attacks"]))]
     lines += ["", "## Definitions", ""] + [f"- **{k}**: {v}" for k, v in rep["definitions"].items()]
     return lines
+
+
+def _fidelity_table(rep: dict) -> list[str]:
+    return markdown_table(["method", "PSNR (dB)", "SSIM", "note"], (
+        [r["method"], _f(r["psnr"], ".2f"), _f(r["ssim"], ".4f"), r["note"] or ""] for r in rep["fidelity"]))
 
 
 def _markdown(rep: dict) -> str:
@@ -149,15 +146,11 @@ def _markdown(rep: dict) -> str:
              f"torch {c['versions']['torch']}; run took {rep['seconds']:.0f} s.", "",
              f"**Definition.** {TPR_DEFINITION}", ""]
     lines += _detection_tables(rep)
-    lines += ["", "## Fidelity (against the same-seed unwatermarked image)", "",
-              "| method | PSNR (dB) | SSIM | note |", "|---|---|---|---|"]
-    for r in rep["fidelity"]:
-        lines.append(f"| {r['method']} | {_f(r['psnr'], '.2f')} | {_f(r['ssim'], '.4f')} | {r['note'] or ''} |")
-    lines += ["", "## Cost per image", "",
-              "| method | embed s | embed model evals | verify s | verify model evals |", "|---|---|---|---|---|"]
-    for r in rep["cost"]:
-        lines.append(f"| {r['method']} | {_f(r['embed_seconds'], '.2f')} | {r['embed_model_evals']} | "
-                     f"{_f(r['verify_seconds'], '.3f')} | {r['verify_model_evals']} |")
+    lines += ["", "## Fidelity (against the same-seed unwatermarked image)", "", *_fidelity_table(rep)]
+    lines += ["", "## Cost per image", "", *markdown_table(
+        ["method", "embed s", "embed model evals", "verify s", "verify model evals"],
+        ([r["method"], _f(r["embed_seconds"], ".2f"), r["embed_model_evals"], _f(r["verify_seconds"], ".3f"),
+          r["verify_model_evals"]] for r in rep["cost"]))]
     lines += _attacks_and_definitions(rep)
     lines += ["", "## Parameters", "", f"- unwatermarked images: {c['unwatermarked_images']}",
               f"- post-hoc methods embedded into the shared unwatermarked images: "
@@ -185,17 +178,14 @@ def _markdown_server(rep: dict) -> str:
              f"**Definition.** {TPR_DEFINITION}", ""]
     lines += _detection_tables(rep)
     lines += ["", "## Fidelity (user scenario: the server's watermarked version of an uploaded image vs that upload)",
-              "", "| method | PSNR (dB) | SSIM | note |", "|---|---|---|---|"]
-    for r in rep["fidelity"]:
-        lines.append(f"| {r['method']} | {_f(r['psnr'], '.2f')} | {_f(r['ssim'], '.4f')} | {r['note'] or ''} |")
+              "", *_fidelity_table(rep)]
     lines += ["", "## Cost per image (seconds measured on the client, round trip included; model evaluations "
-                  "as the server reports them)", "",
-              "| method | embed s | embed model evals | upload embed s | upload embed model evals | verify s | "
-              "verify model evals |", "|---|---|---|---|---|---|---|"]
-    for r in rep["cost"]:
-        lines.append(f"| {r['method']} | {_f(r['embed_seconds'], '.2f')} | {r['embed_model_evals']} | "
-                     f"{_f(r['upload_embed_seconds'], '.2f')} | {_f(r['upload_embed_model_evals'], 'd')} | "
-                     f"{_f(r['verify_seconds'], '.3f')} | {r['verify_model_evals']} |")
+                  "as the server reports them)", "", *markdown_table(
+                      ["method", "embed s", "embed model evals", "upload embed s", "upload embed model evals",
+                       "verify s", "verify model evals"],
+                      ([r["method"], _f(r["embed_seconds"], ".2f"), r["embed_model_evals"],
+                        _f(r["upload_embed_seconds"], ".2f"), _f(r["upload_embed_model_evals"], "d"),
+                        _f(r["verify_seconds"], ".3f"), r["verify_model_evals"]] for r in rep["cost"]))]
     lines += _attacks_and_definitions(rep)
     lines += ["", "## Parameters", "", f"- unwatermarked images: {c['unwatermarked_images']}",
               f"- watermarked images: {c['positives_note']}",

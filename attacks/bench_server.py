@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import math
 import os
 import sys
@@ -47,15 +46,15 @@ import numpy as np
 
 from shallowmark.errors import InvalidImageError, InvalidParameterError, UnknownNameError
 
+from shallowmark.imaging import decode_rgb
+
 from .bench_cache import stable_hash
 from .bench_config import (
     DEFAULT_ATTACKS,
     DEFINITIONS,
-    _SCHEMA_VERSION,
     BenchConfig,
     ServerModeUnavailableError,
     _negative_files,
-    bench_keys,
     validate_config,
 )
 from .bench_grid import Grid, keyed_images, run_grid
@@ -216,18 +215,15 @@ def _negatives(config: BenchConfig, size: int) -> tuple[dict[int, np.ndarray], d
         ident = stable_hash(["photos", _CROPS_VERSION, int(size), digest.hexdigest()], 10)
         record = dict(source="photos", photos=sorted(photos), crops_version=_CROPS_VERSION, identity=ident)
         return photo_crops(seeds, size, photos), record, ident
-    from PIL import Image
-
     from shallowmark.core.photos import center_crop
 
     images, hashes = {}, []
     for s, path in zip(seeds, files):
         data = path.read_bytes()
         try:
-            with Image.open(io.BytesIO(data)) as im:
-                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        except OSError as e:
-            raise InvalidImageError(f"negatives: cannot decode {path}: {e}") from None
+            arr = decode_rgb(data)
+        except InvalidImageError as e:
+            raise InvalidImageError(f"negatives: {path}: {e}") from None
         images[s] = center_crop(arr, size) if arr.shape[:2] != (size, size) else arr
         hashes.append([path.name, hashlib.sha256(data).hexdigest()])
     ident = stable_hash(["folder", int(size), hashes], 10)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from shallowmark.errors import InvalidParameterError
 
-from ._checks import check_image
+from shallowmark.imaging import check_rgb as check_image
 
 
 def jpeg_bytes(image: np.ndarray, quality: int) -> bytes:

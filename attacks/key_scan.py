@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shallowmark.reports import markdown_table, write_report
+
 DEFAULT_ATTACKS = ("clean", "jpeg", "blur", "noise", "jitter", "crop", "rotate")
 
 # The candidates of the committed scan: the reference placement, then the annulus around DC that
@@ -141,10 +143,7 @@ def run(out_dir: Path, candidates=DEFAULT_CANDIDATES, n: int = 16, attacks=DEFAU
                            t_star=base.t_star, num_steps=base.config.num_steps, user_photos=len(photos),
                            torch=torch.__version__, machine=platform.platform(), command=command),
                spectrum=spectrum, candidates=rows, seconds=time.perf_counter() - t_start)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(res, indent=1))
-    (out_dir / "report.md").write_text(_markdown(res))
+    write_report(out_dir, res, _markdown(res), indent=1)
     return res
 
 
@@ -177,18 +176,20 @@ def _markdown(res: dict) -> str:
              "Per attack: median log10 p of the own key / share detected at p ≤ 0.01 / share of the "
              "unwatermarked images flagged at p ≤ 0.01. Attack strengths: "
              + ", ".join(f"{a} {s}" for a, s in c["attack_strengths"].items() if s is not None) + ".", "",
-             "| centre | rings | values | write | ch | strength | dims | PSNR gen | " + " | ".join(attacks)
-             + " | user strength | user residual PSNR | user max p JPEG-75 |",
-             "|" + "---|" * (11 + len(attacks))]
-    for r in res["candidates"]:
+             ]
+
+    def row(r):
         k = r["config"]
         cells = [f"{r['attacks'][a]['median_log10_p']:.1f} / {r['attacks'][a]['detected']:.2f} / "
                  f"{r['attacks'][a]['flagged_unmarked']:.2f}" for a in attacks]
-        lines.append(f"| {k['ring_centre']} | {k['inner_radius']}..{k['radius']} | "
-                     f"{'complex' if k['complex_key'] else 'real'} | {k['ring_write']} | {k['channel']} | {k['strength']} | {r['dims']} | "
-                     f"{r['psnr']:.2f} | " + " | ".join(cells)
-                     + f" | {k['embed_strength'] or k['strength']} | {r['user_residual']['psnr']:.2f} | "
-                       f"{r['user_residual']['max_p_jpeg75']:.2g} |")
+        return [k["ring_centre"], f"{k['inner_radius']}..{k['radius']}", "complex" if k["complex_key"] else "real",
+                k["ring_write"], k["channel"], k["strength"], r["dims"], f"{r['psnr']:.2f}", *cells,
+                k["embed_strength"] or k["strength"], f"{r['user_residual']['psnr']:.2f}",
+                f"{r['user_residual']['max_p_jpeg75']:.2g}"]
+
+    lines += markdown_table(["centre", "rings", "values", "write", "ch", "strength", "dims", "PSNR gen", *attacks,
+                             "user strength", "user residual PSNR", "user max p JPEG-75"],
+                            (row(r) for r in res["candidates"]))
     sp = res["spectrum"]
     lines += ["", f"**Where x_t\\* is noise.** At t* (ᾱ = {sp['alpha_bar']:.3f}) the noise power per Fourier "
               f"coefficient is 1 − ᾱ = {sp['noise_power']:.3f}. The signal power ᾱ·P(r) of the unwatermarked clean "

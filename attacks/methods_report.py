@@ -20,6 +20,7 @@ import torch
 
 from shallowmark.attacks import codec
 from shallowmark.attacks.bench_config import bench_keys
+from shallowmark.reports import markdown_table, write_report
 
 
 def _batched(fn, items, batch):
@@ -191,9 +192,7 @@ def run(out_dir: Path, n_null: int = 200, n_ident: int = 32, n_fidelity: int = 8
     res["user_scenario"] = _user_scenario(backend, key, log)
     res["checks"] = _checks(res, methods)
     res["seconds"] = time.perf_counter() - t_start
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(res, indent=2, default=float))
-    (out_dir / "report.md").write_text(_markdown(res))
+    write_report(out_dir, res, _markdown(res), default=float)
     return res
 
 
@@ -208,26 +207,27 @@ def _markdown(res: dict) -> str:
     lines = [f"# Watermark methods on `{c['model']}` (clean images)", "",
              f"Command: `{c['command']}`  ", f"Machine: {c['machine']}, torch {c['torch']}; run took {res['seconds']:.0f} s.",
              "", "p-values are under \"not watermarked with this key\"; the verdict is taken at target FPR 1%, "
-             "Bonferroni-corrected for the number of keys searched. Keys are fixed test keys.", "",
-             "| method | median p (own key) | detected | wrong key detected | FPR at 1% (unwatermarked) | ident. 32 keys | ident. 256 keys | PSNR / SSIM vs same seed | verify model evals | s / embed | s / verify |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, r in res["methods"].items():
-        fid = f"{r['psnr_vs_same_seed']:.1f} / {r['ssim_vs_same_seed']:.3f}" if "psnr_vs_same_seed" in r else "–"
-        lines.append(f"| {name} | {_fmt(r['median_p_clean'])} | {r['detected_clean']:.2f} | {r['wrong_key_detected']:.2f} | "
-                     f"{r['fpr_at_1pct']:.3f} (n={r['n_null']}) | {r['ident_acc_32']:.2f} | {r['ident_acc_256']:.2f} | {fid} | "
-                     f"{r['verify_model_evals']} | {r['embed_seconds_per_image']:.2f} | {r['verify_seconds_per_image']:.2f} |")
-    f = res["shallow_diffuse_injection"]
-    lines += ["", "## Shallow Diffuse: plain vs null-space injection", "",
-              "| injection | images | PSNR (dB) | SSIM | median p | s / image |", "|---|---|---|---|---|---|"]
-    for mode, r in f.items():
-        lines.append(f"| {mode} | {r['n']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {_fmt(r['median_p'])} | {r['embed_seconds_per_image']:.1f} |")
-    u = res["user_scenario"]
+             "Bonferroni-corrected for the number of keys searched. Keys are fixed test keys.", ""]
+
+    def fidelity(r):
+        return f"{r['psnr_vs_same_seed']:.1f} / {r['ssim_vs_same_seed']:.3f}" if "psnr_vs_same_seed" in r else "–"
+
+    lines += markdown_table(
+        ["method", "median p (own key)", "detected", "wrong key detected", "FPR at 1% (unwatermarked)", "ident. 32 keys",
+         "ident. 256 keys", "PSNR / SSIM vs same seed", "verify model evals", "s / embed", "s / verify"],
+        ([name, _fmt(r["median_p_clean"]), f"{r['detected_clean']:.2f}", f"{r['wrong_key_detected']:.2f}",
+          f"{r['fpr_at_1pct']:.3f} (n={r['n_null']})", f"{r['ident_acc_32']:.2f}", f"{r['ident_acc_256']:.2f}",
+          fidelity(r), r["verify_model_evals"], f"{r['embed_seconds_per_image']:.2f}",
+          f"{r['verify_seconds_per_image']:.2f}"] for name, r in res["methods"].items()))
+    lines += ["", "## Shallow Diffuse: plain vs null-space injection", "", *markdown_table(
+        ["injection", "images", "PSNR (dB)", "SSIM", "median p", "s / image"],
+        ([mode, r["n"], f"{r['psnr']:.2f}", f"{r['ssim']:.4f}", _fmt(r["median_p"]), f"{r['embed_seconds_per_image']:.1f}"]
+         for mode, r in res["shallow_diffuse_injection"].items()))]
     lines += ["", "## User scenario: the held-out photo (grace_hopper) and 3 crops, watermarked and verified", "",
-              "| output | PSNR (dB) vs original | SSIM | max p clean | max p after JPEG q75 |", "|---|---|---|---|---|"]
-    for mode, r in u.items():
-        lines.append(f"| {mode} | {r['psnr']:.2f} | {r['ssim']:.4f} | {_fmt(max(r['p_values']))} | {_fmt(max(r['p_values_jpeg75']))} |")
-    lines += ["", "## Checks", "", "| name | value | goal | passed |", "|---|---|---|---|"]
-    for ch in res["checks"]:
-        lines.append(f"| {ch['name']} | {_fmt(ch['value'])} | {ch['goal']} | {'yes' if ch['passed'] else '**no**'} |")
+              *markdown_table(["output", "PSNR (dB) vs original", "SSIM", "max p clean", "max p after JPEG q75"],
+                              ([mode, f"{r['psnr']:.2f}", f"{r['ssim']:.4f}", _fmt(max(r["p_values"])),
+                                _fmt(max(r["p_values_jpeg75"]))] for mode, r in res["user_scenario"].items()))]
+    lines += ["", "## Checks", "", *markdown_table(["name", "value", "goal", "passed"], (
+        [ch["name"], _fmt(ch["value"]), ch["goal"], "yes" if ch["passed"] else "**no**"] for ch in res["checks"]))]
     lines += ["", "Parameters: " + json.dumps({k: c[k] for k in ("shallow_diffuse", "tree_ring", "gaussian_shading")})]
     return "\n".join(lines) + "\n"

@@ -14,7 +14,7 @@ import numpy as np
 
 from shallowmark.errors import InvalidImageError, InvalidParameterError, MissingDependencyError
 
-from ._checks import check_image
+from shallowmark.imaging import check_rgb as check_image
 
 # FPR values from roc_curve are ratios k / n_neg; allow rounding noise so that e.g. 3/300 counts
 # as 1% exactly.
@@ -62,7 +62,7 @@ def _sklearn_metrics():
     try:
         from sklearn import metrics
     except ImportError as e:  # pragma: no cover - depends on the install
-        raise MissingDependencyError("ROC metrics", "core", e) from e
+        raise MissingDependencyError("ROC metrics (scikit-learn)", "audit", e) from e
     return metrics
 
 
@@ -192,7 +192,7 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     try:
         from skimage.metrics import structural_similarity
     except ImportError as e:  # pragma: no cover - depends on the install
-        raise MissingDependencyError("SSIM", "core", e) from e
+        raise MissingDependencyError("SSIM (scikit-image)", "audit", e) from e
     side = min(a.shape[:2])
     win = min(7, side if side % 2 else side - 1)
     if win < 3:

@@ -21,7 +21,7 @@ import numpy as np
 from shallowmark.errors import InvalidParameterError, UnknownNameError
 
 from . import codec, geometric, photometric
-from ._checks import check_image
+from shallowmark.imaging import check_rgb as check_image
 
 AttackFn = Callable[..., np.ndarray]
 

@@ -11,22 +11,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from shallowmark.errors import InvalidImageError
+from shallowmark.imaging import rgb_batch  # noqa: F401  (re-exported: the data path's image check)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-
-
-def rgb_batch(images) -> np.ndarray:
-    """uint8 RGB image(s) (H×W×3 or N×H×W×3) as an N×H×W×3 array; anything else raises
-    InvalidImageError saying what was expected."""
-    arr = np.asarray(images)
-    if arr.ndim == 3:
-        arr = arr[None]
-    if arr.ndim != 4 or arr.shape[-1] != 3:
-        raise InvalidImageError(f"expected RGB image(s) of shape (H, W, 3) or (N, H, W, 3); got {arr.shape}")
-    if arr.dtype != np.uint8:
-        raise InvalidImageError(f"expected uint8 pixels; got {arr.dtype}")
-    return arr
 
 
 def to_tensor(images, size: int | None = None) -> torch.Tensor:

@@ -24,7 +24,7 @@ def training_photos() -> dict[str, np.ndarray]:
         import skimage.data as skd
         from sklearn.datasets import load_sample_images
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise MissingDependencyError("training the default model", "core", e)
+        raise MissingDependencyError("the bundled training photos (scikit-image, scikit-learn)", "audit", e)
     photos: dict[str, np.ndarray] = {}
     for name in SKIMAGE_PHOTOS:
         img = getattr(skd, name)()
@@ -43,7 +43,7 @@ def heldout_photo() -> np.ndarray:
     try:
         import matplotlib.cbook as cbook
     except ImportError as e:  # pragma: no cover
-        raise MissingDependencyError("the held-out photo", "core", e)
+        raise MissingDependencyError("the held-out photo (matplotlib)", "audit", e)
     from PIL import Image
 
     with cbook.get_sample_data("grace_hopper.jpg") as f:

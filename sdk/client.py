@@ -49,6 +49,7 @@ from shallowmark._proto.shallowmark.v1 import watermark_pb2 as pb
 from shallowmark._proto.shallowmark.v1 import watermark_pb2_grpc as pb_grpc
 from shallowmark.errors import InvalidImageError, InvalidParameterError, KeyMaterialError, ShallowmarkError
 from shallowmark.keys import MethodKey, WatermarkKey
+from shallowmark.imaging import check_rgb, decode_rgb, encode_png
 
 __all__ = [
     "Client", "ServerError", "EmbedResult", "VerifyResult", "KeyVerdict", "Attestation",
@@ -191,10 +192,7 @@ class EmbedResult:
 
     def to_array(self) -> np.ndarray:
         """The image as uint8 H x W x 3."""
-        from PIL import Image
-
-        with Image.open(io.BytesIO(self.image)) as im:
-            return np.asarray(im.convert("RGB"))
+        return decode_rgb(self.image)
 
 
 @dataclass(frozen=True)
@@ -274,9 +272,7 @@ def _image_bytes(image: Any) -> bytes:
     from PIL import Image
 
     if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise InvalidImageError(f"an image array must be uint8 of shape (H, W, 3); got {image.dtype} {image.shape}")
-        image = Image.fromarray(image, "RGB")
+        return encode_png(check_rgb(image, "an image array"))
     if isinstance(image, Image.Image):
         buf = io.BytesIO()
         image.save(buf, format="PNG")

@@ -45,6 +45,8 @@ from typing import Callable
 
 import numpy as np
 
+from shallowmark.reports import markdown_table
+
 __all__ = ["LoadtestConfig", "run_loadtest"]
 
 METHOD = "shallow-diffuse"
@@ -155,6 +157,54 @@ def _size_diff(after: dict, before: dict) -> dict[str, int]:
     return {str(s): n for s, n in sorted(out.items()) if n}
 
 
+def _start_servers(cfg: LoadtestConfig, backend, token: str, tmp: str) -> dict:
+    """One server with batching and one without, on loopback, sharing the loaded backend."""
+    from shallowmark.server.app import ServerApp
+    from shallowmark.server.config import ServerConfig
+
+    apps = {}
+    for batching in (True, False):
+        server_cfg = ServerConfig(
+            host="127.0.0.1", port=0, tokens={token: "load"}, state_dir=Path(tmp) / f"b{int(batching)}",
+            method_options={METHOD: {"num_steps": cfg.num_steps}}, device=cfg.device,
+            workers=max(cfg.clients) + 4, max_queue=max(32, 2 * max(cfg.clients)), max_batch=cfg.max_batch,
+            max_wait_ms=cfg.max_wait_ms, vae_batch=cfg.vae_batch, batching=batching, reflection=False,
+            grace_s=5.0)
+        apps[batching] = ServerApp(server_cfg, backend_loader=lambda name, **o: backend).start()
+        if not apps[batching].wait_until_ready(300):
+            raise RuntimeError("the load-test server did not load its model")
+    return apps
+
+
+def _service_rows(cfg: LoadtestConfig, apps: dict, token: str, image: bytes, mks, log) -> list[dict]:
+    """For each client count, a row with batching on and then off (side by side on the same machine)."""
+    rows = []
+    for n in cfg.clients:
+        for batching in (True, False):
+            app = apps[batching]
+            before = app.pool.stats()
+            r = _level(app.address, token, image, mks, n, max(cfg.requests_per_level, n), cfg.min_seconds)
+            after = app.pool.stats()
+            r.update(clients=n, batching=batching, batches=after["batches"] - before["batches"],
+                     batch_sizes=_size_diff(after["sizes"], before["sizes"]), loadavg_1min=os.getloadavg()[0])
+            rows.append(r)
+            log(f"clients {n:>3}  batching {'on ' if batching else 'off'}  {r['rps']:7.2f} req/s  "
+                f"p50 {r['p50_ms']:8.1f} ms  p99 {r['p99_ms']:8.1f} ms  "
+                f"({r['requests']} requests, {r['batches']} model calls, sizes {r['batch_sizes']}, "
+                f"{r['cpu_s'] / max(r['requests'], 1):.2f} CPU s/request, {r['errors']} errors)")
+    return rows
+
+
+def _environment(cfg: LoadtestConfig, load_start) -> dict:
+    import torch
+
+    return dict(python=platform.python_version(), torch=torch.__version__,
+                torch_threads=torch.get_num_threads(), omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+                cpu_count=os.cpu_count(), machine=platform.machine(), platform=platform.platform(),
+                loadavg_start=[round(x, 2) for x in load_start], loadavg_end=[round(x, 2) for x in os.getloadavg()],
+                gpu=torch.cuda.get_device_name(0) if cfg.device.startswith("cuda") else None)
+
+
 def run_loadtest(out: str | os.PathLike[str], config: LoadtestConfig | None = None, *,
                  command: str = "shallowmark loadtest", log: Callable[[str], None] = print) -> dict:
     """Run the load test and write ``report.json`` and ``report.md`` into ``out``; returns the report."""
@@ -162,70 +212,39 @@ def run_loadtest(out: str | os.PathLike[str], config: LoadtestConfig | None = No
 
     from shallowmark.client import Client
     from shallowmark.core.backends import load_backend
+    from shallowmark.core.watermarks import load_method
     from shallowmark.keys import WatermarkKey
-    from shallowmark.server.app import ServerApp
     from shallowmark.server.batching import VAEChunks
-    from shallowmark.server.config import ServerConfig
+    from shallowmark.server.validation import decode_image
 
     cfg = config or LoadtestConfig()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    load_start = os.getloadavg()
+    t_start, load_start = time.perf_counter(), os.getloadavg()
     backend = load_backend("tiny-ldm", device=cfg.device)
     keys = [WatermarkKey.generate(label=f"load-{i}") for i in range(cfg.n_keys)]
     mks = [k.for_method(METHOD) for k in keys]
     token = secrets.token_urlsafe(16)
-    rows: list[dict] = []
-
     with tempfile.TemporaryDirectory(prefix="shallowmark-load-") as tmp:
-        apps: dict[bool, ServerApp] = {}
+        apps: dict = {}
         try:
-            for batching in (True, False):
-                server_cfg = ServerConfig(
-                    host="127.0.0.1", port=0, tokens={token: "load"}, state_dir=Path(tmp) / f"b{int(batching)}",
-                    method_options={METHOD: {"num_steps": cfg.num_steps}}, device=cfg.device,
-                    workers=max(cfg.clients) + 4, max_queue=max(32, 2 * max(cfg.clients)), max_batch=cfg.max_batch,
-                    max_wait_ms=cfg.max_wait_ms, vae_batch=cfg.vae_batch, batching=batching, reflection=False,
-                    grace_s=5.0)
-                apps[batching] = ServerApp(server_cfg, backend_loader=lambda name, **o: backend).start()
-                if not apps[batching].wait_until_ready(300):
-                    raise RuntimeError("the load-test server did not load its model")
+            apps = _start_servers(cfg, backend, token, tmp)
             with Client(apps[True].address, token, timeout=600) as c:
                 image = c.embed(keys[0], method=METHOD, seed=1).image
                 verify_evals = {m.name: m for m in c.info().methods}[METHOD].verify_model_evals
             for app in apps.values():
                 with Client(app.address, token, timeout=600) as c:
                     c.verify(image, mks, method=METHOD)  # warm-up
-            lm = apps[True].pool.get("tiny-ldm")
-            view = lm.backend   # what the servers' methods run on (VAEChunks on a CPU)
+            view = apps[True].pool.get("tiny-ldm").backend  # what the servers' methods run on (VAEChunks on a CPU)
             vae_chunk = view.chunk if isinstance(view, VAEChunks) else 0
-
-            from shallowmark.core.watermarks import load_method
-            from shallowmark.server.validation import decode_image
-
             method = load_method(METHOD, view, num_steps=cfg.num_steps)
             pixels = decode_image(image, 1 << 30).pixels
             _inprocess(method, pixels, mks, 1, 1)  # warm-up
             inproc_runs = [_inprocess(method, pixels, mks, cfg.inprocess_images, cfg.max_batch)]
             log(f"in process (no RPC), before: {inproc_runs[0]:.2f} images/s in batches of {cfg.max_batch}")
-
-            for n in cfg.clients:
-                for batching in (True, False):
-                    app = apps[batching]
-                    before = app.pool.stats()
-                    r = _level(app.address, token, image, mks, n, max(cfg.requests_per_level, n), cfg.min_seconds)
-                    after = app.pool.stats()
-                    r.update(clients=n, batching=batching, batches=after["batches"] - before["batches"],
-                             batch_sizes=_size_diff(after["sizes"], before["sizes"]),
-                             loadavg_1min=os.getloadavg()[0])
-                    rows.append(r)
-                    log(f"clients {n:>3}  batching {'on ' if batching else 'off'}  {r['rps']:7.2f} req/s  "
-                        f"p50 {r['p50_ms']:8.1f} ms  p99 {r['p99_ms']:8.1f} ms  "
-                        f"({r['requests']} requests, {r['batches']} model calls, sizes {r['batch_sizes']}, "
-                        f"{r['cpu_s'] / max(r['requests'], 1):.2f} CPU s/request, {r['errors']} errors)")
+            rows = _service_rows(cfg, apps, token, image, mks, log)
         finally:
             for app in apps.values():
                 app.stop(5.0)
@@ -235,28 +254,19 @@ def run_loadtest(out: str | os.PathLike[str], config: LoadtestConfig | None = No
     inproc = float(np.mean(inproc_runs))
     log(f"in process (no RPC), after: {inproc_runs[1]:.2f} images/s in batches of {cfg.max_batch}; "
         f"{inproc1:.2f} one at a time")
-
     rows.sort(key=lambda r: (not r["batching"], r["clients"]))
     report = dict(
         command=command,
         config=dict(model="tiny-ldm", method=METHOD, num_steps=cfg.num_steps, verify_model_evals=verify_evals,
                     keys_per_verify=cfg.n_keys, max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms,
                     vae_batch=vae_chunk, requests_per_level=cfg.requests_per_level,
-                    min_seconds=cfg.min_seconds, device=cfg.device,
-                    quick=cfg.quick),
-        environment=dict(python=platform.python_version(), torch=torch.__version__,
-                         torch_threads=torch.get_num_threads(), omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
-                         cpu_count=os.cpu_count(), machine=platform.machine(), platform=platform.platform(),
-                         loadavg_start=[round(x, 2) for x in load_start],
-                         loadavg_end=[round(x, 2) for x in os.getloadavg()],
-                         gpu=torch.cuda.get_device_name(0) if cfg.device.startswith("cuda") else None),
+                    min_seconds=cfg.min_seconds, device=cfg.device, quick=cfg.quick),
+        environment=_environment(cfg, load_start),
         throughput=[{k: r[k] for k in ("clients", "batching", "rps", "p50_ms", "p99_ms", "requests", "errors",
                                        "batches", "batch_sizes", "cpu_s", "wall_s", "loadavg_1min")} for r in rows],
         inprocess_rps=inproc, inprocess_rps_runs=inproc_runs, inprocess_batch=cfg.max_batch,
-        inprocess_batch1_rps=inproc1,
-        goals=goals(rows, inproc, inproc1),
-        seconds_total=time.perf_counter() - t_start,
-        errors=[r["first_error"] for r in rows if r["first_error"]],
+        inprocess_batch1_rps=inproc1, goals=goals(rows, inproc, inproc1),
+        seconds_total=time.perf_counter() - t_start, errors=[r["first_error"] for r in rows if r["first_error"]],
     )
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     write_markdown(out, report)
@@ -319,15 +329,17 @@ def _markdown(rep: dict) -> str:
         f"inside a batch. Machine load average (1/5/15 min) {e['loadavg_start']} at the start, {e['loadavg_end']} "
         f"at the end.",
         "",
-        "| clients | batching | req/s | p50 ms | p99 ms | model calls | batch sizes (size: calls) "
-        "| CPU s / request | CPU used (cores) | load avg | errors |",
-        "|--:|:--|--:|--:|--:|--:|:--|--:|--:|--:|--:|",
     ]
-    for r in rep["throughput"]:
-        sizes = ", ".join(f"{s}: {n}" for s, n in r["batch_sizes"].items())
-        lines.append(f"| {r['clients']} | {'on' if r['batching'] else 'off'} | {r['rps']:.2f} | {r['p50_ms']:.0f} | "
-                     f"{r['p99_ms']:.0f} | {r['batches']} | {sizes} | {r['cpu_s'] / max(r['requests'], 1):.2f} | "
-                     f"{r['cpu_s'] / r['wall_s']:.2f} | {r['loadavg_1min']:.1f} | {r['errors']} |")
+
+    def row(r):
+        return [r["clients"], "on" if r["batching"] else "off", f"{r['rps']:.2f}", f"{r['p50_ms']:.0f}",
+                f"{r['p99_ms']:.0f}", r["batches"], ", ".join(f"{s}: {n}" for s, n in r["batch_sizes"].items()),
+                f"{r['cpu_s'] / max(r['requests'], 1):.2f}", f"{r['cpu_s'] / r['wall_s']:.2f}",
+                f"{r['loadavg_1min']:.1f}", r["errors"]]
+
+    lines += markdown_table(["clients", "batching", "req/s", "p50 ms", "p99 ms", "model calls",
+                             "batch sizes (size: calls)", "CPU s / request", "CPU used (cores)", "load avg", "errors"],
+                            (row(r) for r in rep["throughput"]), align="rlrrrrlrrrr")
     runs = ", ".join(f"{x:.2f}" for x in rep["inprocess_rps_runs"])
     lines += [
         "",

@@ -1,6 +1,7 @@
 """Diffusion backends behind one interface (:class:`~shallowmark.core.backends.base.Backend`).
 
-``load_backend(name, **options)`` builds one by name; ``list_backends()`` describes them all.
+``load_backend(name, **options)`` builds one by name; ``backend_names()`` lists them and a loaded
+backend describes itself (``Backend.info()``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from shallowmark.errors import check_choice
 
 DEFAULT_BACKEND = "tiny-ldm"
 
-# name -> (module, class, one-line description, latent shape or None when it depends on the model)
+# name -> (module, class), imported when the backend is loaded
 _REGISTRY = {
     "tiny-ldm": ("shallowmark.core.backends.tiny_ldm", "TinyLDM"),
     "stable-diffusion": ("shallowmark.core.backends.stable_diffusion", "StableDiffusion"),

@@ -31,6 +31,7 @@ from typing import Sequence
 import numpy as np
 
 from shallowmark.errors import InvalidImageError, InvalidParameterError, KeyMaterialError
+from shallowmark.imaging import rgb_batch
 from shallowmark.keys import MethodKey
 from shallowmark.methods import LATENT, POST_HOC
 
@@ -212,8 +213,7 @@ class WatermarkMethod:
             what = "RGBA" if arr.ndim == 4 and arr.shape[-1] == 4 else f"shape {arr.shape}"
             raise InvalidImageError(f"{self.name}: expected RGB images (H, W, 3); got {what}. "
                                     "Drop or composite the alpha channel first")
-        if arr.dtype != np.uint8:
-            raise InvalidImageError(f"{self.name}: expected uint8 pixels; got {arr.dtype}")
+        arr = rgb_batch(arr, f"{self.name}: images")
         h, w = arr.shape[1:3]
         if min(h, w) < self.min_image_size:
             raise InvalidImageError(f"{self.name} needs images of at least {self.min_image_size}×"
