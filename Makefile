@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all setup bench clean
+.PHONY: demo test test-all setup bench clean lint-imports
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,9 +21,15 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/shallowmark demo --out demo-out
 
+# The import contracts first (pyproject.toml's [tool.importlinter], run by lint-imports through
+# tools/lint_imports.py, which lays the package's folders out as one tree for it), then the tests.
 # One torch thread per worker: two workers on two cores, no OpenMP spin-wait fights.
 test: $(STAMP) examples/node/node_modules
+	$(BIN)/python tools/lint_imports.py --no-logo
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --durations=15
+
+lint-imports: $(STAMP)
+	$(BIN)/python tools/lint_imports.py
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m '' --durations=15
