@@ -155,7 +155,8 @@ class VerifyResult:
         return np.unpackbits(np.frombuffer(self.bits_packed, dtype=np.uint8), bitorder="big")[:self.num_bits]
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-friendly summary (what ``shallowmark verify --json`` prints)."""
+        """A JSON-friendly summary: what ``shallowmark verify --json`` prints for each image, between
+        the file name and ``"attested": true``."""
         best = self.best
         return {"detected": self.detected, "key_id": self.identified_key_id, "p_value": best.p_value,
                 "p_value_corrected": best.p_value_corrected, "method": best.method, "score": best.score,

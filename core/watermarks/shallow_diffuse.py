@@ -57,7 +57,7 @@ class ShallowDiffuseConfig:
     """
 
     # injection step as a fraction of T, or "auto": where the posterior-mean Jacobian's rank ratio
-    # first comes near its minimum (core.jacobian_rank.auto_t_star; measured once per model, cached)
+    # first comes near its minimum (core.t_star.auto_t_star; measured once per model, cached)
     t_star: float | str = 0.3
     num_steps: int = 50              # DDIM steps from T to 0
     channel: int = 3                 # latent channel that carries the key

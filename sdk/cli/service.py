@@ -129,10 +129,8 @@ def _cmd_embed(args) -> int:
 def _print_verdict(f: str, res, as_json: bool) -> None:
     best = res.best
     if as_json:
-        print(json.dumps({"file": f, "detected": res.detected, "key_id": res.identified_key_id,
-                          "p_value": best.p_value, "p_value_corrected": best.p_value_corrected,
-                          "method": best.method, "request_id": res.request_id, "attested": True}),
-              flush=True)
+        # the attestation was checked before this line is printed (_cmd_verify)
+        print(json.dumps({"file": f, **res.to_dict(), "attested": True}), flush=True)
     elif res.detected:
         print(f"{f}: watermarked with {res.identified_key_id} ({best.method}, p={best.p_value:.3g}, "
               f"corrected p={best.p_value_corrected:.3g})", flush=True)

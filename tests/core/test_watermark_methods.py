@@ -144,12 +144,12 @@ def test_unknown_method_and_bad_config(tiny_ldm):
 
 
 def test_shallow_diffuse_auto_t_star_uses_the_rank_profile_choice(tiny_ldm, monkeypatch):
-    """t_star="auto" takes t* from core.jacobian_rank.auto_t_star (measured once per model and cached;
+    """t_star="auto" takes t* from core.t_star.auto_t_star (measured once per model and cached;
     its own tests measure it on tiny-ldm); here the measurement is replaced to check the wiring."""
-    from shallowmark.core import jacobian_rank
+    from shallowmark.core import t_star
 
     calls = []
-    monkeypatch.setattr(jacobian_rank, "auto_t_star", lambda backend, num_steps: calls.append(num_steps) or 0.44)
+    monkeypatch.setattr(t_star, "auto_t_star", lambda backend, num_steps: calls.append(num_steps) or 0.44)
     m = ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(t_star="auto", num_steps=20))
     assert calls == [20] and m.t_star == 0.44 and m.k_star == m.grid.position(0.44) == 9
     with pytest.raises(UnknownNameError, match="auto"):

@@ -54,6 +54,7 @@ def test_keys_embed_verify(server, env, tmp_path, capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert lines[0]["detected"] and lines[0]["key_id"] == second and lines[0]["method"] == "shallow-diffuse"
     assert lines[0]["p_value"] < 0.01 and lines[0]["attested"]
+    assert {"score", "model", "image_sha256", "request_id", "p_value_corrected"} <= set(lines[0])  # VerifyResult.to_dict
     assert lines[1]["file"] == str(junk) and "INVALID_ARGUMENT" in lines[1]["error"]
 
 
