@@ -18,10 +18,11 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from shallowmark import _registry
 from shallowmark.errors import InvalidParameterError, UnknownNameError
+from shallowmark.imaging import check_rgb as check_image
 
 from . import codec, geometric, photometric
-from shallowmark.imaging import check_rgb as check_image
 
 AttackFn = Callable[..., np.ndarray]
 
@@ -86,12 +87,7 @@ def register(spec: AttackSpec, *, replace: bool = False) -> AttackSpec:
 
     Raises InvalidParameterError if the name is taken, unless ``replace=True``.
     """
-    if not isinstance(spec, AttackSpec):
-        raise InvalidParameterError(f"register() takes an AttackSpec, got {type(spec).__name__}")
-    if spec.name in _REGISTRY and not replace:
-        raise InvalidParameterError(f"attack {spec.name!r} is already registered; pass replace=True to override")
-    _REGISTRY[spec.name] = spec
-    return spec
+    return _registry.add(_REGISTRY, spec, AttackSpec, "attack", replace=replace)
 
 
 def unregister(name: str) -> AttackSpec:

@@ -17,6 +17,7 @@ import importlib
 import importlib.util
 from dataclasses import dataclass
 
+from shallowmark import _registry
 from shallowmark.errors import InvalidParameterError, MissingDependencyError, check_choice
 
 __all__ = [
@@ -122,12 +123,7 @@ _REGISTRY: dict[str, MethodSpec] = {s.name: s for s in BUILTIN_METHODS}
 def register_method(spec: MethodSpec, *, replace: bool = False) -> MethodSpec:
     """Add ``spec`` to the registry (in this process). A name already registered is refused unless
     ``replace``: a silent redefinition would change which code a key's material feeds."""
-    if not isinstance(spec, MethodSpec):
-        raise InvalidParameterError(f"register_method takes a MethodSpec, got {type(spec).__name__}")
-    if spec.name in _REGISTRY and not replace:
-        raise InvalidParameterError(f"method {spec.name!r} is already registered; pass replace=True to redefine it")
-    _REGISTRY[spec.name] = spec
-    return spec
+    return _registry.add(_REGISTRY, spec, MethodSpec, "method", replace=replace)
 
 
 def unregister_method(name: str) -> None:

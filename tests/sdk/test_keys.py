@@ -14,15 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from shallowmark.errors import InvalidParameterError, KeyMaterialError, UnknownNameError
-from shallowmark.keys import (
-    METHODS,
-    MethodKey,
-    WatermarkKey,
-    chacha20_key_nonce,
-    method_seed,
-    payload_bits,
-    ring_seed,
-)
+from shallowmark.keys import METHODS, MethodKey, WatermarkKey, chacha20_key_nonce, method_seed, payload_bits, ring_seed
 
 CREATED = "2025-01-01T00:00:00+00:00"
 ZERO = WatermarkKey(secret=bytes(32), created=CREATED)
