@@ -41,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import platform
 import sys
@@ -71,7 +70,7 @@ from .bench_config import (  # noqa: F401  (re-exported: the public names of the
     parse_attacks,
     validate_config,
 )
-from .bench_grid import Grid, chunks, keyed_images, run_grid
+from .bench_grid import Grid, chunks, keyed_images, pair_fidelity, run_grid, verify_cost
 from .bench_report import _sanitize, versions as _versions
 from .registry import get_attack
 
@@ -231,15 +230,10 @@ class InProcessExecutor:
         return {n: [_score_row(dets[n][i]) for i in idx] for n, idx in wanted.items()}
 
     def fidelity(self, grid, negatives: dict, positives: dict) -> list[dict]:
-        from .metrics import psnr, ssim
-
         out = []
         for name in grid.method_names:
             refs = negatives if self.ref_shared[name] else self.own_refs[name]
-            pairs = [(positives[name][s], refs[s]) for s in grid.seeds]
-            ps = [psnr(a, b) for a, b in pairs]
-            out.append(dict(method=name, psnr=float(np.mean([p for p in ps if math.isfinite(p)] or [math.inf])),
-                            ssim=float(np.mean([ssim(a, b) for a, b in pairs])),
+            out.append(dict(method=name, **pair_fidelity([(positives[name][s], refs[s]) for s in grid.seeds]),
                             reference="shared" if self.ref_shared[name] else "own", note=_FIDELITY_NOTES.get(name)))
         return out
 
@@ -249,11 +243,9 @@ class InProcessExecutor:
             embed_s = cache.mean_timing("embed", [self.folder(name, "watermarked")], grid.seeds)
             if embed_s is not None and self.posthoc[name]:
                 embed_s += cache.mean_timing("reference", [self.neg_folder], grid.seeds) or 0.0
-            verify_s = cache.mean_timing("verify", [ctx_of(name, a, "pos") for a in grid.attacks if a.name == "clean"]
-                                         or [ctx_of(name, a, "pos") for a in grid.attacks], grid.seeds)
-            evals = cache.scored(ctx_of(name, grid.attacks[0], "pos"))[grid.seeds[0]][4]
-            out.append(dict(method=name, embed_seconds=embed_s, verify_seconds=verify_s,
-                            verify_model_evals=int(evals), embed_model_evals=self.methods[name].model_evals().generate))
+            verify_s, evals = verify_cost(grid, cache, ctx_of, name)
+            out.append(dict(method=name, embed_seconds=embed_s, verify_seconds=verify_s, verify_model_evals=evals,
+                            embed_model_evals=self.methods[name].model_evals().generate))
         return out
 
     def config_record(self, grid) -> dict:

@@ -33,7 +33,7 @@ from .bench_config import _SCHEMA_VERSION, AttackSetting, BenchConfig, bench_key
 from .bench_report import _sanitize, detection_results, write_reports
 from .registry import get_attack
 
-__all__ = ["Executor", "Grid", "run_grid", "keyed_images", "apply_setting", "chunks"]
+__all__ = ["Executor", "Grid", "run_grid", "keyed_images", "apply_setting", "chunks", "pair_fidelity", "verify_cost"]
 
 #: One detection as the cache stores it: (score, p-value, detected, bit accuracy or None, model
 #: evaluations, best key id).
@@ -149,6 +149,26 @@ def keyed_images(grid: Grid, cache: BenchCache, bar, name: str, folder: Callable
             bar.update(len(chunk))
         images.update(have)
     return images
+
+
+def pair_fidelity(pairs) -> dict:
+    """Mean PSNR (over the finite values; identical pairs give inf) and mean SSIM of image pairs."""
+    import math
+
+    from .metrics import psnr, ssim
+
+    ps = [psnr(a, b) for a, b in pairs]
+    return dict(psnr=float(np.mean([p for p in ps if math.isfinite(p)] or [math.inf])),
+                ssim=float(np.mean([ssim(a, b) for a, b in pairs])))
+
+
+def verify_cost(grid: Grid, cache: BenchCache, ctx_of: Callable, name: str) -> tuple:
+    """(seconds per verify of the clean positives, or of all attacks' positives without a clean
+    one; model evaluations per verify) of method ``name``, from the cache."""
+    pos = [ctx_of(name, a, "pos") for a in grid.attacks]
+    clean = [ctx_of(name, a, "pos") for a in grid.attacks if a.name == "clean"]
+    seconds = cache.mean_timing("verify", clean or pos, grid.seeds)
+    return seconds, int(cache.scored(pos[0])[grid.seeds[0]][4])
 
 
 def _score_attacks(grid: Grid, ex: Executor, cache: BenchCache, bar, negatives: dict, positives: dict,

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import os
 import sys
 import zlib
@@ -57,7 +56,7 @@ from .bench_config import (
     _negative_files,
     validate_config,
 )
-from .bench_grid import Grid, keyed_images, run_grid
+from .bench_grid import Grid, keyed_images, pair_fidelity, run_grid, verify_cost
 from .bench_report import _sanitize, client_machine, versions
 from .registry import get_attack
 
@@ -313,8 +312,6 @@ class ServerExecutor:
                 for name, idx in wanted.items()}
 
     def fidelity(self, grid, negatives: dict, positives: dict) -> list[dict]:
-        from .metrics import psnr, ssim
-
         out = []
         for name in grid.method_names:
             if not self.can_upload[name]:
@@ -322,10 +319,8 @@ class ServerExecutor:
                                 note="the server cannot watermark an uploaded image with this method (the "
                                      "watermark is built into generation): no original to compare with"))
                 continue
-            pairs = [(self.uploaded[name][s], negatives[s]) for s in grid.seeds]
-            ps = [psnr(a, b) for a, b in pairs]
-            out.append(dict(method=name, psnr=float(np.mean([p for p in ps if math.isfinite(p)] or [math.inf])),
-                            ssim=float(np.mean([ssim(a, b) for a, b in pairs])), reference="upload",
+            out.append(dict(method=name, **pair_fidelity([(self.uploaded[name][s], negatives[s]) for s in grid.seeds]),
+                            reference="upload",
                             note="user scenario: the server's watermarked version vs the uploaded original"))
         return out
 
@@ -333,12 +328,10 @@ class ServerExecutor:
         out = []
         for name in grid.method_names:
             mi = self.method_infos[name]
-            verify_s = cache.mean_timing("verify", [ctx_of(name, a, "pos") for a in grid.attacks if a.name == "clean"]
-                                         or [ctx_of(name, a, "pos") for a in grid.attacks], grid.seeds)
-            evals = cache.scored(ctx_of(name, grid.attacks[0], "pos"))[grid.seeds[0]][4]
+            verify_s, evals = verify_cost(grid, cache, ctx_of, name)
             out.append(dict(
                 method=name, embed_seconds=cache.mean_timing("embed", [self.folder(name, "watermarked")], grid.seeds),
-                verify_seconds=verify_s, verify_model_evals=int(evals), embed_model_evals=int(mi.generate_model_evals),
+                verify_seconds=verify_s, verify_model_evals=evals, embed_model_evals=int(mi.generate_model_evals),
                 upload_embed_seconds=cache.mean_timing("embed-upload", [self.folder(name, "uploaded")], grid.seeds),
                 upload_embed_model_evals=int(mi.embed_model_evals) if self.can_upload[name] else None))
         return out

@@ -238,6 +238,14 @@ class LatentMethod(WatermarkMethod):
 
     kind = LATENT
 
+    def _configure(self, backend, config) -> None:
+        """As :meth:`WatermarkMethod._configure`, and ``grid``: the DDIM grid of ``config.num_steps``
+        (every latent method's config has one)."""
+        from shallowmark.core import ddim
+
+        super()._configure(backend, config)
+        self.grid = ddim.make_grid(backend, self.config.num_steps)
+
     @property
     def inversion_position(self) -> int:
         """Grid position where verification's inversion stops (``grid.num_steps``: x_T)."""

@@ -28,7 +28,6 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from shallowmark.core.ddim import make_grid
 from shallowmark.core.watermarks.base import Detection, LatentMethod, ModelEvals, bit_verdict, check_target_fpr
 from shallowmark.errors import InvalidParameterError, check_int
 from shallowmark.keys import MethodKey, chacha20_key_nonce, payload_bits
@@ -96,7 +95,6 @@ class GaussianShading(LatentMethod):
         self.message_shape = (c // self.ch_copy, h // self.hw_copy, w // self.hw_copy)
         self.capacity = int(np.prod(self.message_shape))
         self.copies = self.ch_copy * self.hw_copy * self.hw_copy
-        self.grid = make_grid(backend, self.num_steps)
 
     def model_evals(self) -> ModelEvals:
         return ModelEvals(generate=self.num_steps, embed=0, verify=self.num_steps)

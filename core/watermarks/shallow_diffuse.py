@@ -108,7 +108,6 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
 
     def __init__(self, backend, config: ShallowDiffuseConfig | None = None):
         self._configure(backend, config)
-        self.grid = ddim.make_grid(backend, self.config.num_steps)
         if self.config.t_star == "auto":
             from shallowmark.core.t_star import auto_t_star
 

@@ -44,7 +44,6 @@ class TreeRing(rings.RingKeyed, LatentMethod):
 
     def __init__(self, backend, config: TreeRingConfig | None = None):
         self._configure(backend, config)
-        self.grid = ddim.make_grid(backend, self.config.num_steps)
         self.geom = rings.RingGeometry(backend.latent_shape[-1], self.config.radius, "dc")
 
     def model_evals(self) -> ModelEvals:

@@ -42,8 +42,7 @@ def _toy_class():
         config_class = SignCodeConfig
 
         def __init__(self, backend, config=None):
-            self._configure(backend, config)
-            self.grid = ddim.make_grid(backend, self.config.num_steps)
+            self._configure(backend, config)  # validates the config and builds self.grid
 
         def model_evals(self) -> ModelEvals:
             n = self.config.num_steps
