@@ -20,6 +20,7 @@ import torch
 
 from shallowmark.core import ddim
 from shallowmark.core.images import grid, psnr, to_tensor, to_uint8
+from shallowmark.reports import markdown_table, write_report
 
 
 def _timed(fn, repeat: int = 3) -> float:
@@ -110,55 +111,88 @@ def write_reports(res: dict, out_dir: Path, model_dir: Path | None, command: str
     Image.fromarray(grid(res["_samples"], 4)).save(out_dir / "samples.png")
     public = {k: v for k, v in res.items() if not k.startswith("_")}
     public["command"] = command
-    (out_dir / "report.json").write_text(json.dumps(public, indent=2))
-    ae, cost, rt = res["autoencoder"], res["cost"], res["round_trip"]
-    md = f"""# Core benchmark: `{res['model']}`
-
-Command: `{command}`
-Machine: {res['machine']['platform']}, {res['machine']['threads']} torch threads, torch {res['machine']['torch']}.
-
-## Autoencoder (held-out photo: matplotlib `grace_hopper.jpg`, centre crop 256²)
-
-| codec | PSNR (dB) |
-|---|---|
-| trained `AutoencoderKL` (f=4, 4 channels) | {ae['heldout_psnr_db']:.2f} |
-| linear PCA codec, same 12× compression | {ae['pca_codec_heldout_psnr_db']:.2f} |
-| trained autoencoder on a training photo (astronaut) | {ae['train_photo_psnr_db']:.2f} |
-
-![held-out reconstruction](heldout_reconstruction.png)
-
-## Cost (CPU)
-
-| what | seconds |
-|---|---|
-| encode one 256² image | {cost['encode_s_per_image']:.3f} |
-| decode one 256² image | {cost['decode_s_per_image']:.3f} |
-| generate 8 images at batch 8 ({res['num_steps']} DDIM steps + decode) | {cost['generate_8_at_batch_8_s']:.2f} (goal < {cost['generate_goal_s']:.0f}) |
-""" + "".join(f"| one DDIM step per image at batch {b} | {s:.4f} |\n" for b, s in cost["ddim_s_per_step_per_image"].items()) + f"""
-## DDIM inversion round trip (latent relative L2, {rt['n_latents']} latents: generated ones and the held-out photo's)
-
-| round trip | mean | max | model evaluations |
-|---|---|---|---|
-| 0 → T → 0 (50 + 50 steps) | {rt['full_0_T_0_rel_l2_mean']:.4f} | {rt['full_0_T_0_rel_l2_max']:.4f} | {rt['model_evals_full']} |
-| 0 → t* → 0 (t* = {res['t_star']}T, position {res['t_star_position']}, timestep {res['t_star_timestep']}) | {rt['shallow_0_tstar_0_rel_l2_mean']:.4f} | {rt['shallow_0_tstar_0_rel_l2_max']:.4f} | {rt['model_evals_shallow']} |
-
-![round trip: held-out latent, after 0→T→0, after 0→t*→0](round_trip.png)
-
-## Samples
-
-![16 samples](samples.png)
-"""
-    (out_dir / "report.md").write_text(md)
+    write_report(out_dir, public, _markdown(res, command))
     if model_dir is not None:
         Image.fromarray(grid(res["_samples"], 4)).save(model_dir / "samples.png")
         (model_dir / "README.md").write_text(model_card(res, model_dir))
 
 
+def _markdown(res: dict, command: str) -> str:
+    """``report.md`` of ``bench-core``: the autoencoder, the cost and the DDIM round trips."""
+    ae, cost, rt = res["autoencoder"], res["cost"], res["round_trip"]
+    ddim_steps = ([f"one DDIM step per image at batch {b}", f"{s:.4f}"]
+                  for b, s in cost["ddim_s_per_step_per_image"].items())
+    lines = [
+        f"# Core benchmark: `{res['model']}`",
+        "",
+        f"Command: `{command}`",
+        f"Machine: {res['machine']['platform']}, {res['machine']['threads']} torch threads, "
+        f"torch {res['machine']['torch']}.",
+        "",
+        "## Autoencoder (held-out photo: matplotlib `grace_hopper.jpg`, centre crop 256²)",
+        "",
+        *markdown_table(["codec", "PSNR (dB)"], [
+            ["trained `AutoencoderKL` (f=4, 4 channels)", f"{ae['heldout_psnr_db']:.2f}"],
+            ["linear PCA codec, same 12× compression", f"{ae['pca_codec_heldout_psnr_db']:.2f}"],
+            ["trained autoencoder on a training photo (astronaut)", f"{ae['train_photo_psnr_db']:.2f}"]]),
+        "",
+        "![held-out reconstruction](heldout_reconstruction.png)",
+        "",
+        "## Cost (CPU)",
+        "",
+        *markdown_table(["what", "seconds"], [
+            ["encode one 256² image", f"{cost['encode_s_per_image']:.3f}"],
+            ["decode one 256² image", f"{cost['decode_s_per_image']:.3f}"],
+            [f"generate 8 images at batch 8 ({res['num_steps']} DDIM steps + decode)",
+             f"{cost['generate_8_at_batch_8_s']:.2f} (goal < {cost['generate_goal_s']:.0f})"],
+            *ddim_steps]),
+        "",
+        f"## DDIM inversion round trip (latent relative L2, {rt['n_latents']} latents: generated ones and the "
+        "held-out photo's)",
+        "",
+        *markdown_table(["round trip", "mean", "max", "model evaluations"], [
+            ["0 → T → 0 (50 + 50 steps)", f"{rt['full_0_T_0_rel_l2_mean']:.4f}", f"{rt['full_0_T_0_rel_l2_max']:.4f}",
+             rt["model_evals_full"]],
+            [f"0 → t* → 0 (t* = {res['t_star']}T, position {res['t_star_position']}, timestep "
+             f"{res['t_star_timestep']})", f"{rt['shallow_0_tstar_0_rel_l2_mean']:.4f}",
+             f"{rt['shallow_0_tstar_0_rel_l2_max']:.4f}", rt["model_evals_shallow"]]]),
+        "",
+        "![round trip: held-out latent, after 0→T→0, after 0→t*→0](round_trip.png)",
+        "",
+        "## Samples",
+        "",
+        "![16 samples](samples.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _card_tables(res: dict) -> tuple[list[str], list[str]]:
+    """The model card's two tables: the model's parts, and what ``bench-core`` measured."""
+    ae, cost = res["autoencoder"], res["cost"]
+    parts = markdown_table(["part", "what"], [
+        ["autoencoder", "`AutoencoderKL`, f=4, 4 latent channels (latents 4×64×64, Stable Diffusion's size), blocks "
+                        "(32, 64, 128), 1 layer per block, no attention; per-channel `latents_mean`/`latents_std` in "
+                        "its config"],
+        ["denoiser", "`UNet2DModel`, blocks (32, 64, 128, 128), 2 layers per block, no attention, ε-prediction"],
+        ["schedule", "Stable Diffusion's scaled-linear betas (0.00085–0.012), 1000 training steps, DDIM with 50 steps"],
+        ["parameters", res.get("parameters", "see `shallowmark models`")],
+        ["weights", "fp16 safetensors (loaded as fp32)"]])
+    measured = markdown_table(["measure", "value"], [
+        ["autoencoder PSNR on held-out grace_hopper (centre crop 256²)", f"**{ae['heldout_psnr_db']:.2f} dB**"],
+        ["linear PCA codec, same 12× compression, same photo", f"{ae['pca_codec_heldout_psnr_db']:.2f} dB"],
+        ["autoencoder PSNR on a training photo (astronaut)", f"{ae['train_photo_psnr_db']:.2f} dB"],
+        ["encode / decode one 256² image",
+         f"{cost['encode_s_per_image']*1000:.0f} ms / {cost['decode_s_per_image']*1000:.0f} ms"],
+        ["generate 8 images at batch 8 (50 steps + decode)", f"{cost['generate_8_at_batch_8_s']:.1f} s"]])
+    return parts, measured
+
+
 def model_card(res: dict, model_dir: Path) -> str:
     log = json.loads((model_dir / "training_log.json").read_text())
     cfg = log["config"]
-    ae, cost = res["autoencoder"], res["cost"]
     vae_t = log["vae_log"][-1]["t"] if log.get("vae_log") else None
+    parts, measured = ("\n".join(t) for t in _card_tables(res))
     return f"""---
 library_name: diffusers
 tags: [unconditional-image-generation, latent-diffusion, watermarking]
@@ -169,13 +203,7 @@ Unconditional latent diffusion on 256×256 RGB images, small enough to run on a 
 shallowmark works with no download. Plain diffusers format: `AutoencoderKL.from_pretrained("vae")`,
 `UNet2DModel.from_pretrained("unet")`, `DDIMScheduler.from_pretrained("scheduler")`.
 
-| part | what |
-|---|---|
-| autoencoder | `AutoencoderKL`, f=4, 4 latent channels (latents 4×64×64, Stable Diffusion's size), blocks (32, 64, 128), 1 layer per block, no attention; per-channel `latents_mean`/`latents_std` in its config |
-| denoiser | `UNet2DModel`, blocks (32, 64, 128, 128), 2 layers per block, no attention, ε-prediction |
-| schedule | Stable Diffusion's scaled-linear betas (0.00085–0.012), 1000 training steps, DDIM with 50 steps |
-| parameters | {res.get('parameters', 'see `shallowmark models`')} |
-| weights | fp16 safetensors (loaded as fp32) |
+{parts}
 
 ## Data
 Trained only on photos that ship inside installed wheels, so anyone can retrain offline:
@@ -199,13 +227,7 @@ because it read the per-channel means off x_T (Stable Diffusion's schedule keeps
 the signal). Per-channel latent normalisation and offset noise fixed that.
 
 ## Measured (CPU, `shallowmark bench-core`)
-| measure | value |
-|---|---|
-| autoencoder PSNR on held-out grace_hopper (centre crop 256²) | **{ae['heldout_psnr_db']:.2f} dB** |
-| linear PCA codec, same 12× compression, same photo | {ae['pca_codec_heldout_psnr_db']:.2f} dB |
-| autoencoder PSNR on a training photo (astronaut) | {ae['train_photo_psnr_db']:.2f} dB |
-| encode / decode one 256² image | {cost['encode_s_per_image']*1000:.0f} ms / {cost['decode_s_per_image']*1000:.0f} ms |
-| generate 8 images at batch 8 (50 steps + decode) | {cost['generate_8_at_batch_8_s']:.1f} s |
+{measured}
 
 ![16 samples](samples.png)
 

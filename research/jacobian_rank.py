@@ -43,6 +43,7 @@ from shallowmark.core.t_star import (
     rank_profile,
 )
 from shallowmark.errors import InvalidParameterError
+from shallowmark.reports import markdown_table
 
 
 # ------------------------------------------------------------------------------------------------
@@ -457,49 +458,61 @@ def _pm(m, sd) -> str:
 
 
 def _markdown(rep: dict) -> str:
-    s, p, ts, fs, rt = rep["settings"], rep["profile"], rep["t_star"], rep["full_size"], rep["round_trip"]
+    L = _md_intro(rep) + _md_profile(rep) + _md_rule(rep) + _md_compare(rep) + _md_crop(rep) + _reading(rep)
+    L += ["## Timings", "", *markdown_table(["step", "seconds (wall)"],
+                                            ([k, f"{v:.1f}"] for k, v in rep["timings_s"].items())), ""]
+    return "\n".join(L)
+
+
+def _md_intro(rep: dict) -> list[str]:
+    """The title, how to reproduce the run, and what is measured."""
+    s, p = rep["settings"], rep["profile"]
     c, h, w = s["jacobian_shape"]
-    cmp_, ref, auto = ts["compare"], ts["compare"]["reference"], ts["compare"]["auto"]
+    la = rep.get("load_average")
+    return [
+        f"# Jacobian rank profile across t, and an automatic t*"
+        f"{' (quick run: smoke size, not the figures of record)' if rep['quick'] else ''}",
+        "",
+        f"Reproduce: `{rep['command']}` (seed {rep['seed']}, {rep['backend']} weights {rep['model_fingerprint']}…, "
+        f"torch {rep['torch_version']}, {rep['threads']} CPU thread(s)). It took {rep['timings_s']['total']:.0f} s "
+        f"wall and {rep['cpu_s']:.0f} s of CPU"
+        + (f" (the machine was shared: 1-minute load average {la:g} on 2 cores at the end)" if la else "")
+        + ". Every number below is also in `report.json`.",
+        "",
+        "## What is measured",
+        "",
+        "J = ∂f/∂x_t of the posterior-mean predictor f(x_t) = (x_t − √(1−ᾱ_t) ε(x_t, t)) / √ᾱ_t. "
+        f"Numerical rank = #{{σ_i > tol·σ_max}}, rank ratio = rank / d, at **tol = {s['tol']:g}** unless stated.",
+        "",
+        f"- Images: {', '.join(s['photos'])}"
+        + ("; `grace_hopper` is held out of tiny-ldm's training, the others are training photos"
+           if len(s["photos"]) > 1 else "")
+        + ". Each is centre-cropped to 256×256 and encoded to a 4×64×64 latent x₀.",
+        "- x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε, one seeded ε per image, the same at every t (and the same at every size: "
+        "a crop sees the centre of the full-size draw).",
+        f"- Size: the exact dense Jacobian (one VJP per row, batched) and all its singular values, on the centre "
+        f"{h}×{w} window of the latent (d = {c}·{h}·{w} = {s['dim']}). tiny-ldm's UNet is fully convolutional, so "
+        "it runs on the crop as it is. A dense Jacobian of the whole 4×64×64 latent would need 16,384 VJPs per t; "
+        "what can be afforded at that size is measured below, and it shows where the crop misleads.",
+        f"- t grid: {len(p['t_fraction'])} points of the {s['num_steps']}-step DDIM grid, t/T = "
+        f"{', '.join(f'{x:.2f}' for x in p['t_fraction'])} "
+        f"(training timesteps {', '.join(map(str, p['timestep']))}).",
+        "",
+    ]
+
+
+def _md_profile(rep: dict) -> list[str]:
+    """The rank profile: its table, and the figures read off it."""
+    s, p = rep["settings"], rep["profile"]
     n_img = len(s["photos"])
     tols = list(p["rank_ratio_mean_by_tol"])
-    la = rep.get("load_average")
-    L = [f"# Jacobian rank profile across t, and an automatic t*"
-         f"{' (quick run: smoke size, not the figures of record)' if rep['quick'] else ''}",
-         "",
-         f"Reproduce: `{rep['command']}` (seed {rep['seed']}, {rep['backend']} weights {rep['model_fingerprint']}…, "
-         f"torch {rep['torch_version']}, {rep['threads']} CPU thread(s)). It took {rep['timings_s']['total']:.0f} s "
-         f"wall and {rep['cpu_s']:.0f} s of CPU"
-         + (f" (the machine was shared: 1-minute load average {la:g} on 2 cores at the end)" if la else "")
-         + ". Every number below is also in `report.json`.",
-         "",
-         "## What is measured",
-         "",
-         "J = ∂f/∂x_t of the posterior-mean predictor f(x_t) = (x_t − √(1−ᾱ_t) ε(x_t, t)) / √ᾱ_t. "
-         f"Numerical rank = #{{σ_i > tol·σ_max}}, rank ratio = rank / d, at **tol = {s['tol']:g}** unless stated.",
-         "",
-         f"- Images: {', '.join(s['photos'])}"
-         + ("; `grace_hopper` is held out of tiny-ldm's training, the others are training photos" if n_img > 1 else "")
-         + ". Each is centre-cropped to 256×256 and encoded to a 4×64×64 latent x₀.",
-         "- x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε, one seeded ε per image, the same at every t (and the same at every size: "
-         "a crop sees the centre of the full-size draw).",
-         f"- Size: the exact dense Jacobian (one VJP per row, batched) and all its singular values, on the centre "
-         f"{h}×{w} window of the latent (d = {c}·{h}·{w} = {s['dim']}). tiny-ldm's UNet is fully convolutional, so "
-         "it runs on the crop as it is. A dense Jacobian of the whole 4×64×64 latent would need 16,384 VJPs per t; "
-         "what can be afforded at that size is measured below, and it shows where the crop misleads.",
-         f"- t grid: {len(p['t_fraction'])} points of the {s['num_steps']}-step DDIM grid, t/T = "
-         f"{', '.join(f'{x:.2f}' for x in p['t_fraction'])} (training timesteps {', '.join(map(str, p['timestep']))}).",
-         "",
-         "## The profile",
-         "",
-         "![rank profile](rank_profile.png)",
-         "",
-         f"| t/T | t | rank ratio, tol {s['tol']:g}, mean ± sd over {n_img} images | "
-         + " | ".join(f"tol {t}" for t in tols) + " | σ_max (mean) |",
-         "|---|---|---|" + "---|" * len(tols) + "---|"]
-    for j, x in enumerate(p["t_fraction"]):
-        L.append(f"| {x:.2f} | {p['timestep'][j]} | {_pm(p['rank_ratio_mean'][j], p['rank_ratio_std'][j])} | "
-                 + " | ".join(f"{p['rank_ratio_mean_by_tol'][t][j]:.3f}" for t in tols)
-                 + f" | {p['sigma_max_mean'][j]:.3g} |")
+    L = ["## The profile", "", "![rank profile](rank_profile.png)", ""]
+    L += markdown_table(
+        ["t/T", "t", f"rank ratio, tol {s['tol']:g}, mean ± sd over {n_img} images", *(f"tol {t}" for t in tols),
+         "σ_max (mean)"],
+        ([f"{x:.2f}", p["timestep"][j], _pm(p["rank_ratio_mean"][j], p["rank_ratio_std"][j]),
+          *(f"{p['rank_ratio_mean_by_tol'][t][j]:.3f}" for t in tols), f"{p['sigma_max_mean'][j]:.3g}"]
+         for j, x in enumerate(p["t_fraction"])))
     m = np.asarray(p["rank_ratio_mean"])
     jmin = int(np.argmin(m))
     L += ["",
@@ -510,29 +523,42 @@ def _markdown(rep: dict) -> str:
           f"{min(p['rank_ratio_mean_by_tol']['0.001']):.3f} at tol 0.001. On this small model J is strongly low rank "
           "only at the coarse tolerance: at 0.01 most directions are damped by less than 100× relative to the "
           "strongest one." + (" The spread between images is large (the sd column)." if n_img > 1 else ""),
-          "",
-          "## The rule for t*",
-          "",
-          f"**t\\* = the {ts['rule']}** (margin {s['margin']:g}). Why: Shallow Diffuse wants the key where J is low "
-          "rank — the injected change then mostly lies in directions that barely move the predicted clean image — "
-          "and as early as possible, because verification inverts 0 → t* (one model evaluation per step) and the "
-          "DDIM round-trip error the detector has to overcome grows with t. Once the rank has fallen to within the "
-          "margin of its minimum, going deeper buys little rank and costs steps and error. The margin is taken on "
-          "the profile's own range, so the rule does not depend on the tolerance's level.",
-          "",
-          f"On this profile: **t\\* = {ts['auto']:.2f}T** (DDIM position {auto['position']} of {s['num_steps']}, "
-          f"timestep {auto['timestep']}). How firm that is:",
-          "",
-          "- other tolerances: " + ", ".join(f"{v:.2f}T (tol {k})" for k, v in ts["by_tol"].items()) + ";",
-          "- other margins: " + ", ".join(f"{v:.2f}T (margin {k})" for k, v in ts["by_margin"].items()) + ";",
-          "- each image's own profile: " + ", ".join(f"{v:.2f}T ({k})" for k, v in ts["by_image"].items())
-          + (" — the bottom of one image's curve is flat, so the rule needs the mean over several images;"
-             if n_img > 1 else ";")]
+          ""]
+    return L
+
+
+def _md_rule(rep: dict) -> list[str]:
+    """The rule for t*, the t* it gives, and how firm that is."""
+    s, ts = rep["settings"], rep["t_star"]
+    n_img = len(s["photos"])
+    L = ["## The rule for t*",
+         "",
+         f"**t\\* = the {ts['rule']}** (margin {s['margin']:g}). Why: Shallow Diffuse wants the key where J is low "
+         "rank — the injected change then mostly lies in directions that barely move the predicted clean image — "
+         "and as early as possible, because verification inverts 0 → t* (one model evaluation per step) and the "
+         "DDIM round-trip error the detector has to overcome grows with t. Once the rank has fallen to within the "
+         "margin of its minimum, going deeper buys little rank and costs steps and error. The margin is taken on "
+         "the profile's own range, so the rule does not depend on the tolerance's level.",
+         "",
+         f"On this profile: **t\\* = {ts['auto']:.2f}T** (DDIM position {ts['compare']['auto']['position']} of "
+         f"{s['num_steps']}, timestep {ts['compare']['auto']['timestep']}). How firm that is:",
+         "",
+         "- other tolerances: " + ", ".join(f"{v:.2f}T (tol {k})" for k, v in ts["by_tol"].items()) + ";",
+         "- other margins: " + ", ".join(f"{v:.2f}T (margin {k})" for k, v in ts["by_margin"].items()) + ";",
+         "- each image's own profile: " + ", ".join(f"{v:.2f}T ({k})" for k, v in ts["by_image"].items())
+         + (" — the bottom of one image's curve is flat, so the rule needs the mean over several images;"
+            if n_img > 1 else ";")]
     if ts["bootstrap_p10_p50_p90"]:
         b = ts["bootstrap_p10_p50_p90"]
         L.append(f"- resampling the {n_img} images with replacement (1000 draws): 10th / 50th / 90th percentile "
                  f"{b[0]:.2f}T / {b[1]:.2f}T / {b[2]:.2f}T.")
-    L.append("")
+    return L + [""] + _md_rule_elsewhere(rep)
+
+
+def _md_rule_elsewhere(rep: dict) -> list[str]:
+    """What ``auto_t_star`` returns, and what the rule gives on smaller crops."""
+    s, p, ts = rep["settings"], rep["profile"], rep["t_star"]
+    L = []
     a = ts["auto_t_star_function"]
     if a:
         L += [f"`auto_t_star(backend)` — what `ShallowDiffuseConfig(t_star=\"auto\")` calls — applies the same rule to "
@@ -543,15 +569,26 @@ def _markdown(rep: dict) -> str:
     sm = rep.get("smaller_crop")
     if sm:
         L += [f"Why not smaller crops: the same profile on {sm['crop']}×{sm['crop']} crops (d = {sm['dim']}, "
-              f"{sm['seconds']:.0f} s for all {n_img}×{len(p['t_fraction'])} Jacobians) has mean rank ratios "
-              + ", ".join(f"{v:.3f}" for v in sm["rank_ratio_mean"]) + f" at the same t; with so little context "
-              f"its curve flattens earlier and the rule gives **{sm['t_star']:.2f}T** instead of {ts['auto']:.2f}T.",
+              f"{sm['seconds']:.0f} s for all {len(s['photos'])}×{len(p['t_fraction'])} Jacobians) has mean rank "
+              "ratios " + ", ".join(f"{v:.3f}" for v in sm["rank_ratio_mean"]) + f" at the same t; with so little "
+              f"context its curve flattens earlier and the rule gives **{sm['t_star']:.2f}T** instead of "
+              f"{ts['auto']:.2f}T.",
               ""]
-    L += ["## t* vs 0.3T",
-          "",
-          f"| | t/T | rank ratio ({h}×{w} crops, mean ± sd, {n_img} images) | DDIM round trip 0→t→0, rel. L2 "
-          f"(mean of {n_img}) | model evaluations per verification |",
-          "|---|---|---|---|---|"]
+    return L
+
+
+def _md_compare(rep: dict) -> list[str]:
+    """t* against 0.3T, and the round-trip error at more t."""
+    s, cmp_, rt = rep["settings"], rep["t_star"]["compare"], rep["round_trip"]
+    _, h, w = s["jacobian_shape"]
+    n_img = len(s["photos"])
+    ref, auto = cmp_["reference"], cmp_["auto"]
+    # hand-built: the first header cell is empty ("| |"), which markdown_table would write as "|  |"
+    L = ["## t* vs 0.3T",
+         "",
+         f"| | t/T | rank ratio ({h}×{w} crops, mean ± sd, {n_img} images) | DDIM round trip 0→t→0, rel. L2 "
+         f"(mean of {n_img}) | model evaluations per verification |",
+         "|---|---|---|---|---|"]
     for label, row in (("0.3T (reference)", ref), ("t* by the rule", auto)):
         L.append(f"| {label} | {row['t_fraction']:.2f} | {_pm(row['rank_ratio_mean'], row['rank_ratio_std'])} | "
                  f"{row['round_trip_rel_l2_mean']:.4f} | {row['detection_model_evals']} |")
@@ -565,12 +602,17 @@ def _markdown(rep: dict) -> str:
           "",
           "Round-trip error at more t (mean over the images):",
           "",
-          "| t/T | " + " | ".join(f"{x:.2f}" for x in rt["t_fraction"]) + " |",
-          "|---|" + "---|" * len(rt["t_fraction"]),
-          "| rel. L2 | " + " | ".join(f"{x:.4f}" for x in rt["rel_l2_mean"]) + " |",
-          "",
-          "## Is the crop faithful?",
+          *markdown_table(["t/T", *(f"{x:.2f}" for x in rt["t_fraction"])],
+                          [["rel. L2", *(f"{x:.4f}" for x in rt["rel_l2_mean"])]]),
           ""]
+    return L
+
+
+def _md_crop(rep: dict) -> list[str]:
+    """Is the crop faithful: a larger crop, and the full size by Hutchinson's estimator."""
+    s, fs, cmp_ = rep["settings"], rep["full_size"], rep["t_star"]["compare"]
+    _, h, w = s["jacobian_shape"]
+    L = ["## Is the crop faithful?", ""]
     if cmp_["larger_crop_rank_ratio_at_reference"] is not None:
         L += [f"**Larger crop, same measure.** At 0.3T the {s['larger_crop']}×{s['larger_crop']} crop of "
               f"{s['photos'][0]} (d = {4 * s['larger_crop'] ** 2}, exact) has rank ratio "
@@ -578,6 +620,7 @@ def _markdown(rep: dict) -> str:
               f"{cmp_['profile_crop_rank_ratio_at_reference']:.3f}.", ""]
     else:
         L += ["**Larger crop.** Not run (`--quick`).", ""]
+    images = range(len(fs["images"]))
     L += ["![cross check](cross_check.png)",
           "",
           f"**Full size.** At the full {'×'.join(map(str, fs['shape']))} latent (d = {fs['dim']}) of "
@@ -586,26 +629,21 @@ def _markdown(rep: dict) -> str:
           "Σσ² = E‖Jᵀu‖², Σσ⁴ = E‖JJᵀu‖², bootstrap standard errors) gives two tolerance-free measures, compared "
           f"with the same measures computed exactly on the {h}×{w} crops:",
           "",
-          f"| t/T | " + " | ".join(f"participation ratio {n}: full / crop" for n in fs["images"])
-          + " | " + " | ".join(f"Σσ²/d {n}: full / crop" for n in fs["images"]) + " |",
-          "|---|" + "---|" * (2 * len(fs["images"]))]
-    for j, x in enumerate(fs["t_fraction"]):
-        cells = [f"{fs['participation_ratio'][i][j]:.4f} ± {fs['participation_ratio_stderr'][i][j]:.4f} / "
-                 f"{fs['crop_participation_ratio'][i][j]:.4f}" for i in range(len(fs["images"]))]
-        cells += [f"{fs['mean_square_gain'][i][j]:.4f} / {fs['crop_mean_square_gain'][i][j]:.4f}"
-                  for i in range(len(fs["images"]))]
-        L.append(f"| {x:.2f} | " + " | ".join(cells) + " |")
-    L += ["", _faithfulness(rep), ""]
+          *markdown_table(
+              ["t/T", *(f"participation ratio {n}: full / crop" for n in fs["images"]),
+               *(f"Σσ²/d {n}: full / crop" for n in fs["images"])],
+              ([f"{x:.2f}",
+                *(f"{fs['participation_ratio'][i][j]:.4f} ± {fs['participation_ratio_stderr'][i][j]:.4f} / "
+                  f"{fs['crop_participation_ratio'][i][j]:.4f}" for i in images),
+                *(f"{fs['mean_square_gain'][i][j]:.4f} / {fs['crop_mean_square_gain'][i][j]:.4f}" for i in images)]
+               for j, x in enumerate(fs["t_fraction"]))),
+          "", _faithfulness(rep), ""]
     if fs["top_t_fraction"]:
         L += [f"Top of the full-size spectrum of {fs['images'][0]} by subspace iteration (top "
               f"{len(fs['top_singular_values'][0])}, {fs['top_iters']} iterations; σ_max is a lower bound): "
               + "; ".join(f"t/T = {x:.2f}: σ_max ≥ {sm:.3g} (crop {cs:.3g})" for x, sm, cs in
                           zip(fs["top_t_fraction"], fs["sigma_max_lower_bound"], fs["crop_sigma_max"])) + ".", ""]
-    L += _reading(rep)
-    L += ["## Timings", "", "| step | seconds (wall) |", "|---|---|"]
-    L += [f"| {k} | {v:.1f} |" for k, v in rep["timings_s"].items()]
-    L.append("")
-    return "\n".join(L)
+    return L
 
 
 def _faithfulness(rep: dict) -> str:

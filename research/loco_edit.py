@@ -34,6 +34,7 @@ from shallowmark.core import ddim
 from shallowmark.core import jacobian as jac
 from shallowmark.core.images import to_tensor, to_uint8
 from shallowmark.errors import InvalidImageError, InvalidParameterError
+from shallowmark.reports import markdown_table
 
 DEFAULT_T = 0.5
 DEFAULT_RANK = 8
@@ -634,6 +635,56 @@ def _summary(rep: dict) -> list[str]:
     return out
 
 
+def _md_image(rep: dict, name: str, f: dict) -> list[str]:
+    """One image's section: the edits, their table, locality, the first-order and random checks."""
+    lam = f["lambdas"]
+    lines = [
+        f"## {name}",
+        "",
+        f"Source: {rep['images'][name]}. t = {f['t']:g}T is grid position {f['position']}, training timestep "
+        f"{f['timestep']}; ‖x_t‖ = {f['xt_norm']}, so "
+        f"λ ∈ {{{', '.join(f'{v:+g}' for v in lam)}}}·‖x_t‖ = "
+        f"{{{', '.join(f'{v:+.2f}' for v in f['lambdas_latent'])}}} in latent units. Base (λ = 0) vs input: "
+        f"{f['base_psnr_vs_input_db']} dB PSNR (inversion round trip). Subspace iteration "
+        f"{f['seconds']['subspace']} s, edits {f['seconds']['edits']} s.",
+        "",
+        f"![edits]({rep['figures'][name]})",
+        "",
+        *markdown_table(
+            ["i", "σ_i", "Ritz residual", "\\|cos(u_i, v_i)\\|", "region area",
+             *(f"loc. λ={v:+g}" for v in lam), *(f"RMS λ={v:+g}" for v in lam)],
+            ([i, f"{f['singular_values'][i]:.3f}", f"{f['ritz_residuals'][i]:.2g}", f"{f['cos_u_v'][i]:.3f}",
+              f"{f['region_area'][i]:.3f}", *(_fmt(v) for v in f["locality"][i]),
+              *(_fmt(v, 2) for v in f["change_rms"][i])] for i in range(len(f["singular_values"])))),
+    ]
+    rc = f["random_control"]
+    lines += [
+        "",
+        f"Mean locality {_fmt(f['mean_locality'])} against a mean region area (chance) of "
+        f"{_fmt(f['mean_area'])}: on average {f['mean_lift']}× chance. By λ: "
+        + ", ".join(f"{v:+g} → {_fmt(x)}" for v, x in zip(lam, f["locality_by_lambda"])) + ".",
+        "",
+        f"First-order check, ‖Δx̂0‖ / (|λ| σ_i) per i and λ (1 = linear): "
+        + "; ".join(", ".join(_fmt(v, 2) for v in r) for r in f["x0hat_change_over_linear"])
+        + ". Cosine of Δx̂0 with λ u_i: "
+        + "; ".join(", ".join(_fmt(v, 2) for v in r) for r in f["x0hat_change_cos_linear"]) + ".",
+        "",
+        f"Cross-locality at λ = {f['cross_locality_lambda']:+g}·‖x_t‖ (share of edit i's change inside "
+        f"region j): diagonal mean {_fmt(f['cross_diagonal_mean'])}, off-diagonal mean "
+        f"{_fmt(f['cross_off_diagonal_mean'])}.",
+        "",
+    ]
+    if rc["count"]:
+        lines += [
+            f"Control: {rc['count']} random unit directions at λ = {rc['lam']:+g}·‖x_t‖ change the image by "
+            f"RMS {', '.join(_fmt(v, 2) for v in rc['change_rms'])} grey levels (v_i edits at the same λ: "
+            f"{', '.join(_fmt(v, 2) for v in rc['v_edit_change_rms_same_lambda'])}); their change falls inside "
+            f"the u_i regions at a mean share of {', '.join(_fmt(v) for v in rc['mean_locality_in_u_regions'])}.",
+            "",
+        ]
+    return lines
+
+
 def _markdown(rep: dict) -> str:
     cfg = rep["config"]
     lines = [
@@ -665,54 +716,7 @@ def _markdown(rep: dict) -> str:
         "",
     ]
     for name, f in rep["results"].items():
-        lam = f["lambdas"]
-        lines += [
-            f"## {name}",
-            "",
-            f"Source: {rep['images'][name]}. t = {f['t']:g}T is grid position {f['position']}, training timestep "
-            f"{f['timestep']}; ‖x_t‖ = {f['xt_norm']}, so "
-            f"λ ∈ {{{', '.join(f'{v:+g}' for v in lam)}}}·‖x_t‖ = "
-            f"{{{', '.join(f'{v:+.2f}' for v in f['lambdas_latent'])}}} in latent units. Base (λ = 0) vs input: "
-            f"{f['base_psnr_vs_input_db']} dB PSNR (inversion round trip). Subspace iteration "
-            f"{f['seconds']['subspace']} s, edits {f['seconds']['edits']} s.",
-            "",
-            f"![edits]({rep['figures'][name]})",
-            "",
-            "| i | σ_i | Ritz residual | \\|cos(u_i, v_i)\\| | region area | "
-            + " | ".join(f"loc. λ={v:+g}" for v in lam) + " | "
-            + " | ".join(f"RMS λ={v:+g}" for v in lam) + " |",
-            "|" + "---|" * (5 + 2 * len(lam)),
-        ]
-        for i in range(len(f["singular_values"])):
-            lines.append(
-                f"| {i} | {f['singular_values'][i]:.3f} | {f['ritz_residuals'][i]:.2g} | {f['cos_u_v'][i]:.3f} | "
-                f"{f['region_area'][i]:.3f} | " + " | ".join(_fmt(v) for v in f["locality"][i]) + " | "
-                + " | ".join(_fmt(v, 2) for v in f["change_rms"][i]) + " |")
-        rc = f["random_control"]
-        lines += [
-            "",
-            f"Mean locality {_fmt(f['mean_locality'])} against a mean region area (chance) of "
-            f"{_fmt(f['mean_area'])}: on average {f['mean_lift']}× chance. By λ: "
-            + ", ".join(f"{v:+g} → {_fmt(x)}" for v, x in zip(lam, f["locality_by_lambda"])) + ".",
-            "",
-            f"First-order check, ‖Δx̂0‖ / (|λ| σ_i) per i and λ (1 = linear): "
-            + "; ".join(", ".join(_fmt(v, 2) for v in r) for r in f["x0hat_change_over_linear"])
-            + ". Cosine of Δx̂0 with λ u_i: "
-            + "; ".join(", ".join(_fmt(v, 2) for v in r) for r in f["x0hat_change_cos_linear"]) + ".",
-            "",
-            f"Cross-locality at λ = {f['cross_locality_lambda']:+g}·‖x_t‖ (share of edit i's change inside "
-            f"region j): diagonal mean {_fmt(f['cross_diagonal_mean'])}, off-diagonal mean "
-            f"{_fmt(f['cross_off_diagonal_mean'])}.",
-            "",
-        ]
-        if rc["count"]:
-            lines += [
-                f"Control: {rc['count']} random unit directions at λ = {rc['lam']:+g}·‖x_t‖ change the image by "
-                f"RMS {', '.join(_fmt(v, 2) for v in rc['change_rms'])} grey levels (v_i edits at the same λ: "
-                f"{', '.join(_fmt(v, 2) for v in rc['v_edit_change_rms_same_lambda'])}); their change falls inside "
-                f"the u_i regions at a mean share of {', '.join(_fmt(v) for v in rc['mean_locality_in_u_regions'])}.",
-                "",
-            ]
+        lines += _md_image(rep, name, f)
     if rep["t_sweep"]:
         sw = rep["t_sweep"]
         lines += [
@@ -721,14 +725,13 @@ def _markdown(rep: dict) -> str:
             f"Same pipeline at other t, top {sw['rank']} singular vectors, λ = {sw['lam']:+g}·‖x_t‖ only "
             f"(the row t = {cfg['t']:g} is the first {sw['rank']} rows of the run above).",
             "",
-            "| t | timestep | σ_1 … σ_r | Ritz residuals | mean region area | mean locality | mean lift | "
-            "mean RMS change |",
-            "|---|---|---|---|---|---|---|---|",
+            *markdown_table(
+                ["t", "timestep", "σ_1 … σ_r", "Ritz residuals", "mean region area", "mean locality", "mean lift",
+                 "mean RMS change"],
+                ([t, s["timestep"], ", ".join(f"{v:.2f}" for v in s["singular_values"]),
+                  ", ".join(f"{v:.2g}" for v in s["ritz_residuals"]), _fmt(s["mean_area"]), _fmt(s["mean_locality"]),
+                  s["mean_lift"], f"{s['mean_change_rms']:.2f}"] for t, s in sw["by_t"].items())),
+            "",
         ]
-        for t, s in sw["by_t"].items():
-            lines.append(f"| {t} | {s['timestep']} | {', '.join(f'{v:.2f}' for v in s['singular_values'])} | "
-                         f"{', '.join(f'{v:.2g}' for v in s['ritz_residuals'])} | {_fmt(s['mean_area'])} | "
-                         f"{_fmt(s['mean_locality'])} | {s['mean_lift']} | {s['mean_change_rms']:.2f} |")
-        lines.append("")
     lines += [f"Figures: {', '.join(f'`{v}`' for v in rep['figures'].values())}.", ""]
     return "\n".join(lines)

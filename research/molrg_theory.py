@@ -35,6 +35,7 @@ import torch
 from shallowmark.core.molrg import MoLRG
 from shallowmark.research.threads import single_thread
 from shallowmark.errors import InvalidParameterError
+from shallowmark.reports import markdown_table
 
 DTYPE = torch.float64
 DEFAULT_T_RANGE = (0.05, 0.95)
@@ -729,8 +730,6 @@ def run_molrg_analysis(out_dir, quick: bool = False, *, seed: int = 0, command: 
 
 
 def _markdown(rep: dict) -> str:
-    p, c, k, ph = rep["posterior_mean"], rep["dae_vs_pca"], rep["subspace_clustering"], rep["phase_transition"]
-    s, cfg = ph["summary"], ph["config"]
     lines = [
         "# MoLRG analysis" + (" (quick)" if rep["quick"] else ""),
         "",
@@ -742,23 +741,34 @@ def _markdown(rep: dict) -> str:
         "parameterization), trained by Adam on the DAE loss E_t E_(x0,ε) ‖x_U(x_t, t) − x0‖² with "
         f"t ~ U{tuple(rep['t_range'])}, α_t = cos(πt/2), β_t = sin(πt/2), [U_1 … U_K] the Q factor of a free matrix.",
         "",
+    ]
+    lines += _md_posterior(rep["posterior_mean"]) + _md_pca(rep["dae_vs_pca"])
+    lines += _md_clustering(rep["subspace_clustering"]) + _md_phase(rep)
+    return "\n".join(lines)
+
+
+def _md_posterior(p: dict) -> list[str]:
+    """(a): the closed-form posterior mean against Monte Carlo."""
+    return [
         "## (a) Posterior mean: closed form vs Monte Carlo",
         "",
         f"Self-normalised importance sampling with {p['settings']['samples']:,} prior draws weighted by "
         f"p(x_t | x0); d = {p['settings']['dim']}, r = {p['settings']['rank']}, "
         f"{p['settings']['points']} points x_t per row. Error: ‖MC − closed form‖ / ‖closed form‖.",
         "",
-        "| K | ᾱ | max rel. error | mean rel. error | min ESS |",
-        "|---|---|---|---|---|",
-    ]
-    for r in p["rows"]:
-        lines.append(f"| {r['clusters']} | {r['alpha_bar']} | {r['max_relative_error']:.4f} | "
-                     f"{r['mean_relative_error']:.4f} | {r['min_ess']:.0f} |")
-    lines += [
+        *markdown_table(["K", "ᾱ", "max rel. error", "mean rel. error", "min ESS"],
+                        ([r["clusters"], r["alpha_bar"], f"{r['max_relative_error']:.4f}",
+                          f"{r['mean_relative_error']:.4f}", f"{r['min_ess']:.0f}"] for r in p["rows"])),
         "",
         f"Worst row: {p['worst_relative_error']:.2%}. The residual is Monte-Carlo error (it falls with the "
         "effective sample size), so the lemma's closed form is confirmed for K = 1 and K = 2.",
         "",
+    ]
+
+
+def _md_pca(c: dict) -> list[str]:
+    """(b): K = 1, the DAE's subspace against PCA's."""
+    return [
         "## (b) K = 1: DAE training finds the PCA subspace",
         "",
         f"d = {c['settings']['dim']}, r = {c['settings']['rank']}, N = {c['settings']['samples']}, "
@@ -772,6 +782,12 @@ def _markdown(rep: dict) -> str:
         f"- distance to the true subspace: DAE {c['dae_vs_truth_distance']:.4f}, PCA {c['pca_vs_truth_distance']:.2e} "
         "(noiseless rank-r data with N ≥ r: PCA is exact).",
         "",
+    ]
+
+
+def _md_clustering(k: dict) -> list[str]:
+    """(c): K = 2, DAE training as subspace clustering."""
+    return [
         "## (c) K = 2: DAE training does subspace clustering",
         "",
         f"d = {k['settings']['dim']}, r = {k['settings']['rank']}, N = {k['settings']['samples']}, "
@@ -792,9 +808,14 @@ def _markdown(rep: dict) -> str:
         "- subspace-clustering objective (1/N) Σ_k Σ_(i∈C_k) ‖U_kᵀx_i‖²: "
         f"learned {k['clustering_objective_learned']:.4f}, true subspaces {k['clustering_objective_truth']:.4f}.",
         "",
-        "## (d) Phase transition in N vs r (K = 1)",
-        "",
     ]
+
+
+def _md_phase(rep: dict) -> list[str]:
+    """(d): the phase transition in N vs r, and the figures."""
+    ph = rep["phase_transition"]
+    s, cfg = ph["summary"], ph["config"]
+    lines = ["## (d) Phase transition in N vs r (K = 1)", ""]
     if ph["fit"] == "dae":
         lines.append(
             f"d = {ph['dim']}, r ∈ {ph['r_values']}, N ∈ {ph['n_values'][0]}…{ph['n_values'][-1]}, {ph['trials']} "
@@ -832,4 +853,4 @@ def _markdown(rep: dict) -> str:
         f"![loss]({rep['figures']['loss']})",
         "",
     ]
-    return "\n".join(lines)
+    return lines

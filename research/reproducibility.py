@@ -42,6 +42,7 @@ import torch
 from shallowmark.research.descriptors import Descriptor, load_descriptor
 from shallowmark.research.threads import single_thread
 from shallowmark.errors import InvalidParameterError
+from shallowmark.reports import markdown_table
 
 THRESHOLD = 0.6  # SSCD's copy threshold, used by the talk for both scores
 TRAIN_SIZE = 256  # tiny-ldm's image size; training crops are resized to it
@@ -746,25 +747,26 @@ def _markdown(rep: dict) -> str:
         "",
         "## Models",
         "",
-        "| label | folder | what |",
-        "|---|---|---|",
+        *markdown_table(["label", "folder", "what"],
+                        ([m["label"], f"`{m['path']}`", m["about"]] for m in rep["models"])),
+        "", "## RP: same noise, two models", "",
     ]
-    lines += [f"| {m['label']} | `{m['path']}` | {m['about']} |" for m in rep["models"]]
-    lines += ["", "## RP: same noise, two models", "",
-              "| pair | RP | 95 % CI | median sim | per factor: P(cos > 0.6), median | chance level (different noises) |",
-              "|---|---|---|---|---|---|"]
-    for key, r in rep["rp"].items():
+
+    def rp_row(key, r):
         ch = rep["rp_chance_different_noise"].get(key)
         ch_s = f"{ch['score']:.3f} (median sim {ch['similarity_median']:.2f})" if ch else "—"
         fac = "; ".join(f"{k} {v['above']:.2f}, {v['median']:.2f}" for k, v in r.get("factors", {}).items()) or "—"
-        lines.append(f"| {key} | **{r['score']:.3f}** | [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] | "
-                     f"{r['similarity_median']:.3f} | {fac} | {ch_s} |")
+        return [key, f"**{r['score']:.3f}**", f"[{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]",
+                f"{r['similarity_median']:.3f}", fac, ch_s]
+    lines += markdown_table(["pair", "RP", "95 % CI", "median sim", "per factor: P(cos > 0.6), median",
+                             "chance level (different noises)"], (rp_row(key, r) for key, r in rep["rp"].items()))
     lines += ["", "The chance level pairs sample i of one model with sample i+1 of the other: how often two "
               "unrelated samples already look like copies (high when a model keeps producing the same few photos).",
               "The per-factor columns (stand-in only) show each factor of the similarity on its own: the layout "
               "factor alone is a plain thumbnail correlation, which also picks up the spatial pattern of the "
               "shared x_T.",
               "", "## GL: copies of the training set", "",
+              # hand-built: the check rows below end in an empty cell ("| |"), which markdown_table writes "|  |"
               "| samples | GL | 95 % CI | median max-sim | per factor at the nearest crop: median | nearest photos |",
               "|---|---|---|---|---|---|"]
 
@@ -790,18 +792,15 @@ def _markdown(rep: dict) -> str:
               "", "## Descriptor calibration at 0.6", "",
               f"{cal['crops']} random crops at training scales, round robin over {len(cal['photos'])} photos "
               "(the eleven training photos and the held-out one), each compared with augmented copies of itself "
-              "(positives) and with crops of other photos (negatives).", "",
-              "| pairs | n | > 0.6 | min | 5 % | median | 95 % | max |", "|---|---|---|---|---|---|---|---|"]
+              "(positives) and with crops of other photos (negatives).", ""]
 
     def row(name, s):
-        return (f"| {name} | {s['n']} | {_pct(s['above'])} | {s['min']:.3f} | {s['p05']:.3f} | {s['median']:.3f} | "
-                f"{s['p95']:.3f} | {s['max']:.3f} |")
-    for k, s in cal["positives"].items():
-        lines.append(row(f"copy: {k}", s))
-    lines.append(row("**all copies**", cal["positives_all"]))
-    lines.append(row("**different photos**", cal["different_photos"]))
+        return [name, s["n"], _pct(s["above"]), *(f"{s[q]:.3f}" for q in ("min", "p05", "median", "p95", "max"))]
+    rows = [row(f"copy: {k}", s) for k, s in cal["positives"].items()]
+    rows += [row("**all copies**", cal["positives_all"]), row("**different photos**", cal["different_photos"])]
     if cal["same_photo_disjoint"]:
-        lines.append(row("same photo, non-overlapping crops", cal["same_photo_disjoint"]))
+        rows.append(row("same photo, non-overlapping crops", cal["same_photo_disjoint"]))
+    lines += markdown_table(["pairs", "n", "> 0.6", "min", "5 %", "median", "95 %", "max"], rows)
     lines += ["", "## Reading the numbers", "",
               "- `X vs X` rows are a known answer: DDIM is deterministic, so a model started twice from the same "
               "noise gives the same image (RP = 1).",
