@@ -413,8 +413,10 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
                                             f"{', '.join(embeddable)}")
             output = validation.check_output_mode(request.output, method)
             img = validation.decode_image(request.image, self.config.max_image_pixels)
-            validation.check_image_size(img, lm.image_size, lm.name)
-            notes += img.notes
+            validation.check_image_shape(img, method)
+            if method.output_modes:  # a mode this size cannot have is refused before the model job
+                method.resolve_output(output, img.pixels.shape[:2])
+            notes += img.notes + validation.grid_notes(img, method, lm.image_size)
             evals = method.model_evals().embed
             with self.pool.job(lm, evals, f"{method_name} embed", context.time_remaining):
                 out = method.embed([mk], img.pixels[None], **({"output": output} if output else {}))[0]
@@ -458,10 +460,15 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
         methods = {name: self.pool.method(lm, name) for name in groups}
         info.update(model=lm.name, methods=",".join(groups), keys=len(keys))
         img = validation.decode_image(request.image, self.config.max_image_pixels)
-        validation.check_image_size(img, lm.image_size, lm.name)
+        for m in methods.values():  # every method's limits before any model work
+            validation.check_image_shape(img, m)
+        notes = img.notes + validation.grid_notes(img, next(iter(methods.values())), lm.image_size)
 
         evals = sum(m.model_evals().verify for m in methods.values())
-        jobs = [BatchJob(key=("verify", name), payload=(img.pixels, group, target_fpr),
+        # latent methods see the image on the model's grid already here, so that requests of any
+        # size batch together; post-hoc methods read the pixels as they are
+        jobs = [BatchJob(key=("verify", name), payload=(validation.on_grid(img, methods[name], lm.image_size), group,
+                                                        target_fpr),
                          run=verify_batch(methods[name]), evals=methods[name].model_evals().verify,
                          what=f"{name} verify" if len(groups) == 1 else "verify")
                 for name, group in groups.items()]
@@ -494,7 +501,7 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
         return pb.VerifyResponse(
             verdicts=[pb.KeyVerdict(**v) for v in verdicts], detected=detected, identified_key_id=identified,
             bits=bits, num_bits=num_bits, method_score=method_score, target_fpr=target_fpr, model=lm.name,
-            image_sha256=img.sha256, request_id=rid, notes=img.notes, model_evals=evals,
+            image_sha256=img.sha256, request_id=rid, notes=notes, model_evals=evals,
             attestation=pb.Attestation(payload=data, signature=sig, public_key=self.signer.public_key_raw,
                                        payload_format=payload["format"]))
 

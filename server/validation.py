@@ -29,7 +29,7 @@ import numpy as np
 from shallowmark.errors import InvalidImageError, InvalidParameterError, KeyMaterialError
 from shallowmark.keys import MethodKey
 
-__all__ = ["DecodedImage", "decode_image", "check_image_size", "parse_method_key", "parse_method_keys",
+__all__ = ["DecodedImage", "decode_image", "check_image_shape", "grid_notes", "on_grid", "parse_method_key", "parse_method_keys",
            "check_target_fpr", "check_request_id", "ACCEPTED_FORMATS"]
 
 ACCEPTED_FORMATS = ("PNG", "JPEG")
@@ -150,16 +150,39 @@ def _to_rgb8(im, notes: list[str], png_depth: int | None) -> np.ndarray:
     return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
-def check_image_size(image: DecodedImage, size: int, model: str) -> DecodedImage:
-    """Refuse an image that is not ``size`` x ``size`` (the model's resolution); no silent resizing.
+def check_image_shape(image: DecodedImage, method) -> DecodedImage:
+    """Refuse an image whose shape ``method`` cannot serve, before any model work: a latent method
+    takes any size within :func:`shallowmark.core.resolution.check_shape` (short side >= 64,
+    aspect ratio <= 4:1); a post-hoc method its own minimum side as well.
 
     Raises:
-        InvalidImageError: naming the model's size and the image's.
+        InvalidImageError: naming the limit and the image's size.
     """
-    if (image.width, image.height) != (size, size):
-        raise InvalidImageError(f"model {model} takes {size}x{size} images; got {image.width}x{image.height}. "
-                                f"Resize or crop it to {size}x{size} first")
+    from shallowmark.core.resolution import MIN_SIDE, check_shape
+
+    min_side = max(MIN_SIDE, int(getattr(method, "min_image_size", 1)))
+    try:
+        check_shape(image.height, image.width, min_side=min_side)
+    except InvalidImageError as e:
+        raise InvalidImageError(f"{method.name}: {e}") from None
     return image
+
+
+def grid_notes(image: DecodedImage, method, size: int) -> list[str]:
+    """What the server says when a latent method saw the image at another size than its own."""
+    if method.inversion is None or (image.width, image.height) == (size, size):
+        return []
+    return [f"{image.width}x{image.height} image: the model saw it squashed to {size}x{size}"]
+
+
+def on_grid(image: DecodedImage, method, size: int) -> np.ndarray:
+    """The pixels a Verify job of ``method`` gets: squashed onto the model's grid for a latent
+    method (so that requests of any size share a batch), as they are for a post-hoc one."""
+    if method.inversion is None:
+        return image.pixels
+    from shallowmark.core.resolution import to_grid
+
+    return to_grid(image.pixels[None], size)[0]
 
 
 def parse_method_key(data: bytes, where: str = "method_key") -> MethodKey:

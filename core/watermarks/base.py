@@ -258,8 +258,20 @@ class LatentMethod(WatermarkMethod):
     def generate_latents(self, keys: Sequence[MethodKey], seeds: Sequence[int], prompts=None):
         raise NotImplementedError
 
+    def on_grid(self, images) -> tuple[np.ndarray, np.ndarray]:
+        """(the checked images, the same squashed onto the model's grid): an image of any size and
+        shape within :func:`~shallowmark.core.resolution.check_shape`'s limits is accepted."""
+        from shallowmark.core import resolution
+
+        images = self.check_images(images)
+        size = int(self.backend.image_size)
+        if images.shape[1:3] != (size, size):
+            resolution.check_shape(*images.shape[1:3])
+        return images, resolution.to_grid(images, size)
+
     def invert(self, images: np.ndarray, prompts=None):
-        """x at :attr:`inversion_position` of each image (encode, invert 0 → stop), one batched call.
+        """x at :attr:`inversion_position` of each image (squashed onto the model's grid, encoded,
+        inverted 0 → stop), one batched call.
         Verification normally passes no prompt (the verifier does not know it): the empty prompt,
         as the references do."""
         import torch
@@ -267,7 +279,7 @@ class LatentMethod(WatermarkMethod):
         from shallowmark.core import ddim
         from shallowmark.core.images import to_tensor
 
-        images = self.check_images(images, self.backend.image_size)
+        images = self.on_grid(images)[1]
         with torch.no_grad():
             cond = self.backend.encode_prompt(prompts, len(images)) if prompts is not None else None
             z0 = self.backend.encode(to_tensor(images).to(self.backend.device))
@@ -317,7 +329,7 @@ def invert_shared(methods: dict, images: np.ndarray) -> dict:
         first = methods[names[0]]
         backend = first.backend
         if backend_id not in encoded:
-            pixels = first.check_images(images, backend.image_size)
+            pixels = first.on_grid(images)[1]
             with torch.no_grad():
                 encoded[backend_id] = backend.encode(to_tensor(pixels).to(backend.device))
         x, cur, at = encoded[backend_id], 0, {}

@@ -174,20 +174,45 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         z_wm, _ = self._finish(x_star, keys)
         return z_wm
 
+    def resolve_output(self, output: str | None, shape) -> str:
+        """The output mode an embed of an image of ``shape`` (height, width) uses: ``output``, or the
+        config's at the model's size and "residual" at any other.
+
+        Raises:
+            UnknownNameError: not one of :data:`OUTPUT_MODES`.
+            InvalidParameterError: "decode" for an image that is not at the model's size.
+        """
+        s = int(self.backend.image_size)
+        native = tuple(int(v) for v in shape) == (s, s)
+        output = check_choice("output mode", output or (self.config.output if native else "residual"), OUTPUT_MODES)
+        if output == "decode" and not native:
+            raise InvalidParameterError(
+                f"output 'decode' returns the model's own {s}x{s} decoding and cannot keep a "
+                f"{shape[1]}x{shape[0]} image's size; use output 'residual' (the default for images that are "
+                f"not {s}x{s})")
+        return output
+
     # -- user scenario ------------------------------------------------------------------------------
     @torch.no_grad()
     def embed(self, keys: Sequence[MethodKey], images: np.ndarray, prompts=None, output: str | None = None) -> np.ndarray:
-        """Watermark existing images. ``output`` ("decode" or "residual") overrides the config's
-        ``output`` for this call (the service sets it per request)."""
-        output = check_choice("output mode", output or self.config.output, OUTPUT_MODES)
-        images = self.check_images(images, self.backend.image_size)
+        """Watermark existing images of any size (:mod:`~shallowmark.core.resolution`'s limits);
+        they come back at their own size. ``output`` ("decode" or "residual") overrides the config's
+        ``output`` for this call (the service sets it per request). "decode" returns the model's own
+        decoding, so it exists only at the model's size; for other sizes the default is "residual":
+        the watermark's change, computed on the model's grid and resized to the image, added to the
+        image's own pixels."""
+        from shallowmark.core import resolution
+
+        images, grid_images = self.on_grid(images)
+        output = self.resolve_output(output, images.shape[1:3])
         keys = self.check_keys(keys, len(images))
         cond = self.backend.encode_prompt(prompts, len(images)) if prompts is not None else None
-        z0 = self.backend.encode(to_tensor(images).to(self.backend.device))
+        z0 = self.backend.encode(to_tensor(grid_images).to(self.backend.device))
         x_star = ddim.invert(self.backend, z0, self.grid, 0, self.k_star, cond=cond)
         scale = (self.config.embed_strength or self.config.strength) / self.config.strength
         z_wm, z_ref = self._finish(x_star, keys, scale)
         if output == "decode":
             return to_uint8(self.backend.decode(z_wm))
         diff = self.backend.decode(z_wm) - self.backend.decode(z_ref)   # only the watermark's change
-        return to_uint8(to_tensor(images) + diff.cpu())
+        diff = resolution.resize_change(diff.cpu(), *images.shape[1:3])
+        return to_uint8(to_tensor(images) + diff)

@@ -122,7 +122,7 @@ def test_bad_inputs(gs, tiny_ldm, keys):
     with pytest.raises(KeyMaterialError):
         gs.detect(np.zeros((1, 256, 256, 3), np.uint8), [tr])
     with pytest.raises(InvalidImageError):
-        gs.detect(np.zeros((1, 128, 128, 3), np.uint8), keys[:1])
+        gs.detect(np.zeros((1, 32, 128, 3), np.uint8), keys[:1])
     with pytest.raises(InvalidParameterError):
         gs.detect(np.zeros((1, 256, 256, 3), np.uint8), keys[:1], target_fpr=1.5)
     with pytest.raises(NotImplementedError, match="cannot watermark an existing image"):

@@ -115,8 +115,11 @@ def test_bad_input_diffusion_methods(tiny_ldm, name):
     m = load_method(name, tiny_ldm)
     keys = _keys(name, 1)
     img = np.zeros((256, 256, 3), np.uint8)
-    with pytest.raises(InvalidImageError, match="256×256"):
-        m.detect(np.zeros((128, 128, 3), np.uint8), keys)
+    with pytest.raises(InvalidImageError, match="short side must be at least 64"):
+        m.detect(np.zeros((40, 128, 3), np.uint8), keys)
+    with pytest.raises(InvalidImageError, match="at most 4:1"):
+        m.detect(np.zeros((64, 300, 3), np.uint8), keys)
+    assert len(m.detect(np.zeros((96, 300, 3), np.uint8), keys)) == 1   # any other size is squashed
     with pytest.raises(InvalidImageError, match="grayscale"):
         m.detect(np.zeros((256, 256), np.uint8), keys)
     with pytest.raises(InvalidImageError, match="RGBA"):

@@ -107,10 +107,21 @@ def test_pixel_limit_checked_from_the_header():
         validation.decode_image(bomb, 4096 * 4096)
 
 
-def test_size_check_names_both_sizes():
+def test_shape_check_names_the_limit_and_the_size():
+    from types import SimpleNamespace
+
     img = validation.decode_image(_encode(RGB), 10**6)
-    with pytest.raises(InvalidImageError, match="takes 256x256 images; got 32x32"):
-        validation.check_image_size(img, 256, "tiny-ldm")
+    latent = SimpleNamespace(name="shallow-diffuse", min_image_size=1)
+    with pytest.raises(InvalidImageError, match="shallow-diffuse: image is 32x32: its short side must be at least 64"):
+        validation.check_image_shape(img, latent)
+    wide = validation.decode_image(_encode(np.zeros((64, 257, 3), np.uint8)), 10**6)
+    with pytest.raises(InvalidImageError, match="4.02:1; at most 4:1"):
+        validation.check_image_shape(wide, latent)
+    ok = validation.decode_image(_encode(np.zeros((64, 256, 3), np.uint8)), 10**6)
+    assert validation.check_image_shape(ok, latent) is ok          # exactly 4:1 is accepted
+    posthoc = SimpleNamespace(name="dwtdct", min_image_size=256)   # a post-hoc method's own minimum
+    with pytest.raises(InvalidImageError, match="dwtdct: image is 256x64: its short side must be at least 256"):
+        validation.check_image_shape(ok, posthoc)
 
 
 def test_key_and_parameter_checks():

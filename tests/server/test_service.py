@@ -199,7 +199,17 @@ def _bad_requests(keys, embedded):
         "zero-size": ("Embed", _embed_req(keys, image=b""), "empty"),
         "bomb header": ("Verify", pb.VerifyRequest(image=_png_header_only(20000, 20000), method_keys=[mk]),
                         "pixels"),
-        "wrong size": ("Embed", _embed_req(keys, image=_png(img[:64, :64])), "256x256"),
+        "1x1": ("Embed", _embed_req(keys, image=_png(img[:1, :1])), "short side must be at least 64 pixels"),
+        "1x1 verify": ("Verify", pb.VerifyRequest(image=_png(img[:1, :1]), method_keys=[mk]), "at least 64 pixels"),
+        "100000x1": ("Verify", pb.VerifyRequest(image=_png(np.zeros((1, 100000, 3), np.uint8)), method_keys=[mk]),
+                     "image is 100000x1: its short side must be at least 64"),
+        "short side 63": ("Embed", _embed_req(keys, image=_png(img[:63, :200])), "at least 64 pixels"),
+        "beyond 1:4": ("Embed", _embed_req(keys, image=_png(np.tile(img[:64], (1, 2, 1))[:, :257])),
+                       "at most 4:1 (or 1:4)"),
+        "beyond 4:1 verify": ("Verify", pb.VerifyRequest(image=_png(np.tile(img[:, :64], (2, 1, 1))[:257]),
+                                                          method_keys=[mk]), "at most 4:1"),
+        "decode at another size": ("Embed", _embed_req(keys, image=_png(img[:200, :256]), output="decode"),
+                                   "cannot keep a 256x200 image's size; use output 'residual'"),
         "unknown method": ("Embed", _embed_req(keys, method="nope", generate=pb.GenerateSource(seed=1)),
                            "valid choices"),
         "unknown model": ("Embed", _embed_req(keys, model="sdxl", generate=pb.GenerateSource(seed=1)),
@@ -219,7 +229,9 @@ def _bad_requests(keys, embedded):
     }
 
 
-@pytest.mark.parametrize("case", ["not an image", "truncated png", "zero-size", "bomb header", "wrong size",
+@pytest.mark.parametrize("case", ["not an image", "truncated png", "zero-size", "bomb header", "1x1", "1x1 verify",
+                                  "100000x1", "short side 63", "beyond 1:4", "beyond 4:1 verify",
+                                  "decode at another size",
                                   "unknown method", "unknown model", "short key", "no key", "no source",
                                   "bad fpr", "unknown output", "output with generate",
                                   "output for a method without modes"])
