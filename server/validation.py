@@ -172,11 +172,15 @@ def grid_notes(image: DecodedImage, method, size: int) -> list[str]:
     """What the server says when a latent method saw the image at another size than its own."""
     if method.inversion is None or (image.width, image.height) == (size, size):
         return []
-    return [f"{image.width}x{image.height} image: the model saw it squashed to {size}x{size}"]
+    from shallowmark.core.resolution import centre_square
+
+    top, left, side = centre_square(image.height, image.width)
+    return [f"{image.width}x{image.height} image: the model saw its centre {side}x{side} square (from x={left}, "
+            f"y={top}) at {size}x{size}"]
 
 
 def on_grid(image: DecodedImage, method, size: int) -> np.ndarray:
-    """The pixels a Verify job of ``method`` gets: squashed onto the model's grid for a latent
+    """The pixels a Verify job of ``method`` gets: on the model's grid for a latent
     method (so that requests of any size share a batch), as they are for a post-hoc one."""
     if method.inversion is None:
         return image.pixels

@@ -259,8 +259,9 @@ class LatentMethod(WatermarkMethod):
         raise NotImplementedError
 
     def on_grid(self, images) -> tuple[np.ndarray, np.ndarray]:
-        """(the checked images, the same squashed onto the model's grid): an image of any size and
-        shape within :func:`~shallowmark.core.resolution.check_shape`'s limits is accepted."""
+        """(the checked images, the same on the model's grid: their centre squares, resized): an image
+        of any size and shape within :func:`~shallowmark.core.resolution.check_shape`'s limits is
+        accepted."""
         from shallowmark.core import resolution
 
         images = self.check_images(images)
@@ -270,8 +271,8 @@ class LatentMethod(WatermarkMethod):
         return images, resolution.to_grid(images, size)
 
     def invert(self, images: np.ndarray, prompts=None):
-        """x at :attr:`inversion_position` of each image (squashed onto the model's grid, encoded,
-        inverted 0 → stop), one batched call.
+        """x at :attr:`inversion_position` of each image (on the model's grid, encoded, inverted
+        0 → stop), one batched call.
         Verification normally passes no prompt (the verifier does not know it): the empty prompt,
         as the references do."""
         import torch

@@ -199,8 +199,8 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         they come back at their own size. ``output`` ("decode" or "residual") overrides the config's
         ``output`` for this call (the service sets it per request). "decode" returns the model's own
         decoding, so it exists only at the model's size; for other sizes the default is "residual":
-        the watermark's change, computed on the model's grid and resized to the image, added to the
-        image's own pixels."""
+        the watermark's change, computed on the image's centre square mapped onto the model's grid,
+        resized back and added to the image's own pixels there."""
         from shallowmark.core import resolution
 
         images, grid_images = self.on_grid(images)
@@ -214,5 +214,5 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         if output == "decode":
             return to_uint8(self.backend.decode(z_wm))
         diff = self.backend.decode(z_wm) - self.backend.decode(z_ref)   # only the watermark's change
-        diff = resolution.resize_change(diff.cpu(), *images.shape[1:3])
+        diff = resolution.carry_change(diff.cpu(), *images.shape[1:3])
         return to_uint8(to_tensor(images) + diff)

@@ -1,5 +1,5 @@
 """The benchmarks: ``bench-core`` (tiny-ldm and DDIM), ``bench-methods`` (every method on clean
-images), ``bench-key-scan`` (Shallow Diffuse key placements) and ``bench`` (robustness under
+images), ``bench-key-scan`` (Shallow Diffuse key placements), ``bench-sizes`` (uploads of other sizes) and ``bench`` (robustness under
 attacks, in-process or through a server)."""
 
 from __future__ import annotations
@@ -31,6 +31,11 @@ def register(sub) -> None:
     ks.add_argument("--n", type=int, default=16, help="generated images per candidate")
     ks.add_argument("--quick", action="store_true", help="2 candidates, 2 images, 1 photo, clean and JPEG: a smoke run")
     ks.set_defaults(func=_cmd_bench_key_scan)
+
+    sz = sub.add_parser("bench-sizes", help="Shallow Diffuse on uploads of other sizes (300x800 .. 1920x1080): "
+                                            "fidelity, detection after platform pipelines, grid mappings compared")
+    sz.add_argument("--out", default="docs/benchmarks/sizes")
+    sz.set_defaults(func=_cmd_bench_sizes)
 
     _register_bench(sub)
 
@@ -103,6 +108,15 @@ def _cmd_bench_key_scan(args) -> int:
 
     kw = dict(candidates=key_scan.DEFAULT_CANDIDATES[:2], n=2, attacks=("clean", "jpeg"), n_user=1) if args.quick else {}
     key_scan.run(Path(args.out), **{"n": args.n, **kw}, log=log, command=args.invocation)
+    print_report(args.out)
+    return 0
+
+
+def _cmd_bench_sizes(args) -> int:
+    need("server", "bench-sizes")
+    from shallowmark.attacks import sizes_report
+
+    sizes_report.run(Path(args.out), log=log, command=args.invocation)
     print_report(args.out)
     return 0
 

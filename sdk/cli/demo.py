@@ -127,7 +127,7 @@ def _embed(srv: _Server, tmp: Path, timings: dict, log):
     """A keystore with one key used then rotated out and one active key; embeds two generated images
     (one per key) and the held-out photo (uploaded, residual output) through the RPC.
     Returns (store, old key, new key, {name: (PNG, key_id)}, the photo's pixels)."""
-    from shallowmark.core.photos import center_crop, heldout_photo
+    from shallowmark.core.photos import heldout_photo
     from shallowmark.keystore import Keystore
 
     store = Keystore.create(tmp / "demo.smks", secrets.token_urlsafe(16), scrypt_n=2**14)
@@ -142,11 +142,13 @@ def _embed(srv: _Server, tmp: Path, timings: dict, log):
     log(f"keystore: rotated to {new.key_id} ({new.label}); {old.key_id} is retired, still verifies")
     r = srv.client.embed(new, method=METHOD, seed=1)
     marked["generated seed 1"] = (r.image, r.key_id)
-    photo = center_crop(heldout_photo(), srv.model.image_size)
+    photo = heldout_photo()   # at its own size: the server maps it onto the model's grid itself
     r = srv.client.embed(new, method=METHOD, image=photo, output="residual")
     marked["photo (uploaded)"] = (r.image, r.key_id)
     timings["embed_s"] = time.perf_counter() - t0
-    log(f"embedded 2 generated images and 1 uploaded photo in {timings['embed_s']:.1f} s")
+    back = decode_rgb(r.image).shape
+    log(f"embedded 2 generated images and 1 uploaded photo ({photo.shape[1]}x{photo.shape[0]}, returned at "
+        f"{back[1]}x{back[0]}) in {timings['embed_s']:.1f} s")
     return store, old, new, marked, photo
 
 

@@ -119,7 +119,7 @@ def test_bad_input_diffusion_methods(tiny_ldm, name):
         m.detect(np.zeros((40, 128, 3), np.uint8), keys)
     with pytest.raises(InvalidImageError, match="at most 4:1"):
         m.detect(np.zeros((64, 300, 3), np.uint8), keys)
-    assert len(m.detect(np.zeros((96, 300, 3), np.uint8), keys)) == 1   # any other size is squashed
+    assert len(m.detect(np.zeros((96, 300, 3), np.uint8), keys)) == 1   # any other size: its centre square
     with pytest.raises(InvalidImageError, match="grayscale"):
         m.detect(np.zeros((256, 256), np.uint8), keys)
     with pytest.raises(InvalidImageError, match="RGBA"):
