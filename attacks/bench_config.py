@@ -41,6 +41,8 @@ TPR_DEFINITION = ("TPR@1%FPR is the highest TPR among thresholds whose FPR ≤ 1
                   "unwatermarked images at most floor(0.01·n_neg) of them may score at or above the threshold.")
 DEFINITIONS = {
     "tpr_at_1pct_fpr": TPR_DEFINITION,
+    "tpr_at_01pct_fpr": "TPR@0.1%FPR: the same at FPR ≤ 0.1% (at most floor(0.001·n_neg) unwatermarked images at or "
+                        "above the threshold: with fewer than 1000 of them, none).",
     "auc": "Area under the ROC curve of the detector score (higher = watermarked), ties count one half "
            "(sklearn roc_auc_score).",
     "score": "The detector's score for the best of the searched keys: ring cosine for the ring methods, "

@@ -39,7 +39,8 @@ def detection_results(cache, attacks, method_names: Sequence[str], seeds: Sequen
             bits = [pos[s][3] for s in seeds if pos[s][3] is not None]
             results.append(dict(
                 method=name, attack=setting.label, attack_name=setting.name, strength=setting.value,
-                auc=roc.auc, tpr_at_1pct_fpr=roc.tpr_at_1pct_fpr, n_pos=roc.n_pos, n_neg=roc.n_neg,
+                auc=roc.auc, tpr_at_1pct_fpr=roc.tpr_at_1pct_fpr, tpr_at_01pct_fpr=roc.tpr_at_01pct_fpr,
+                n_pos=roc.n_pos, n_neg=roc.n_neg,
                 detected_pos=float(np.mean([pos[s][2] for s in seeds])),
                 detected_neg=float(np.mean([neg[s][2] for s in seeds])),
                 bit_accuracy=float(np.mean(bits)) if bits else None,
@@ -114,6 +115,10 @@ def _detection_tables(rep: dict) -> list[str]:
         return markdown_table(["method", *labels], ([m, *(cell(res[m, a]) for a in labels)] for m in rows))
 
     lines = ["## AUC / TPR@1%FPR", "", *table(lambda r: f"{r['auc']:.3f} / {r['tpr_at_1pct_fpr']:.2f}")]
+    n_neg = min(r["n_neg"] for r in rep["results"])
+    lines += ["", "## TPR@0.1%FPR", "", "The highest TPR among thresholds whose FPR <= 0.1 %" + (
+        f"; with {n_neg} unwatermarked images (under 1000) that is the TPR at zero false positives." if n_neg < 1000
+        else "."), "", *table(lambda r: _f(r.get("tpr_at_01pct_fpr"), ".2f"))]
     lines += ["", f"## Detected at target FPR {c['target_fpr']:g} (watermarked / unwatermarked flagged)", "",
               *table(lambda r: f"{r['detected_pos']:.2f} / {r['detected_neg']:.2f}")]
     bit_methods = [m for m in methods if any(res[m, a]["bit_accuracy"] is not None for a in labels)]

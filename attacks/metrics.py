@@ -30,6 +30,9 @@ class RocResult:
         tpr_at_1pct_fpr: highest TPR among thresholds whose FPR <= 1% (see :func:`tpr_at_fpr`).
         threshold_at_1pct_fpr: the score threshold achieving it (``inf`` when only the
             "flag nothing" threshold qualifies).
+        tpr_at_01pct_fpr: the same at FPR <= 0.1% (the WAVES benchmark's headline figure). With
+            fewer than 1000 negatives no threshold has 0 < FPR <= 0.1%, so it is the TPR at zero
+            false positives; ``n_neg`` says which.
         fpr, tpr, thresholds: the full curve from ``sklearn.metrics.roc_curve`` with
             ``drop_intermediate=False``, for plotting.
         n_pos, n_neg: number of positive (watermarked) and negative (clean) scores.
@@ -43,6 +46,7 @@ class RocResult:
     thresholds: np.ndarray
     n_pos: int
     n_neg: int
+    tpr_at_01pct_fpr: float = float("nan")
 
     def to_dict(self, include_curve: bool = False) -> dict:
         """Plain-Python dict for JSON reports; the curve arrays only if ``include_curve``."""
@@ -50,6 +54,7 @@ class RocResult:
             "auc": self.auc,
             "tpr_at_1pct_fpr": self.tpr_at_1pct_fpr,
             "threshold_at_1pct_fpr": self.threshold_at_1pct_fpr,
+            "tpr_at_01pct_fpr": self.tpr_at_01pct_fpr,
             "n_pos": self.n_pos,
             "n_neg": self.n_neg,
         }
@@ -122,7 +127,7 @@ def tpr_at_fpr(scores_pos, scores_neg, fpr_max: float = 0.01) -> float:
 
 
 def roc_metrics(scores_pos, scores_neg) -> RocResult:
-    """AUC and TPR@1%FPR of a detector from its scores on watermarked and clean images.
+    """AUC, TPR@1%FPR and TPR@0.1%FPR of a detector from its scores on watermarked and clean images.
 
     Convention: higher score = more likely watermarked. ``tpr_at_1pct_fpr`` is defined as **the
     highest TPR among thresholds whose FPR <= 1%** (see :func:`tpr_at_fpr`); quote this definition
@@ -133,6 +138,7 @@ def roc_metrics(scores_pos, scores_neg) -> RocResult:
     pos, neg, y, s, fpr, tpr, thr = _curve(scores_pos, scores_neg)
     auc = float(_sklearn_metrics().roc_auc_score(y, s))
     t1, th1 = _best_under(fpr, tpr, thr, 0.01)
+    t01, _ = _best_under(fpr, tpr, thr, 0.001)
     return RocResult(
         auc=auc,
         tpr_at_1pct_fpr=t1,
@@ -142,6 +148,7 @@ def roc_metrics(scores_pos, scores_neg) -> RocResult:
         thresholds=thr,
         n_pos=int(pos.size),
         n_neg=int(neg.size),
+        tpr_at_01pct_fpr=t01,
     )
 
 

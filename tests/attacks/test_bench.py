@@ -99,6 +99,9 @@ def test_quick_report_files_and_schema(quick):
     md = (out / "report.md").read_text()
     assert "| method | clean | jpeg | blur |" in md and "highest TPR among thresholds" in md
     assert "PSNR" in md and "verify model evals" in md
+    # TPR at 0.1 % FPR beside 1 %; with 4 negatives it is the TPR at zero false positives, and says so
+    assert "## TPR@0.1%FPR" in md and "with 4 unwatermarked images (under 1000)" in md
+    assert all(0.0 <= r["tpr_at_01pct_fpr"] <= r["tpr_at_1pct_fpr"] for r in rep["results"])
     for png in ("roc.png", "tradeoff.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

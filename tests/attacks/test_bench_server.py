@@ -24,7 +24,7 @@ TOKEN = "bench-audit-token"
 METHODS = ("shallow-diffuse", "tree-ring")
 ATTACKS = ("clean", "jpeg")
 N = 3
-ROW_KEYS = {"method", "attack", "attack_name", "strength", "auc", "tpr_at_1pct_fpr", "n_pos", "n_neg",
+ROW_KEYS = {"method", "attack", "attack_name", "strength", "auc", "tpr_at_1pct_fpr", "tpr_at_01pct_fpr", "n_pos", "n_neg",
             "detected_pos", "detected_neg", "bit_accuracy", "median_p_value_pos"}
 
 

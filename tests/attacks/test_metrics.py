@@ -105,3 +105,14 @@ def test_fidelity_bad_images():
         ssim(a, a.astype(np.float32))
     with pytest.raises(InvalidImageError):
         ssim(a[:2, :2], a[:2, :2])
+
+
+def test_tpr_at_01pct_fpr_allows_one_false_positive_per_thousand():
+    from shallowmark.attacks.metrics import roc_metrics
+
+    neg = np.arange(1000, dtype=float)            # one negative (999) above every positive but one
+    pos = np.array([998.5] * 9 + [1000.5])
+    r = roc_metrics(pos, neg)
+    assert r.tpr_at_01pct_fpr == 1.0              # threshold 998.5: one false positive of 1000
+    assert roc_metrics(pos, neg[1:]).tpr_at_01pct_fpr == 0.1    # 999 negatives: no false positive allowed
+    assert r.to_dict()["tpr_at_01pct_fpr"] == 1.0
