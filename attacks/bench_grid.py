@@ -96,8 +96,9 @@ class Executor(Protocol):
     def make_images(self, grid: Grid, cache: BenchCache, bar) -> tuple[dict, dict]:
         """(negatives by seed, {method: positives by seed}), from the cache or made."""
 
-    def detect(self, wanted: dict[str, list[int]], images: np.ndarray, grid: Grid) -> dict[str, list[Score]]:
-        """For each method, the scores of the images at the indices it wants, in that order."""
+    def detect(self, wanted: dict[str, list[int]], images: list[np.ndarray], grid: Grid) -> dict[str, list[Score]]:
+        """For each method, the scores of the images (each of its own size) at the indices it wants,
+        in that order."""
 
     def fidelity(self, grid: Grid, negatives: dict, positives: dict) -> list[dict]: ...
 
@@ -119,15 +120,16 @@ def _attack_rng(setting: AttackSetting, kind: str, method: str, seed: int) -> np
     return np.random.default_rng([tag, int(seed)])
 
 
-def apply_setting(setting: AttackSetting, images: np.ndarray, seeds: Sequence[int], kind: str, method: str,
-                  model=None) -> np.ndarray:
-    """``setting`` applied to each image with its own generator (``model`` for attacks that need it)."""
+def apply_setting(setting: AttackSetting, images: Sequence[np.ndarray], seeds: Sequence[int], kind: str,
+                  method: str, model=None) -> list[np.ndarray]:
+    """``setting`` applied to each image with its own generator (``model`` for attacks that need
+    it). A list: an attack may change the images' sizes, and the executors take them as they are."""
     from .registry import apply_attack
 
     spec = get_attack(setting.name)
     ctx = {"model": model} if "model" in spec.context else {}
-    return np.stack([apply_attack(setting.name, im, setting.value, rng=_attack_rng(setting, kind, method, s), **ctx)
-                     for im, s in zip(images, seeds)])
+    return [apply_attack(setting.name, im, setting.value, rng=_attack_rng(setting, kind, method, s), **ctx)
+            for im, s in zip(images, seeds)]
 
 
 def keyed_images(grid: Grid, cache: BenchCache, bar, name: str, folder: Callable[[str], str],
@@ -185,8 +187,7 @@ def _score_attacks(grid: Grid, ex: Executor, cache: BenchCache, bar, negatives: 
         need = {m: set(grid.seeds) - set(cache.scored(ctx_of(m, setting, "neg"))) for m in grid.method_names}
         bar.update(sum(grid.n - len(v) for v in need.values()))
         for chunk in chunks(sorted(set().union(*need.values())), grid.batch):
-            attacked = apply_setting(setting, np.stack([negatives[s] for s in chunk]), chunk, "neg", "",
-                                     ex.attack_context)
+            attacked = apply_setting(setting, [negatives[s] for s in chunk], chunk, "neg", "", ex.attack_context)
             wanted = {m: [i for i, s in enumerate(chunk) if s in need[m]] for m in grid.method_names}
             wanted = {m: idx for m, idx in wanted.items() if idx}
             found = ex.detect(wanted, attacked, grid)
@@ -198,7 +199,7 @@ def _score_attacks(grid: Grid, ex: Executor, cache: BenchCache, bar, negatives: 
             missing = [s for s in grid.seeds if s not in cache.scored(ctx)]
             bar.update(grid.n - len(missing))
             for chunk in chunks(missing, grid.batch):
-                attacked = apply_setting(setting, np.stack([positives[name][s] for s in chunk]), chunk, "pos", name,
+                attacked = apply_setting(setting, [positives[name][s] for s in chunk], chunk, "pos", name,
                                          ex.attack_context)
                 t0 = time.perf_counter()
                 found = ex.detect({name: list(range(len(chunk)))}, attacked, grid)[name]

@@ -22,7 +22,7 @@ from shallowmark import _registry
 from shallowmark.errors import InvalidParameterError, UnknownNameError
 from shallowmark.imaging import check_rgb as check_image
 
-from . import codec, geometric, photometric
+from . import codec, geometric, photometric, platform
 
 AttackFn = Callable[..., np.ndarray]
 
@@ -40,6 +40,8 @@ class AttackSpec:
         integer: the strength must be a whole number (JPEG quality, kernel sizes).
         check: optional extra check on the strength; raises InvalidParameterError.
         context: names of extra keyword arguments ``function`` needs (e.g. ``("model",)``).
+        keeps_size: the result has the input's height and width (False for the platform
+            pipelines, which crop or resize; the benchmark passes their results on as they are).
     """
 
     name: str
@@ -50,6 +52,7 @@ class AttackSpec:
     integer: bool = False
     check: Optional[Callable[[float], None]] = None
     context: tuple[str, ...] = field(default_factory=tuple)
+    keeps_size: bool = True
 
     def __post_init__(self) -> None:
         lo, hi = self.range
@@ -151,9 +154,12 @@ def apply_attack(name: str, image: np.ndarray, strength: float | None = None, rn
         )
     out = spec.function(image, s, _as_rng(rng), **context)
     # Catch a misbehaving attack (typically one registered at run time) here, not in a metric later.
-    if not isinstance(out, np.ndarray) or out.dtype != np.uint8 or out.shape != image.shape:
+    ok = isinstance(out, np.ndarray) and out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3 and (
+        out.shape == image.shape or not spec.keeps_size) and min(out.shape[:2]) >= 1
+    if not ok:
         got = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
-        raise RuntimeError(f"attack {name!r} returned {got}, expected uint8 {image.shape}")
+        want = f"uint8 {image.shape}" if spec.keeps_size else "uint8 (H, W, 3)"
+        raise RuntimeError(f"attack {name!r} returned {got}, expected {want}")
     return out
 
 
@@ -178,6 +184,12 @@ def _register_builtins() -> None:
         ),
         AttackSpec("drop", geometric.drop, 0.25, (0, 1), "fraction of the area blacked out as one rectangle"),
         AttackSpec("saltpepper", photometric.saltpepper, 0.05, (0, 1), "probability a pixel turns black or white"),
+        AttackSpec("platform-1080", platform.resize_long_side_jpeg, 1080, (64, 8192),
+                   "long side resized to this many pixels, then JPEG 80", integer=True, keeps_size=False),
+        AttackSpec("platform-4x5", platform.crop_4x5_jpeg, 80, (1, 100),
+                   "centre crop to 4:5, then JPEG at this quality", integer=True, keeps_size=False),
+        AttackSpec("platform-1x1", platform.crop_1x1_resize, 512, (64, 8192),
+                   "centre crop to 1:1, then resized to this side in pixels", integer=True, keeps_size=False),
     ]
     for spec in specs:
         register(spec)

@@ -163,7 +163,10 @@ class WatermarkMethod:
 
     def invert(self, images: np.ndarray, prompts=None):
         """The model work of a verification, for a whole batch whatever its keys; :meth:`score`
-        reads its output. Post-hoc methods need none: the checked pixels come back."""
+        reads its output. Post-hoc methods need none: the checked pixels come back (a list of
+        images of their own sizes stays a list)."""
+        if isinstance(images, (list, tuple)):
+            return [self.check_images(im)[0] for im in images]
         return self.check_images(images)
 
     def _score(self, inverted, keys: list[MethodKey], target_fpr: float) -> list[Detection]:
@@ -261,9 +264,12 @@ class LatentMethod(WatermarkMethod):
     def on_grid(self, images) -> tuple[np.ndarray, np.ndarray]:
         """(the checked images, the same on the model's grid: their centre squares, resized): an image
         of any size and shape within :func:`~shallowmark.core.resolution.check_shape`'s limits is
-        accepted."""
+        accepted, and a list of images of different sizes too (the checked images stay a list)."""
         from shallowmark.core import resolution
 
+        if isinstance(images, (list, tuple)):  # images of their own sizes, one at a time
+            grids = [self.on_grid(im)[1] for im in images]
+            return [self.check_images(im)[0] for im in images], np.concatenate(grids)
         images = self.check_images(images)
         size = int(self.backend.image_size)
         if images.shape[1:3] != (size, size):

@@ -46,7 +46,8 @@ def test_shape_dtype_determinism(name, image):
     before = image.copy()
     a = apply_attack(name, image, rng=np.random.default_rng(7))
     b = apply_attack(name, image, rng=np.random.default_rng(7))
-    assert a.shape == image.shape and a.dtype == np.uint8
+    assert a.dtype == np.uint8 and a.ndim == 3 and a.shape[2] == 3
+    assert a.shape == image.shape or not get_attack(name).keeps_size   # the platform pipelines resize
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(image, before)  # input untouched
     assert a is not image
@@ -187,3 +188,14 @@ def test_register_context_attack(image):
 def test_spec_default_must_be_valid():
     with pytest.raises(InvalidParameterError):
         AttackSpec("bad", lambda i, s, r: i, 2.0, (0, 1), "x")
+
+
+@pytest.mark.parametrize("name, strength, shape", [("platform-1080", 1080, (810, 1080, 3)),
+                                                   ("platform-4x5", 80, (300, 240, 3)),
+                                                   ("platform-1x1", 512, (512, 512, 3))])
+def test_platform_pipelines_change_the_size_as_documented(name, strength, shape):
+    from shallowmark.attacks import apply_attack
+
+    img = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)   # 4:3 landscape
+    out = apply_attack(name, img, strength, rng=np.random.default_rng(1))
+    assert out.shape == shape and out.dtype == np.uint8

@@ -246,3 +246,15 @@ def test_cli_quick_from_cache(quick, tmp_path, capsys):
         [(r["method"], r["attack"], r["auc"]) for r in quick["report"]["results"]]
     assert "AUC / TPR@1%FPR" in capsys.readouterr().out
     np.testing.assert_equal(rep["config"]["seeds"], quick["report"]["config"]["seeds"])
+
+
+def test_attacks_that_change_the_size_are_scored_as_they_are(quick, tiny_ldm, tmp_path):
+    """The platform pipelines crop and resize; the benchmark hands their results to the methods at
+    their new sizes (the latent methods map them onto the model's grid themselves)."""
+    bench = _bench()
+    cfg = bench.BenchConfig.quick_config(out_dir=tmp_path / "out", cache_dir=quick["root"] / "cache",
+                                         methods=("shallow-diffuse",), attacks=("platform-1x1", "platform-4x5"))
+    rep = bench.run_bench(cfg, progress=False, backend=tiny_ldm)
+    rows = {r["attack"]: r for r in rep["results"]}
+    assert rows["platform-1x1"]["n_pos"] == rows["platform-4x5"]["n_neg"] == 4
+    assert rows["platform-1x1"]["auc"] == 1.0          # a 256² image cropped to 1:1 and resized to 512
