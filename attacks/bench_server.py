@@ -8,7 +8,8 @@ An auditor without model access measures a deployment as its users meet it:
   the methods that can embed into an existing image (the others still generate).
 * **Unwatermarked images** are the auditor's own: crops of the photos bundled with scikit-image,
   scikit-learn and matplotlib (the default; one crop per seed, drawn from the seed), or the first
-  ``n`` PNG/JPEG files of a folder (``negatives``), centre-cropped to the model's size.
+  ``n`` PNG/JPEG files of a folder (``negatives``), at their own sizes (the server maps any size
+  onto its model's grid; nothing is resized here).
 * **Attacks** run here, on numpy and Pillow (the ``regen`` attack needs the model, so it is left
   out of the default set and refused when asked for).
 * **Detection** is the server's ``Verify`` with the method's test keys; the ROC uses
@@ -214,18 +215,15 @@ def _negatives(config: BenchConfig, size: int) -> tuple[dict[int, np.ndarray], d
         ident = stable_hash(["photos", _CROPS_VERSION, int(size), digest.hexdigest()], 10)
         record = dict(source="photos", photos=sorted(photos), crops_version=_CROPS_VERSION, identity=ident)
         return photo_crops(seeds, size, photos), record, ident
-    from shallowmark.core.photos import center_crop
-
     images, hashes = {}, []
     for s, path in zip(seeds, files):
         data = path.read_bytes()
         try:
-            arr = decode_rgb(data)
+            images[s] = decode_rgb(data)   # as it is: the server maps any size onto its model's grid
         except InvalidImageError as e:
             raise InvalidImageError(f"negatives: {path}: {e}") from None
-        images[s] = center_crop(arr, size) if arr.shape[:2] != (size, size) else arr
         hashes.append([path.name, hashlib.sha256(data).hexdigest()])
-    ident = stable_hash(["folder", int(size), hashes], 10)
+    ident = stable_hash(["folder", 2, hashes], 10)   # 2: kept at their own size (1: centre-cropped)
     record = dict(source="folder", folder=str(Path(config.negatives)), files=[h[0] for h in hashes], identity=ident)
     return images, record, ident
 
@@ -293,8 +291,8 @@ class ServerExecutor:
                     return self.client.embed(key, method=name, model=model, image=self.neg_images[s])
                 return self.client.embed(key, method=name, model=model, seed=s)
 
-            def make(key, chunk):
-                return np.stack([r.to_array() for r in self.pool.map(lambda s: call(key, s), chunk)])
+            def make(key, chunk):   # a list: uploads come back at their own sizes
+                return [r.to_array() for r in self.pool.map(lambda s: call(key, s), chunk)]
 
             return keyed_images(grid, cache, bar, name, lambda kid: self.folder(name, kind, kid), make,
                                 "embed-upload" if kind == "uploaded" else "embed")
@@ -365,8 +363,7 @@ def _config_record(config, method_names, attacks, params, key_ids, server_fp, in
         unwatermarked = ("crops of the photos bundled with scikit-image, scikit-learn and matplotlib, one per seed "
                          "(photo, size and position drawn from the seed), resized to the model's size")
     else:
-        unwatermarked = (f"the first n PNG/JPEG files of {neg_record['folder']} by name, centre-cropped to the "
-                         "model's size")
+        unwatermarked = f"the first n PNG/JPEG files of {neg_record['folder']} by name, at their own sizes"
     server_info = dict(
         address=config.server, server_version=info.server_version, tenant=info.tenant,
         default_model=info.default_model, models=[dataclasses.asdict(m) for m in info.models],

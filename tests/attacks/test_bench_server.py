@@ -266,7 +266,7 @@ def test_server_mode_runs_without_torch(server, first, tmp_path):
     neg = tmp_path / "neg"
     neg.mkdir()
     rng = np.random.default_rng(0)
-    for i, shape in enumerate([(300, 280), (256, 256), (512, 400)]):  # other sizes are centre-cropped
+    for i, shape in enumerate([(300, 280), (256, 256), (512, 400)]):  # sent at their own sizes
         Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(neg / f"{i}.jpg", quality=90)
     before = _served(server)
     proc = subprocess.run([sys.executable, "-c", _NO_TORCH, server.address, TOKEN, str(first["root"] / "cache"),
@@ -280,3 +280,5 @@ def test_server_mode_runs_without_torch(server, first, tmp_path):
     assert _row(rep, "shallow-diffuse", "clean")["auc"] == 1.0
     # new negatives: 3 uploads of them; the generated positives come from the cache
     assert _served(server)[0] - before[0] == 3
+    fid = {f["method"]: f for f in rep["fidelity"]}["shallow-diffuse"]   # each upload back at its own size
+    assert fid["reference"] == "upload" and fid["psnr"] > 30
