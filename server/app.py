@@ -162,6 +162,10 @@ class ServerApp:
         self.server.wait_for_termination()
 
 
+#: Longest wait at exit for a model load that was still running when the server stopped.
+_LOADER_JOIN_S = 300.0
+
+
 def serve(config: ServerConfig, *, on_ready: Callable[[ServerApp], None] | None = None) -> None:
     """Run a server in the foreground until SIGTERM or SIGINT, then drain for ``grace_s`` seconds.
 
@@ -184,3 +188,10 @@ def serve(config: ServerConfig, *, on_ready: Callable[[ServerApp], None] | None 
     app.wait()
     for t in drain:
         t.join()
+    # A stop while the models still load: let the loader finish before the interpreter exits. It is
+    # a daemon thread inside torch's native code, and killing it there at shutdown aborts the process
+    # (seen as SIGABRT instead of exit 0 when SIGTERM came during loading on a busy machine).
+    loader = app._loader_thread
+    if loader is not None and loader.is_alive():
+        log.info("waiting for the model loader to finish before exiting")
+        loader.join(_LOADER_JOIN_S)
