@@ -277,8 +277,7 @@ def validate_config(config: BenchConfig) -> tuple[list[str], list[AttackSetting]
 
         check_choice("model", config.model, backend_names())
     check_int("n", config.n, 1)
-    if isinstance(config.seed, bool) or not isinstance(config.seed, (int, np.integer)) or config.seed < 0:
-        raise InvalidParameterError(f"seed must be an integer >= 0; got {config.seed!r}")
+    check_int("seed", config.seed, 0)
     check_int("n_keys", config.n_keys, 1)
     check_int("batch", config.batch, 1)
     if config.num_steps is not None:

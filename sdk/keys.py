@@ -36,7 +36,7 @@ import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
-from shallowmark.errors import InvalidParameterError, KeyMaterialError
+from shallowmark.errors import InvalidParameterError, KeyMaterialError, check_int
 from shallowmark.methods import BUILTIN_METHODS, method_names, method_spec
 
 __all__ = [
@@ -315,9 +315,7 @@ def payload_bits(mk: MethodKey, n_bits: int) -> np.ndarray:
         InvalidParameterError: ``n_bits`` is not an int in 1..4096.
         KeyMaterialError: ``mk`` was derived for a method without a payload, or is malformed.
     """
-    if isinstance(n_bits, bool) or not isinstance(n_bits, (int, np.integer)) or not 1 <= n_bits <= _MAX_PAYLOAD_BITS:
-        raise InvalidParameterError(f"n_bits must be an int in 1..{_MAX_PAYLOAD_BITS}, got {n_bits!r}")
-    n_bits = int(n_bits)
+    n_bits = check_int("n_bits", n_bits, 1, _MAX_PAYLOAD_BITS)
     material = _material_for(mk, "payload_bits")
     raw = _expand(material, _info(mk, f"payload-bits/{n_bits}"), (n_bits + 7) // 8)
     return np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="big")[:n_bits].copy()

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from shallowmark.core.backends.base import Backend
-from shallowmark.errors import InvalidParameterError, InvalidShapeError, MissingDependencyError
+from shallowmark.errors import InvalidParameterError, InvalidShapeError, MissingDependencyError, check_int
 
 # The parts of a pipeline folder this backend uses (``model_index.json`` names them too).
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -240,8 +240,7 @@ class StableDiffusion(Backend):
         """Text conditioning for ``batch`` samples: one prompt per sample (a single string or
         ``None`` — the empty prompt — applies to all). ``negative_prompts`` replace the empty
         unconditional prompt of classifier-free guidance; ``guidance_scale`` overrides the backend's."""
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise InvalidParameterError(f"batch must be a positive integer; got {batch!r}")
+        check_int("batch", batch, 1)
         cond = self._prompt_list("prompts", prompts, batch)
         uncond = self._prompt_list("negative prompts", negative_prompts, batch)
         g = self.guidance_scale if guidance_scale is None else guidance_scale

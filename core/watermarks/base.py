@@ -30,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from shallowmark.errors import InvalidImageError, InvalidParameterError, KeyMaterialError
+from shallowmark.errors import InvalidImageError, InvalidParameterError, KeyMaterialError, check_int
 from shallowmark.imaging import rgb_batch
 from shallowmark.keys import MethodKey
 from shallowmark.methods import LATENT, POST_HOC
@@ -203,6 +203,15 @@ class WatermarkMethod:
         if n is not None and len(keys) not in (1, n):
             raise InvalidParameterError(f"{self.name}: give one key, or one key per image ({n}); got {len(keys)}")
         return keys if n is None or len(keys) == n else keys * n
+
+    def check_seeds(self, seeds) -> list[int]:
+        """One seed or a non-empty sequence of integer seeds, as a list of ints."""
+        import numbers
+
+        seeds = [seeds] if isinstance(seeds, numbers.Integral) and not isinstance(seeds, bool) else list(seeds)
+        if not seeds:
+            raise InvalidParameterError(f"{self.name}: at least one seed is needed")
+        return [check_int(f"{self.name}: seed", s) for s in seeds]
 
     def check_images(self, images, size: int | None = None) -> np.ndarray:
         """uint8 RGB batch N×H×W×3; grayscale or RGBA is refused with a hint to convert."""

@@ -150,7 +150,7 @@ class GaussianShading(LatentMethod):
         key's encrypted bit. Same key and seed, same noise, whatever the batch."""
         from scipy.stats import norm
 
-        seeds = self._check_seeds(seeds)
+        seeds = self.check_seeds(seeds)
         keys = self.check_keys(keys, n=len(seeds))
         cache: dict[MethodKey, np.ndarray] = {}
         out = []
@@ -179,7 +179,7 @@ class GaussianShading(LatentMethod):
         differs far more than it does for the ring methods, which only perturb x_T's spectrum. Use it
         for distribution-level fidelity (FID/CLIP), not for a paired PSNR.
         """
-        return super().reference(self._check_seeds(seeds), prompts)
+        return super().reference(self.check_seeds(seeds), prompts)
 
     def embed(self, keys: Sequence[MethodKey], images: np.ndarray) -> np.ndarray:
         raise NotImplementedError(
@@ -211,11 +211,3 @@ class GaussianShading(LatentMethod):
         return float(ks[np.argmax(tail <= fpr)]) / n
 
     # -- helpers ----------------------------------------------------------------------------------
-    def _check_seeds(self, seeds: Sequence[int]) -> list[int]:
-        seeds = [seeds] if isinstance(seeds, (int, np.integer)) else list(seeds)
-        if not seeds:
-            raise InvalidParameterError(f"{self.name}: at least one seed is needed")
-        for s in seeds:
-            if isinstance(s, bool) or not isinstance(s, (int, np.integer)):
-                raise InvalidParameterError(f"{self.name}: seeds must be integers; got {s!r}")
-        return [int(s) for s in seeds]

@@ -119,9 +119,7 @@ class _InvisibleWatermark(WatermarkMethod):
         if self.backend is None:
             raise InvalidParameterError(f"{self.name}: generate/reference need a diffusion backend; build the "
                                         f"method with {type(self).__name__}(backend=load_backend(...))")
-        seeds = list(seeds)
-        if not seeds or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) for s in seeds):
-            raise InvalidParameterError(f"{self.name}: seeds must be a non-empty sequence of ints; got {seeds!r}")
+        seeds = self.check_seeds(seeds)
         from shallowmark.core import ddim
         from shallowmark.core.images import to_uint8
 
