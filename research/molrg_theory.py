@@ -766,13 +766,17 @@ def _md_posterior(p: dict) -> list[str]:
     ]
 
 
+def _sizes(s: dict) -> str:
+    """The problem size of a DAE training run, as the report states it."""
+    return f"d = {s['dim']}, r = {s['rank']}, N = {s['samples']}, {s['steps']}"
+
+
 def _md_pca(c: dict) -> list[str]:
     """(b): K = 1, the DAE's subspace against PCA's."""
     return [
         "## (b) K = 1: DAE training finds the PCA subspace",
         "",
-        f"d = {c['settings']['dim']}, r = {c['settings']['rank']}, N = {c['settings']['samples']}, "
-        f"{c['settings']['steps']} Adam steps.",
+        f"{_sizes(c['settings'])} Adam steps.",
         "",
         f"- sampled ε: ‖U Uᵀ − U_pca U_pcaᵀ‖_F = {c['dae_vs_pca_distance']:.4f} (largest principal angle "
         f"{c['dae_vs_pca_largest_angle_deg']:.3f}°); a random rank-r subspace sits at ≈ "
@@ -790,8 +794,7 @@ def _md_clustering(k: dict) -> list[str]:
     return [
         "## (c) K = 2: DAE training does subspace clustering",
         "",
-        f"d = {k['settings']['dim']}, r = {k['settings']['rank']}, N = {k['settings']['samples']}, "
-        f"{k['settings']['steps']} steps, sampled ε, {k['settings']['restarts']} random restarts, the one with the "
+        f"{_sizes(k['settings'])} steps, sampled ε, {k['settings']['restarts']} random restarts, the one with the "
         f"lowest evaluation loss kept. The loss is non-convex: {k['restarts_recovering_all_subspaces']} of "
         f"{k['settings']['restarts']} restarts recovered both subspaces (largest per-cluster distance per restart "
         f"{k['restart_max_cluster_distance']}, evaluation losses {k['restart_losses']}). A restart that fails "
