@@ -749,9 +749,8 @@ def _markdown(rep: dict) -> str:
 
 def _md_posterior(p: dict) -> list[str]:
     """(a): the closed-form posterior mean against Monte Carlo."""
-    return [
-        "## (a) Posterior mean: closed form vs Monte Carlo",
-        "",
+    return _section(
+        "(a) Posterior mean: closed form vs Monte Carlo",
         f"Self-normalised importance sampling with {p['settings']['samples']:,} prior draws weighted by "
         f"p(x_t | x0); d = {p['settings']['dim']}, r = {p['settings']['rank']}, "
         f"{p['settings']['points']} points x_t per row. Error: ‖MC − closed form‖ / ‖closed form‖.",
@@ -763,7 +762,12 @@ def _md_posterior(p: dict) -> list[str]:
         f"Worst row: {p['worst_relative_error']:.2%}. The residual is Monte-Carlo error (it falls with the "
         "effective sample size), so the lemma's closed form is confirmed for K = 1 and K = 2.",
         "",
-    ]
+    )
+
+
+def _section(title: str, *lines: str) -> list[str]:
+    """A report section: its heading, a blank line, then ``lines``."""
+    return [f"## {title}", "", *lines]
 
 
 def _sizes(s: dict) -> str:
@@ -773,9 +777,8 @@ def _sizes(s: dict) -> str:
 
 def _md_pca(c: dict) -> list[str]:
     """(b): K = 1, the DAE's subspace against PCA's."""
-    return [
-        "## (b) K = 1: DAE training finds the PCA subspace",
-        "",
+    return _section(
+        "(b) K = 1: DAE training finds the PCA subspace",
         f"{_sizes(c['settings'])} Adam steps.",
         "",
         f"- sampled ε: ‖U Uᵀ − U_pca U_pcaᵀ‖_F = {c['dae_vs_pca_distance']:.4f} (largest principal angle "
@@ -786,14 +789,13 @@ def _md_pca(c: dict) -> list[str]:
         f"- distance to the true subspace: DAE {c['dae_vs_truth_distance']:.4f}, PCA {c['pca_vs_truth_distance']:.2e} "
         "(noiseless rank-r data with N ≥ r: PCA is exact).",
         "",
-    ]
+    )
 
 
 def _md_clustering(k: dict) -> list[str]:
     """(c): K = 2, DAE training as subspace clustering."""
-    return [
-        "## (c) K = 2: DAE training does subspace clustering",
-        "",
+    return _section(
+        "(c) K = 2: DAE training does subspace clustering",
         f"{_sizes(k['settings'])} steps, sampled ε, {k['settings']['restarts']} random restarts, the one with the "
         f"lowest evaluation loss kept. The loss is non-convex: {k['restarts_recovering_all_subspaces']} of "
         f"{k['settings']['restarts']} restarts recovered both subspaces (largest per-cluster distance per restart "
@@ -811,7 +813,7 @@ def _md_clustering(k: dict) -> list[str]:
         "- subspace-clustering objective (1/N) Σ_k Σ_(i∈C_k) ‖U_kᵀx_i‖²: "
         f"learned {k['clustering_objective_learned']:.4f}, true subspaces {k['clustering_objective_truth']:.4f}.",
         "",
-    ]
+    )
 
 
 def _md_phase(rep: dict) -> list[str]:
