@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 #: Reference attack set: the four of the design's reference settings, the other built-ins, regeneration.
-DEFAULT_ATTACKS = ("clean", "jpeg", "blur", "noise", "jitter", "resize", "crop", "rotate", "median", "drop",
+DEFAULT_ATTACKS = ("clean", "jpeg", "blur", "noise", "jitter", "resize", "crop", "rotate", "flip", "median", "drop",
                    "saltpepper", "platform-1080", "platform-4x5", "platform-1x1", "regen")
 QUICK_METHODS = ("shallow-diffuse", "tree-ring")
 QUICK_ATTACKS = ("clean", "jpeg", "blur")

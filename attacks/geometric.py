@@ -70,3 +70,9 @@ def drop(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.nda
     if strength > 0:
         out[top : top + rh, left : left + rw] = 0
     return out
+
+
+def flip(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Mirror the image: ``strength`` 0 left-right (horizontal flip), 1 top-bottom (vertical flip)."""
+    del rng
+    return np.ascontiguousarray(image[:, ::-1] if int(strength) == 0 else image[::-1])

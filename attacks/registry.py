@@ -182,6 +182,7 @@ def _register_builtins() -> None:
             "median", photometric.median, 7, (1, 31), "median filter kernel size (odd)",
             integer=True, check=photometric.check_median_size,
         ),
+        AttackSpec("flip", geometric.flip, 0, (0, 1), "0: mirror left-right, 1: mirror top-bottom", integer=True),
         AttackSpec("drop", geometric.drop, 0.25, (0, 1), "fraction of the area blacked out as one rectangle"),
         AttackSpec("saltpepper", photometric.saltpepper, 0.05, (0, 1), "probability a pixel turns black or white"),
         AttackSpec("platform-1080", platform.resize_long_side_jpeg, 1080, (64, 8192),

@@ -187,3 +187,27 @@ def test_set_ring_means_gives_the_key_profile_with_a_smaller_change_than_overwri
     assert torch.allclose(rings.ring_profile(shifted, 3, geom), rings.key_vector(geom, values), atol=1e-9)
     assert torch.equal(shifted[:, :3], x[:, :3])
     assert (shifted - x).norm() < (overwritten - x).norm()
+
+
+def test_shallow_diffuse_finds_flipped_and_right_angle_rotated_copies_at_no_model_cost(tiny_ldm):
+    """The dihedral search scores x_t* under the 8 flips and right-angle rotations and pays for them
+    in the p-value (x 8): copies are found, another key's images are not, and the cost is unchanged."""
+    from shallowmark.core.watermarks.shallow_diffuse import ShallowDiffuse, ShallowDiffuseConfig
+
+    m = ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(num_steps=20))
+    plain = ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(num_steps=20, geometric_search="none"))
+    key, other = _keys("shallow-diffuse", 2)
+    imgs = m.generate([key, key], [1, 2])
+    copies = {"flip lr": imgs[:, :, ::-1], "flip tb": imgs[:, ::-1], "rot90": np.rot90(imgs, 1, axes=(1, 2)),
+              "rot180": np.rot90(imgs, 2, axes=(1, 2)), "rot270": np.rot90(imgs, 3, axes=(1, 2))}
+    for name, c in copies.items():
+        c = np.ascontiguousarray(c)
+        assert all(d.detected and d.p_value < 1e-6 for d in m.detect(c, [key])), name
+    assert not any(d.detected for d in plain.detect(np.ascontiguousarray(copies["rot180"]), [key]))
+    from shallowmark.core.watermarks.shallow_diffuse import dihedral
+
+    lat = m.invert(imgs[:1])
+    best = min(plain.score(v.contiguous(), [key])[0].p_value for v in dihedral(lat))
+    assert m.score(lat, [key])[0].p_value == pytest.approx(min(1.0, 8 * best))   # the search is paid for
+    assert not any(d.detected for d in m.detect(imgs, [other]))
+    assert m.model_evals() == plain.model_evals()
