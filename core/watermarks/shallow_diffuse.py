@@ -93,7 +93,8 @@ class ShallowDiffuseConfig:
     nullspace_iters: int = 3         # subspace iterations
     # Verification's search over where the key may have gone: "dihedral" scores the inverted x_t*
     # under the 8 flips and right-angle rotations (the latent follows them closely: on 4 images a
-    # flipped or rotated copy scored p 1e-13..1e-19 once undone in the latent, 0.02..1 without),
+    # flipped or rotated copy scored p 1e-13..1e-19 once undone in the latent; without the search a
+    # left-right flip scored 1e-8..1e-7, a top-bottom flip or a 90/180-degree rotation 0.02..1),
     # at no model cost, and pays for the 8 hypotheses in the p-value (Bonferroni); "none": as is.
     geometric_search: str = "dihedral"
 
