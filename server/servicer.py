@@ -462,7 +462,9 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
         img = validation.decode_image(request.image, self.config.max_image_pixels)
         for m in methods.values():  # every method's limits before any model work
             validation.check_image_shape(img, m)
-        notes = img.notes + validation.grid_notes(img, next(iter(methods.values())), lm.image_size)
+        # the note is the same for every latent method; post-hoc ones read the pixels as they are
+        latent = [m for m in methods.values() if m.inversion is not None]
+        notes = img.notes + (validation.grid_notes(img, latent[0], lm.image_size) if latent else [])
 
         evals = sum(m.model_evals().verify for m in methods.values())
         # latent methods see the image on the model's grid already here, so that requests of any

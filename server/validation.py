@@ -160,7 +160,7 @@ def check_image_shape(image: DecodedImage, method) -> DecodedImage:
     """
     from shallowmark.core.resolution import MIN_SIDE, check_shape
 
-    min_side = max(MIN_SIDE, int(getattr(method, "min_image_size", 1)))
+    min_side = max(MIN_SIDE, int(method.min_image_size))
     try:
         check_shape(image.height, image.width, min_side=min_side)
     except InvalidImageError as e:
