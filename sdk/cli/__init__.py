@@ -5,8 +5,9 @@ imports it lazily, and a missing extra is reported with the pip command that ins
 
 One module per command group, each with the parsers of its subcommands and their functions:
 :mod:`.models` (models, train-default), :mod:`.bench` (bench, bench-core, bench-methods,
-bench-key-scan), :mod:`.analyze` (analyze, edit), :mod:`.service` (serve, embed, verify,
-loadtest), :mod:`.keys` (keys), :mod:`.demo` (demo); :mod:`._common` holds what they share.
+bench-key-scan), :mod:`.photos` (fetch-photos), :mod:`.analyze` (analyze, edit), :mod:`.service`
+(serve, embed, verify, loadtest), :mod:`.keys` (keys), :mod:`.demo` (demo); :mod:`._common` holds
+what they share.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import argparse
 import shlex
 import sys
 
-from shallowmark.cli import analyze, bench, demo, keys, models, service
+from shallowmark.cli import analyze, bench, demo, keys, models, photos, service
 from shallowmark.errors import ShallowmarkError
 
 # Who registers which subcommands, in the order `shallowmark --help` lists them.
-_REGISTER = (models.register, bench.register, analyze.register, service.register_serve, keys.register,
-             service.register_client, service.register_loadtest, demo.register)
+_REGISTER = (models.register, bench.register, photos.register, analyze.register, service.register_serve,
+             keys.register, service.register_client, service.register_loadtest, demo.register)
 
 
 def build_parser() -> argparse.ArgumentParser:
