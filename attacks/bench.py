@@ -100,8 +100,12 @@ def _model_fingerprint(backend, name: str, options: dict) -> str:
 
 
 def _method_params(m) -> dict:
-    """The parameters that define a method instance (for the cache key and the report)."""
-    return {"class": type(m).__name__, **dataclasses.asdict(m.config)}
+    """The parameters that define a method instance (for the cache key and the report): its config,
+    and its synchronisation template's where it has one (whose search settings are not config)."""
+    params = {"class": type(m).__name__, **dataclasses.asdict(m.config)}
+    if dataclasses.is_dataclass(getattr(m, "template", None)):
+        params["sync_template"] = dataclasses.asdict(m.template)
+    return params
 
 
 # -- detection with shared inversions ------------------------------------------------------------------

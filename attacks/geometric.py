@@ -1,7 +1,8 @@
-"""Geometric attacks: resampling, cropping, rotation, occlusion.
+"""Geometric attacks: resampling, cropping, rotation, translation, aspect change, zoom, occlusion.
 
-All keep the input's height and width, so a detector sees an image of the size it expects.
-Random placement comes only from ``rng``.
+All keep the input's height and width except ``crop_keep`` (the crop itself) and ``aspect`` (the
+stretched image); the benchmark passes those on at their new size. Random placement comes only
+from ``rng``.
 """
 
 from __future__ import annotations
@@ -49,6 +50,64 @@ def crop(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.nda
     top, left, rh, rw = _rect(h, w, strength, rng)
     img = Image.fromarray(image[top : top + rh, left : left + rw])
     return np.asarray(img.resize((w, h), Image.Resampling.BILINEAR), dtype=np.uint8).copy()
+
+
+def _scaled_back(image: np.ndarray, top: int, left: int, rh: int, rw: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    img = Image.fromarray(np.ascontiguousarray(image[top : top + rh, left : left + rw]))
+    return np.asarray(img.resize((w, h), Image.Resampling.BILINEAR), dtype=np.uint8).copy()
+
+
+def crop_centre(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Centred crop-and-scale: the centred rectangle of fraction ``strength`` of the area (the
+    image's aspect ratio), scaled back to the full size (bilinear)."""
+    del rng
+    h, w = image.shape[:2]
+    _, _, rh, rw = _rect(h, w, strength, np.random.default_rng(0))
+    return _scaled_back(image, (h - rh) // 2, (w - rw) // 2, rh, rw)
+
+
+def crop_corner(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Off-centre crop-and-scale: as :func:`crop_centre`, but the rectangle touches one of the four
+    corners (chosen by ``rng``), the largest offset a crop of that area can have."""
+    h, w = image.shape[:2]
+    _, _, rh, rw = _rect(h, w, strength, rng)
+    corner = int(rng.integers(0, 4))
+    return _scaled_back(image, (h - rh) * (corner // 2), (w - rw) * (corner % 2), rh, rw)
+
+
+def crop_keep(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Crop without rescale: a rectangle of fraction ``strength`` of the area (the image's aspect
+    ratio) placed uniformly by ``rng``, returned at its own, smaller size."""
+    top, left, rh, rw = _rect(*image.shape[:2], strength, rng)
+    return np.ascontiguousarray(image[top : top + rh, left : left + rw])
+
+
+def translate(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Shift the content by ``strength`` of the width and of the height (each direction's sign
+    drawn by ``rng``); what comes in is black, as in a pasted or re-framed copy."""
+    h, w = image.shape[:2]
+    dy, dx = round(h * float(strength)), round(w * float(strength))
+    sy, sx = (1 if b else -1 for b in rng.integers(0, 2, 2))
+    out = np.zeros_like(image)
+    src = image[max(0, -sy * dy) : h - max(0, sy * dy), max(0, -sx * dx) : w - max(0, sx * dx)]
+    out[max(0, sy * dy) : max(0, sy * dy) + src.shape[0], max(0, sx * dx) : max(0, sx * dx) + src.shape[1]] = src
+    return out
+
+
+def aspect(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Aspect change: the width scaled by ``strength`` and the height kept (bilinear), so the result
+    is ``round(strength·W)``×H (0.8: a 256² image comes back 205 wide)."""
+    del rng
+    h, w = image.shape[:2]
+    size = (max(1, round(w * float(strength))), h)
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR), dtype=np.uint8).copy()
+
+
+def zoom(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Zoom in by ``strength`` about the centre, same size: the centred 1/strength of each side,
+    scaled back up (bilinear); 1.25 keeps 64 % of the area."""
+    return crop_centre(image, 1.0 / float(strength) ** 2, rng)
 
 
 def rotate(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:

@@ -5,7 +5,9 @@ change the image's size; the benchmark passes the result on as it is.
   down), then JPEG quality 80;
 - ``platform-4x5``: centre crop to 4:5 (portrait feed format), then JPEG quality ``strength``
   (default 80);
-- ``platform-1x1``: centre crop to 1:1, then resize to ``strength``×``strength`` (default 512).
+- ``platform-1x1``: centre crop to 1:1, then resize to ``strength``×``strength`` (default 512);
+- ``crop-jpeg``: a crop of 75 % of the area at a random place, scaled back, then JPEG at quality
+  ``strength`` (default 50): a screenshot or re-framed copy that is re-encoded.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from . import codec
+from . import codec, geometric
 
 #: JPEG quality of the resize pipeline (the usual platform setting).
 PIPELINE_JPEG_QUALITY = 80
+#: Fraction of the area the crop of ``crop-jpeg`` keeps.
+CROP_JPEG_AREA = 0.75
 
 
 def _centre_crop(image: np.ndarray, aspect: float) -> np.ndarray:
@@ -47,3 +51,7 @@ def crop_1x1_resize(image: np.ndarray, strength: float, rng: np.random.Generator
     side = int(strength)
     square = Image.fromarray(_centre_crop(image, 1.0))
     return np.asarray(square.resize((side, side), Image.LANCZOS), dtype=np.uint8).copy()
+
+
+def crop_jpeg(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    return codec.jpeg(geometric.crop(image, CROP_JPEG_AREA, rng), int(strength), rng)

@@ -182,6 +182,17 @@ def _register_builtins() -> None:
             "median", photometric.median, 7, (1, 31), "median filter kernel size (odd)",
             integer=True, check=photometric.check_median_size,
         ),
+        AttackSpec("crop-centre", geometric.crop_centre, 0.75, (0.01, 1),
+                   "fraction of the area kept, centred, then scaled back"),
+        AttackSpec("crop-corner", geometric.crop_corner, 0.75, (0.01, 1),
+                   "fraction of the area kept at a random corner, then scaled back"),
+        AttackSpec("crop-keep", geometric.crop_keep, 0.75, (0.01, 1),
+                   "fraction of the area kept at a random place, not scaled back", keeps_size=False),
+        AttackSpec("translate", geometric.translate, 0.1, (0, 0.5),
+                   "shift as a fraction of each side (random signs), black fill"),
+        AttackSpec("aspect", geometric.aspect, 0.8, (0.25, 4), "width scale factor, height kept",
+                   keeps_size=False),
+        AttackSpec("zoom", geometric.zoom, 1.25, (1, 8), "zoom-in factor about the centre, same size"),
         AttackSpec("flip", geometric.flip, 0, (0, 1), "0: mirror left-right, 1: mirror top-bottom", integer=True),
         AttackSpec("drop", geometric.drop, 0.25, (0, 1), "fraction of the area blacked out as one rectangle"),
         AttackSpec("saltpepper", photometric.saltpepper, 0.05, (0, 1), "probability a pixel turns black or white"),
@@ -191,6 +202,8 @@ def _register_builtins() -> None:
                    "centre crop to 4:5, then JPEG at this quality", integer=True, keeps_size=False),
         AttackSpec("platform-1x1", platform.crop_1x1_resize, 512, (64, 8192),
                    "centre crop to 1:1, then resized to this side in pixels", integer=True, keeps_size=False),
+        AttackSpec("crop-jpeg", platform.crop_jpeg, 50, (1, 100),
+                   "random 75 %-area crop scaled back, then JPEG at this quality", integer=True),
     ]
     for spec in specs:
         register(spec)

@@ -285,6 +285,11 @@ class LatentMethod(WatermarkMethod):
             resolution.check_shape(*images.shape[1:3])
         return images, resolution.to_grid(images, size)
 
+    def model_input(self, images) -> np.ndarray:
+        """What the encoder sees at verification: the images on the model's grid (:meth:`on_grid`).
+        A method that undoes a geometric transform first overrides this."""
+        return self.on_grid(images)[1]
+
     def invert(self, images: np.ndarray, prompts=None):
         """x at :attr:`inversion_position` of each image (on the model's grid, encoded, inverted
         0 → stop), one batched call.
@@ -295,7 +300,7 @@ class LatentMethod(WatermarkMethod):
         from shallowmark.core import ddim
         from shallowmark.core.images import to_tensor
 
-        images = self.on_grid(images)[1]
+        images = self.model_input(images)
         with torch.no_grad():
             cond = self.backend.encode_prompt(prompts, len(images)) if prompts is not None else None
             z0 = self.backend.encode(to_tensor(images).to(self.backend.device))
@@ -324,8 +329,8 @@ class LatentMethod(WatermarkMethod):
 
 def invert_shared(methods: dict, images: np.ndarray) -> dict:
     """Every method's :meth:`~WatermarkMethod.invert` output for one batch, sharing the model work:
-    latent methods on the same backend and DDIM grid are encoded once and inverted once, stage by
-    stage, up to the furthest stop (Shallow Diffuse's x_t* on the way to the x_T methods' x_T).
+    latent methods on the same backend and DDIM grid whose :meth:`~LatentMethod.model_input` is the
+    same are encoded once and inverted once, stage by stage, up to the furthest stop (Shallow Diffuse's x_t* on the way to the x_T methods' x_T).
 
     Returns ``{name: inverted}`` for the keys of ``methods`` (name -> method)."""
     import torch
@@ -334,21 +339,24 @@ def invert_shared(methods: dict, images: np.ndarray) -> dict:
     from shallowmark.core.images import to_tensor
 
     out: dict = {}
-    groups: dict[tuple[int, int], list[str]] = {}
+    groups: dict[tuple[int, int, int], list[str]] = {}
+    inputs: list[np.ndarray] = []   # distinct model inputs: methods that undo a transform see their own
     for name, m in methods.items():
         if m.inversion is None:
             out[name] = m.invert(images)
-        else:
-            groups.setdefault((id(m.backend), m.inversion.num_steps), []).append(name)
-    encoded: dict[int, torch.Tensor] = {}
-    for (backend_id, _), names in groups.items():
+            continue
+        pixels = m.model_input(images)
+        which = next((i for i, p in enumerate(inputs) if p.shape == pixels.shape and np.array_equal(p, pixels)), None)
+        if which is None:
+            inputs.append(pixels)
+            which = len(inputs) - 1
+        groups.setdefault((id(m.backend), m.inversion.num_steps, which), []).append(name)
+    for (_, _, which), names in groups.items():
         first = methods[names[0]]
         backend = first.backend
-        if backend_id not in encoded:
-            pixels = first.on_grid(images)[1]
-            with torch.no_grad():
-                encoded[backend_id] = backend.encode(to_tensor(pixels).to(backend.device))
-        x, cur, at = encoded[backend_id], 0, {}
+        with torch.no_grad():
+            x = backend.encode(to_tensor(inputs[which]).to(backend.device))
+        cur, at = 0, {}
         for pos in sorted({methods[n].inversion.position for n in names}):
             with torch.no_grad():
                 x = ddim.invert(backend, x, first.grid, cur, pos)

@@ -138,6 +138,30 @@ class _InvisibleWatermark(WatermarkMethod):
         self.check_keys(keys, n=len(list(seeds)))
         return self.embed(keys, self._sample(seeds, prompts))
 
+    def invert(self, images, prompts=None):
+        """The images to decode, as a list: each as it is, or, when its short side is below
+        ``min_image_size`` (a crop, an aspect change or a 4:5 crop of a 256² image), scaled up
+        (Lanczos, aspect kept) until it reaches it, since the decoder reads nothing smaller."""
+        del prompts
+        if not isinstance(images, (list, tuple)):
+            arr = np.asarray(images)
+            if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+                arr = arr[None]
+            if arr.ndim != 4:
+                self.check_images(arr)   # raises the error that names what is wrong (grayscale, shape)
+            images = arr
+        return [self._readable(im) for im in images]
+
+    def _readable(self, image) -> np.ndarray:
+        from PIL import Image
+
+        im = np.asarray(image)
+        if im.ndim == 3 and im.shape[-1] == 3 and im.dtype == np.uint8 and min(im.shape[:2]) < self.min_image_size:
+            f = self.min_image_size / min(im.shape[:2])
+            size = (max(self.min_image_size, round(im.shape[1] * f)), max(self.min_image_size, round(im.shape[0] * f)))
+            im = np.asarray(Image.fromarray(im).resize(size, Image.LANCZOS), dtype=np.uint8)
+        return self.check_images(im)[0]
+
     def _score(self, images: np.ndarray, keys: list[MethodKey], target_fpr: float) -> list[Detection]:
         """Decode ``n_bits`` bits per image and test them against every candidate key's payload."""
         payloads = np.stack([payload_bits(mk, self.n_bits) for mk in keys])  # K×n

@@ -216,6 +216,33 @@ def cosines(x: torch.Tensor, channel: int, values: torch.Tensor, geom: RingGeome
     return (m @ w.T) / (m.norm(dim=1, keepdim=True) * w.norm(dim=1)[None, :]).clamp_min(1e-300)
 
 
+def shifted_cosines(x: torch.Tensor, channel: int, values: torch.Tensor, geom: RingGeometry,
+                    window: int) -> torch.Tensor:
+    """As :func:`cosines`, maximised over the circular shifts of x by up to ``window`` pixels in each
+    direction ((2·window+1)² hypotheses): (batch, keys).
+
+    A shift by d multiplies bin k by exp(−2πi k·d/N), which spreads each ring's mean over its
+    phases; undoing it is a per-bin phase, so every ring's mean under every shift is one inverse
+    FFT of that ring's bins (no model work). An image translated by 10 % of its side moves the
+    latent by 6.4 pixels; window 8 covers that with room for a crop's offset."""
+    ring, canonical, _ = _geometry_tensors(geom)
+    n = geom.size
+    spec = torch.fft.fft2(x[:, channel].detach().double().cpu(), norm="ortho")
+    offsets = torch.cat([torch.arange(0, window + 1), torch.arange(n - window, n)]) if window else torch.zeros(1, dtype=torch.long)
+    profiles = []
+    for r in range(geom.first_scored, geom.radius + 1):
+        sel = ((ring == r) & canonical).to(spec.dtype)
+        # ifft2 at d is (1/N²)·Σ_k X(k)·exp(+2πi k·d/N): the ring's sum with the shift by d undone
+        mean = torch.fft.ifft2(spec * sel) * (n * n / sel.real.sum())
+        profiles.append(mean[:, offsets][:, :, offsets])
+    prof = torch.stack(profiles, 1)                                   # (batch, rings, w, w)
+    parts = torch.cat([prof.real, prof.imag], 1) if geom.complex_values else prof.real
+    m = parts.flatten(2)                                              # (batch, dims, shifts)
+    w = key_vector(geom, values)                                      # (keys, dims)
+    cos = torch.einsum("bds,kd->bks", m, w) / (m.norm(dim=1)[:, None, :] * w.norm(dim=1)[None, :, None]).clamp_min(1e-300)
+    return cos.max(dim=2).values
+
+
 def p_values(cos: torch.Tensor, dims: int) -> np.ndarray:
     """P(cos ≥ c) for the first coordinate of a uniform unit vector in ``dims`` dimensions."""
     from scipy.special import betainc

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 from shallowmark.core import ddim
+from shallowmark.core import sync
 from shallowmark.core.images import to_tensor, to_uint8
+from shallowmark.core.sync import SyncTemplate
 from shallowmark.core.watermarks import rings
 from shallowmark.core.watermarks.base import LatentMethod, ModelEvals
 from shallowmark.errors import InvalidParameterError, check_choice
@@ -97,6 +99,17 @@ class ShallowDiffuseConfig:
     # left-right flip scored 1e-8..1e-7, a top-bottom flip or a 90/180-degree rotation 0.02..1),
     # at no model cost, and pays for the 8 hypotheses in the p-value (Bonferroni); "none": as is.
     geometric_search: str = "dihedral"
+    # ... and over circular shifts of x_t* by up to this many latent pixels each way (0: none), for a
+    # translated or off-centre cropped image (rings.shifted_cosines; no model cost). Paid for in the
+    # p-value with a weighted Bonferroni bound: half the error budget to the unshifted hypotheses
+    # (×2×8, so an untouched image keeps its p-value to a factor 16) and half to all shifts
+    # (×2×8×(2w+1)²).
+    shift_window: int = 8
+    # Amplitude (grey levels per peak) of the synchronisation template (core.sync) added to every
+    # watermarked image on the model's grid, from which verification estimates and undoes a
+    # rotation, rescale, aspect change or mirror image before inverting; 0: no template (and no
+    # estimate at verification).
+    sync_amplitude: float = 0.8
 
     def validate(self, latent_shape) -> None:
         if latent_shape is None:
@@ -114,8 +127,15 @@ class ShallowDiffuseConfig:
         check_choice("geometric search", self.geometric_search, GEOMETRIC_SEARCHES)
         if self.strength <= 0:
             raise InvalidParameterError(f"strength must be > 0; got {self.strength}")
+        if not 0 <= self.shift_window <= latent_shape[-1] // 4:
+            raise InvalidParameterError(f"shift_window must be in [0, {latent_shape[-1] // 4}]; got {self.shift_window}")
+        self.sync_template().validate()
         if self.embed_strength is not None and self.embed_strength <= 0:
             raise InvalidParameterError(f"embed_strength must be > 0 or None; got {self.embed_strength}")
+
+
+    def sync_template(self) -> SyncTemplate:
+        return SyncTemplate(amplitude=self.sync_amplitude)
 
 
 class ShallowDiffuse(rings.RingKeyed, LatentMethod):
@@ -135,24 +155,43 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         self.k_star = self.grid.position(self.t_star)
         self.geom = rings.RingGeometry(backend.latent_shape[-1], self.config.radius, self.config.ring_centre,
                                        self.config.inner_radius, self.config.complex_key)
+        self.template = self.config.sync_template() if self.config.sync_amplitude > 0 else None
 
     @property
     def inversion_position(self) -> int:
         return self.k_star
 
     def _score(self, x: torch.Tensor, keys, target_fpr: float) -> list:
-        """The ring statistic, searched over the dihedral transforms of x_t* when configured: per
-        key the smallest p-value over the 8 hypotheses times 8 (a Bonferroni bound, so the verdict
-        stays calibrated), the score its largest cosine."""
-        if self.config.geometric_search == "none":
+        """The ring statistic, searched over the dihedral transforms of x_t* and, when configured,
+        over its circular shifts (:func:`geometric_p_values`). The score is −log10 of the p-value, so
+        ROC curves rank images the way the verdict does."""
+        if self.config.geometric_search == "none" and self.config.shift_window == 0:
             return super()._score(x, keys, target_fpr)
         from shallowmark.core.watermarks.base import verdict
 
-        found = [self._ring_p_values(v.contiguous(), keys) for v in dihedral(x)]
-        cos = torch.stack([c for c, _ in found]).max(dim=0).values
-        p = np.minimum(1.0, np.min(np.stack([q for _, q in found]), axis=0) * len(found))
+        p = self.geometric_p_values(x, keys)
+        score = -np.log10(np.clip(p, 1e-300, 1.0))
         evals = self.model_evals().verify
-        return [verdict(self.name, p[i], cos[i].tolist(), keys, target_fpr, evals) for i in range(len(cos))]
+        return [verdict(self.name, p[i], score[i].tolist(), keys, target_fpr, evals) for i in range(len(p))]
+
+    def geometric_p_values(self, x: torch.Tensor, keys) -> np.ndarray:
+        """(batch, keys) p-values, valid under "not watermarked with this key" whatever was searched.
+
+        Hypotheses: the 8 flips and right-angle rotations of x_t* ("dihedral"; 1 with "none"), each
+        as is and under every circular shift within ``shift_window``. The unshifted hypotheses get
+        half the error budget and the shifted ones the other half (weighted Bonferroni): p =
+        min(2·h₀·p₀, 2·h_s·p_s), p₀ and p_s the smallest p-values of each family, h₀ and h_s their
+        sizes. Without shifts it is the plain Bonferroni bound h₀·p₀."""
+        views = dihedral(x) if self.config.geometric_search == "dihedral" else [x]
+        values, dims, w = self._values(keys), self.geom.dims, self.config.shift_window
+        c0 = torch.stack([rings.cosines(v.contiguous(), self.config.channel, values, self.geom) for v in views]).max(0).values
+        p0 = rings.p_values(c0, dims) * len(views)
+        if w == 0:
+            return np.minimum(1.0, p0)
+        cs = torch.stack([rings.shifted_cosines(v.contiguous(), self.config.channel, values, self.geom, w)
+                          for v in views]).max(0).values
+        ps = rings.p_values(cs, dims) * len(views) * (2 * w + 1) ** 2
+        return np.minimum(1.0, 2.0 * np.minimum(p0, ps))
 
     def model_evals(self) -> ModelEvals:
         # generate: T → t*, then t* → 0 on the watermarked and the reference path (one batched call
@@ -206,6 +245,23 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         z_wm, _ = self._finish(x_star, keys)
         return z_wm
 
+    def with_template(self, decoded: torch.Tensor) -> torch.Tensor:
+        """Decoded images (N×3×size×size in [−1, 1]) with the synchronisation template added."""
+        if self.template is None:
+            return decoded
+        return decoded + torch.from_numpy(sync.pattern(self.template, decoded.shape[-1]) / 127.5).to(decoded)
+
+    @torch.no_grad()
+    def generate(self, keys: Sequence[MethodKey], seeds: Sequence[int], prompts=None) -> np.ndarray:
+        return to_uint8(self.with_template(self.backend.decode(self.generate_latents(keys, seeds, prompts))))
+
+    def model_input(self, images) -> np.ndarray:
+        """The images on the model's grid, with a rotation, rescale, aspect change or mirror image
+        undone where the synchronisation template shows one (:func:`~shallowmark.core.sync.synchronise`;
+        pixel work only, about 0.25 s per image on one CPU core)."""
+        grid = self.on_grid(images)[1]
+        return grid if self.template is None else sync.synchronise(grid, self.template)[0]
+
     def resolve_output(self, output: str | None, shape) -> str:
         """The output mode an embed of an image of ``shape`` (height, width) uses: ``output``, or the
         config's at the model's size and "residual" at any other.
@@ -244,7 +300,8 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         scale = (self.config.embed_strength or self.config.strength) / self.config.strength
         z_wm, z_ref = self._finish(x_star, keys, scale)
         if output == "decode":
-            return to_uint8(self.backend.decode(z_wm))
-        diff = self.backend.decode(z_wm) - self.backend.decode(z_ref)   # only the watermark's change
+            return to_uint8(self.with_template(self.backend.decode(z_wm)))
+        # only the watermark's change: the key's and the template's
+        diff = self.with_template(self.backend.decode(z_wm)) - self.backend.decode(z_ref)
         diff = resolution.carry_change(diff.cpu(), *images.shape[1:3])
         return to_uint8(to_tensor(images) + diff)

@@ -1,5 +1,5 @@
 """The benchmarks: ``bench-core`` (tiny-ldm and DDIM), ``bench-methods`` (every method on clean
-images), ``bench-key-scan`` (Shallow Diffuse key placements), ``bench-sizes`` (uploads of other sizes) and ``bench`` (robustness under
+images), ``bench-key-scan`` (Shallow Diffuse key placements), ``bench-sizes`` (uploads of other sizes), ``bench-calibration`` (verdicts on unwatermarked images) and ``bench`` (robustness under
 attacks, in-process or through a server)."""
 
 from __future__ import annotations
@@ -36,6 +36,16 @@ def register(sub) -> None:
                                             "fidelity, detection after platform pipelines, grid mappings compared")
     sz.add_argument("--out", default="docs/benchmarks/sizes")
     sz.set_defaults(func=_cmd_bench_sizes)
+
+    ca = sub.add_parser("bench-calibration", help="how often a verdict fires on unwatermarked generations and real "
+                                                  "photos at each target FPR, clean and under geometric attacks")
+    ca.add_argument("--out", default="docs/benchmarks/calibration")
+    ca.add_argument("--method", default="shallow-diffuse")
+    ca.add_argument("--n-generated", type=int, default=250, help="unwatermarked generations (default 250)")
+    ca.add_argument("--photo-sources", help="comma-separated photo sets (default: all; see fetch-photos)")
+    ca.add_argument("--photos-per-source", type=int, help="at most this many photos of each set (default: all)")
+    ca.add_argument("--attacks", default=",".join(("clean", "rotate:15", "crop-centre:0.75", "aspect:0.8")))
+    ca.set_defaults(func=_cmd_bench_calibration)
 
     _register_bench(sub)
 
@@ -108,6 +118,18 @@ def _cmd_bench_key_scan(args) -> int:
 
     kw = dict(candidates=key_scan.DEFAULT_CANDIDATES[:2], n=2, attacks=("clean", "jpeg"), n_user=1) if args.quick else {}
     key_scan.run(Path(args.out), **{"n": args.n, **kw}, log=log, command=args.invocation)
+    print_report(args.out)
+    return 0
+
+
+def _cmd_bench_calibration(args) -> int:
+    need("server", "bench-calibration")
+    from shallowmark.attacks.calibration import CalibrationConfig, run_calibration
+
+    sources = tuple(args.photo_sources.split(",")) if args.photo_sources else None
+    cfg = CalibrationConfig(method=args.method, n_generated=args.n_generated, photo_sources=sources,
+                            photos_per_source=args.photos_per_source, attacks=tuple(args.attacks.split(",")))
+    run_calibration(cfg, Path(args.out), log=log)
     print_report(args.out)
     return 0
 

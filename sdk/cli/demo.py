@@ -8,11 +8,12 @@
    and watermarked with the active key, ``output="residual"`` so that it keeps its own pixels), all
    with Shallow Diffuse;
 4. attacks every image with the paper's four attacks (JPEG, blur, noise, brightness jitter, each
-   at its reference strength), and adds unwatermarked controls (the photo itself, and the second
+   at its reference strength) and with an off-centre crop to 80 % of the area followed by a 10°
+   rotation, and adds unwatermarked controls (the photo itself, and the second
    generated image's seed rendered without a watermark);
 5. verifies everything through the RPC against every key in the keystore, concurrently (the server
    micro-batches the calls), checks each result's Ed25519 attestation, and prints the verdicts;
-6. writes the images, ``contact_sheet.png`` (rows: images; columns: clean and the four attacks;
+6. writes the images, ``contact_sheet.png`` (rows: images; columns: clean and the five attacks;
    green label = detected) and ``summary.json`` to the output folder.
 
 Generation uses 50 DDIM steps; verification inverts only to t* = 0.3T (15 steps), the point of
@@ -35,7 +36,11 @@ import numpy as np
 from shallowmark.cli._common import need
 from shallowmark.imaging import decode_rgb, encode_png
 
-ATTACKS = ("jpeg", "blur", "noise", "jitter")
+#: columns of the verdict table: label -> the attacks applied in turn, (name, strength; None: the
+#: reference strength). The paper's four, then a copy cropped off-centre and rotated (what a
+#: re-framed screenshot looks like), which the sync template and the shift search undo.
+ATTACKS = {"jpeg": [("jpeg", None)], "blur": [("blur", None)], "noise": [("noise", None)],
+           "jitter": [("jitter", None)], "crop+rot": [("crop-corner", 0.8), ("rotate", 10)]}
 METHOD = "shallow-diffuse"
 
 
@@ -179,9 +184,12 @@ def _attack(marked: dict, controls: dict, out: Path) -> list:
     for i, (name, png, kid) in enumerate(sources):
         pixels = decode_rgb(png)
         cases.append((name, "clean", png, kid))
-        for a in ATTACKS:
-            attacked = apply_attack(a, pixels, rng=np.random.default_rng(1000 + i))
-            cases.append((name, a, encode_png(attacked), kid))
+        for label, steps in ATTACKS.items():
+            rng = np.random.default_rng(1000 + i)
+            attacked = pixels
+            for attack, strength in steps:
+                attacked = apply_attack(attack, attacked, strength, rng=rng)
+            cases.append((name, label, encode_png(attacked), kid))
     for name, attack, png, _ in cases:
         slug = name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
         (out / "images" / f"{slug}__{attack}.png").write_bytes(png)

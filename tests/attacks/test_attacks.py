@@ -199,3 +199,26 @@ def test_platform_pipelines_change_the_size_as_documented(name, strength, shape)
     img = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)   # 4:3 landscape
     out = apply_attack(name, img, strength, rng=np.random.default_rng(1))
     assert out.shape == shape and out.dtype == np.uint8
+
+
+def test_geometric_family_sizes_and_placement():
+    img = np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    assert apply_attack("crop-keep", img, 0.75, rng=1).shape == (173, 260, 3)          # sqrt(0.75) of each side
+    assert apply_attack("aspect", img, 0.8, rng=1).shape == (200, 240, 3)              # width only
+    for name in ("crop-centre", "crop-corner", "translate", "zoom", "crop-jpeg"):
+        assert apply_attack(name, img, rng=1).shape == img.shape, name
+    # the centred crop is symmetric: a left-right mirrored input gives the mirrored output
+    np.testing.assert_array_equal(apply_attack("crop-centre", img[:, ::-1].copy(), 0.75),
+                                  apply_attack("crop-centre", img, 0.75)[:, ::-1])
+    # zoom 2 is the centred quarter of the area scaled back up
+    np.testing.assert_array_equal(apply_attack("zoom", img, 2.0), apply_attack("crop-centre", img, 0.25))
+
+
+def test_crop_corner_touches_a_corner_and_translate_fills_black():
+    img = np.zeros((100, 100, 3), dtype=np.uint8)
+    img[:10, :10] = 255                                         # a bright top-left corner
+    seen = {bool(apply_attack("crop-corner", img, 0.5, rng=r)[0, 0, 0] == 255) for r in range(12)}
+    assert seen == {True, False}                                # the top-left corner is kept by some draws only
+    flat = np.full((100, 100, 3), 200, dtype=np.uint8)
+    out = apply_attack("translate", flat, 0.1, rng=0)
+    assert (out == 0).all(axis=2).mean() == pytest.approx(1 - 0.9 * 0.9, abs=1e-9)   # 10 % of each side comes in black

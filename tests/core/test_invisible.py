@@ -118,9 +118,10 @@ def test_bad_inputs(cls, photos):
     method = cls()
     key = _keys(cls)[0]
     small = photos[0][:128, :128]
+    with pytest.raises(InvalidImageError, match="256"):
+        method.embed([key], small)
+    assert len(method.detect(small, [key])) == 1         # verify scales a small image up to be read
     for fn in (lambda im: method.embed([key], im), lambda im: method.detect(im, [key])):
-        with pytest.raises(InvalidImageError, match="256"):
-            fn(small)
         with pytest.raises(InvalidImageError, match="grayscale"):
             fn(photos[0, ..., 0])
         with pytest.raises(InvalidImageError, match="RGBA"):
@@ -133,3 +134,20 @@ def test_bad_inputs(cls, photos):
     for fpr in (0, 1):
         with pytest.raises(InvalidParameterError, match="target_fpr"):
             method.detect(photos[0], [key], target_fpr=fpr)
+
+
+def test_images_below_the_decoders_minimum_are_scaled_up_to_be_read():
+    """A 4:5 crop or an aspect change leaves a 256² image narrower than the decoder reads: verify
+    scales it up (aspect kept) instead of refusing it; embed still refuses it."""
+    from shallowmark.core.watermarks import load_method
+    from shallowmark.errors import InvalidImageError
+
+    m = load_method("dwtdctsvd")
+    key = WatermarkKey.generate().for_method("dwtdctsvd")
+    img = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    marked = m.embed([key], img)[0]
+    narrow = marked[:, 25:230]                                  # 205×256
+    assert [im.shape for im in m.invert([narrow])] == [(320, 256, 3)]
+    assert m.detect([narrow], [key])[0].p_value <= 1.0          # read, not refused
+    with pytest.raises(InvalidImageError, match="at least 256"):
+        m.embed([key], narrow)

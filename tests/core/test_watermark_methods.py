@@ -194,8 +194,9 @@ def test_shallow_diffuse_finds_flipped_and_right_angle_rotated_copies_at_no_mode
     in the p-value (x 8): copies are found, another key's images are not, and the cost is unchanged."""
     from shallowmark.core.watermarks.shallow_diffuse import ShallowDiffuse, ShallowDiffuseConfig
 
-    m = ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(num_steps=20))
-    plain = ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(num_steps=20, geometric_search="none"))
+    m = ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(num_steps=20, shift_window=0))
+    plain = ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(num_steps=20, geometric_search="none", shift_window=0,
+                                                          sync_amplitude=0))
     key, other = _keys("shallow-diffuse", 2)
     imgs = m.generate([key, key], [1, 2])
     copies = {"flip lr": imgs[:, :, ::-1], "flip tb": imgs[:, ::-1], "rot90": np.rot90(imgs, 1, axes=(1, 2)),
@@ -211,3 +212,43 @@ def test_shallow_diffuse_finds_flipped_and_right_angle_rotated_copies_at_no_mode
     assert m.score(lat, [key])[0].p_value == pytest.approx(min(1.0, 8 * best))   # the search is paid for
     assert not any(d.detected for d in m.detect(imgs, [other]))
     assert m.model_evals() == plain.model_evals()
+
+
+def test_shallow_diffuse_undoes_rotation_crop_shift_and_aspect_change_at_no_model_cost(tiny_ldm):
+    """The sync template undoes a rotation, a crop and an aspect change before the inversion, the
+    shift search a translation after it; both are paid for in the p-value (weighted Bonferroni)."""
+    from shallowmark.attacks import apply_attack
+    from shallowmark.core.watermarks import rings
+    from shallowmark.core.watermarks.shallow_diffuse import ShallowDiffuse, ShallowDiffuseConfig, dihedral
+
+    m = ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(num_steps=20))
+    key, other = _keys("shallow-diffuse", 2)
+    imgs = m.generate([key, key], [3, 4])
+    refs = m.reference([3, 4])
+    for name, s in [("rotate", 15), ("crop-centre", 0.75), ("translate", 0.1), ("aspect", 0.8), ("zoom", 1.25)]:
+        attacked = [apply_attack(name, im, s, rng=i) for i, im in enumerate(imgs)]
+        assert all(d.detected and d.p_value < 1e-4 for d in m.detect(attacked, [key])), name
+        assert not any(d.detected for d in m.detect(attacked, [other])), name
+        assert not any(d.detected for d in m.detect([apply_attack(name, im, s, rng=i) for i, im in enumerate(refs)],
+                                                    [key])), name
+    lat = m.invert(imgs[:1])
+    vals = m._values([key])
+    c0 = max(float(rings.cosines(v.contiguous(), m.config.channel, vals, m.geom)) for v in dihedral(lat))
+    cs = max(float(rings.shifted_cosines(v.contiguous(), m.config.channel, vals, m.geom, 8)) for v in dihedral(lat))
+    p0, ps = (float(rings.p_values(torch.tensor([c]), m.geom.dims)[0]) for c in (c0, cs))
+    assert m.score(lat, [key])[0].p_value == pytest.approx(min(1.0, 2 * min(8 * p0, 8 * 17 ** 2 * ps)))
+    assert m.model_evals() == ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(num_steps=20, sync_amplitude=0)).model_evals()
+
+
+def test_shifted_cosines_find_a_circularly_shifted_key():
+    from shallowmark.core.watermarks import rings
+
+    g = rings.RingGeometry(64, 16, "dc", 8, True)
+    x = torch.randn(2, 4, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    v = rings.key_values_from_seed(3, g).unsqueeze(0)
+    marked = rings.set_ring_means(x, 3, v, g)
+    torch.testing.assert_close(rings.shifted_cosines(marked, 3, v, g, 0), rings.cosines(marked, 3, v, g))
+    moved = torch.roll(marked, (5, -3), dims=(-2, -1))
+    assert float(rings.cosines(moved, 3, v, g).max()) < 0.5
+    assert float(rings.shifted_cosines(moved, 3, v, g, 8).min()) > 0.999     # within the window
+    assert float(rings.shifted_cosines(moved, 3, v, g, 4).max()) < 0.9       # a shift of 5 is outside 4
