@@ -129,7 +129,7 @@ def test_server_run_reports_and_calls(first):
         assert r["n_pos"] == r["n_neg"] == N and r["bit_accuracy"] is None
     assert _row(rep, "shallow-diffuse", "clean")["auc"] == 1.0
     assert _row(rep, "shallow-diffuse", "clean")["detected_pos"] == 1.0
-    assert all(r["detected_neg"] == 0.0 for r in rep["results"])
+    assert all(r["detected_neg"] == 0.0 for r in rep["results"]), [(r["method"], r["attack"], r["detected_neg"]) for r in rep["results"] if r["detected_neg"]]
     fid = {f["method"]: f for f in rep["fidelity"]}
     assert fid["shallow-diffuse"]["reference"] == "upload" and fid["shallow-diffuse"]["psnr"] > 20
     assert 0 < fid["shallow-diffuse"]["ssim"] <= 1

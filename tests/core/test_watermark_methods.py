@@ -221,7 +221,7 @@ def test_shallow_diffuse_undoes_rotation_crop_shift_and_aspect_change_at_no_mode
     from shallowmark.core.watermarks import rings
     from shallowmark.core.watermarks.shallow_diffuse import ShallowDiffuse, ShallowDiffuseConfig, dihedral
 
-    m = ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(num_steps=20))
+    m = ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(num_steps=20, sync_amplitude=0.8, shift_window=8))
     key, other = _keys("shallow-diffuse", 2)
     imgs = m.generate([key, key], [3, 4])
     refs = m.reference([3, 4])
