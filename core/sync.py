@@ -18,7 +18,7 @@ estimator whitens the magnitude spectrum (log spectrum minus its local median, s
 scales, aspect changes and mirror images by the whitened magnitude at the template's predicted
 peaks; ``z`` is the best hypothesis's robust z-score against all of them.
 
-The template is the same for every key (a service constant, ``seed``): where an image's template
+Opt-in (``ShallowDiffuseConfig.sync_amplitude``). The template is the same for every key (a service constant, ``seed``): where an image's template
 points decides only which geometry the latent is read in, never the key test itself, and the key's
 ring values are independent of the image, so the p-value stays exact whatever was undone. An
 image without the template gets some random "best" hypothesis with a low ``z``, and is then left
