@@ -592,6 +592,17 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
+def licences(cache_dir=None, sources: Optional[Iterable[str]] = None) -> dict[tuple[str, str], str]:
+    """``{(source, file name): licence}`` from the manifests of the fetched ``sources`` (all by
+    default); a source that is not fetched is left out."""
+    out = {}
+    for source in _sources(sources):
+        manifest = _read_manifest(photos_dir(cache_dir) / source.name)
+        for entry in (manifest or {}).get("files", []):
+            out[(source.name, entry["name"])] = entry.get("licence", manifest["licence"])
+    return out
+
+
 def load(cache_dir=None, sources: Optional[Iterable[str]] = None, limit_per_source: Optional[int] = None,
          min_side: int = MIN_SIDE, max_aspect: float = MAX_ASPECT) -> list[Photo]:
     """The cached photos of ``sources`` (all by default) as uint8 H×W×3 RGB, upright (EXIF

@@ -1,5 +1,5 @@
 """The benchmarks: ``bench-core`` (tiny-ldm and DDIM), ``bench-methods`` (every method on clean
-images), ``bench-key-scan`` (Shallow Diffuse key placements), ``bench-sizes`` (uploads of other sizes), ``bench-calibration`` (verdicts on unwatermarked images) and ``bench`` (robustness under
+images), ``bench-key-scan`` (Shallow Diffuse key placements), ``bench-sizes`` (uploads of other sizes), ``bench-calibration`` (verdicts on unwatermarked images), ``bench-photos`` (real photos through the service) and ``bench`` (robustness under
 attacks, in-process or through a server)."""
 
 from __future__ import annotations
@@ -45,7 +45,17 @@ def register(sub) -> None:
     ca.add_argument("--photo-sources", help="comma-separated photo sets (default: all; see fetch-photos)")
     ca.add_argument("--photos-per-source", type=int, help="at most this many photos of each set (default: all)")
     ca.add_argument("--attacks", default=",".join(("clean", "rotate:15", "crop-centre:0.75", "aspect:0.8")))
+    ca.add_argument("--n-keys", type=int, default=20, help="keys each image is scored against (default 20; "
+                                                             "the first is the benchmark's test key)")
     ca.set_defaults(func=_cmd_bench_calibration)
+
+    ph = sub.add_parser("bench-photos", help="real photos at their own sizes watermarked and verified through a "
+                                             "real server: fidelity and detection after the platform pipelines")
+    ph.add_argument("--out", default="docs/benchmarks/photos")
+    ph.add_argument("--n", type=int, default=20, help="photos, spread evenly over the sources (default 20)")
+    ph.add_argument("--sources", help="comma-separated photo sets (default: all fetched; see fetch-photos)")
+    ph.add_argument("--cache", help="photo cache folder (default: the fetch-photos cache)")
+    ph.set_defaults(func=_cmd_bench_photos)
 
     _register_bench(sub)
 
@@ -128,8 +138,20 @@ def _cmd_bench_calibration(args) -> int:
 
     sources = tuple(args.photo_sources.split(",")) if args.photo_sources else None
     cfg = CalibrationConfig(method=args.method, n_generated=args.n_generated, photo_sources=sources,
-                            photos_per_source=args.photos_per_source, attacks=tuple(args.attacks.split(",")))
+                            photos_per_source=args.photos_per_source, attacks=tuple(args.attacks.split(",")),
+                            n_keys=args.n_keys)
     run_calibration(cfg, Path(args.out), log=log)
+    print_report(args.out)
+    return 0
+
+
+def _cmd_bench_photos(args) -> int:
+    need("server", "bench-photos")
+    from shallowmark.attacks import photos_report
+
+    cfg = photos_report.PhotoScenarioConfig(n=args.n, sources=tuple(args.sources.split(",")) if args.sources else None,
+                                            cache_dir=args.cache)
+    photos_report.run(cfg, Path(args.out), log=log, command=args.invocation)
     print_report(args.out)
     return 0
 

@@ -225,16 +225,20 @@ def test_shallow_diffuse_undoes_rotation_crop_shift_and_aspect_change_at_no_mode
     key, other = _keys("shallow-diffuse", 2)
     imgs = m.generate([key, key], [3, 4])
     refs = m.reference([3, 4])
-    for name, s in [("rotate", 15), ("crop-centre", 0.75), ("translate", 0.1), ("aspect", 0.8), ("zoom", 1.25)]:
+    # a 10 % translation with black fill is the hardest here: the borders' edges add spread to every
+    # ring, which the whitened statistic counts against the key (p 4e-5 and 3e-3 on these two images
+    # with 20 steps; 4e-6 and 2e-5 unwhitened)
+    for name, s, bound in [("rotate", 15, 1e-4), ("crop-centre", 0.75, 1e-4), ("translate", 0.1, 1e-2),
+                           ("aspect", 0.8, 1e-4), ("zoom", 1.25, 1e-4)]:
         attacked = [apply_attack(name, im, s, rng=i) for i, im in enumerate(imgs)]
-        assert all(d.detected and d.p_value < 1e-4 for d in m.detect(attacked, [key])), name
+        assert all(d.detected and d.p_value < bound for d in m.detect(attacked, [key])), name
         assert not any(d.detected for d in m.detect(attacked, [other])), name
         assert not any(d.detected for d in m.detect([apply_attack(name, im, s, rng=i) for i, im in enumerate(refs)],
                                                     [key])), name
     lat = m.invert(imgs[:1])
     vals = m._values([key])
-    c0 = max(float(rings.cosines(v.contiguous(), m.config.channel, vals, m.geom)) for v in dihedral(lat))
-    cs = max(float(rings.shifted_cosines(v.contiguous(), m.config.channel, vals, m.geom, 8)) for v in dihedral(lat))
+    c0 = max(float(rings.cosines(v.contiguous(), m.config.channel, vals, m.geom, True)) for v in dihedral(lat))
+    cs = max(float(rings.shifted_cosines(v.contiguous(), m.config.channel, vals, m.geom, 8, True)) for v in dihedral(lat))
     p0, ps = (float(rings.p_values(torch.tensor([c]), m.geom.dims)[0]) for c in (c0, cs))
     assert m.score(lat, [key])[0].p_value == pytest.approx(min(1.0, 2 * min(8 * p0, 8 * 17 ** 2 * ps)))
     assert m.model_evals() == ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(num_steps=20, sync_amplitude=0)).model_evals()
@@ -252,3 +256,26 @@ def test_shifted_cosines_find_a_circularly_shifted_key():
     assert float(rings.cosines(moved, 3, v, g).max()) < 0.5
     assert float(rings.shifted_cosines(moved, 3, v, g, 8).min()) > 0.999     # within the window
     assert float(rings.shifted_cosines(moved, 3, v, g, 4).max()) < 0.9       # a shift of 5 is outside 4
+
+
+def test_whitened_ring_profile_keeps_a_key_on_high_variance_rings_calibrated():
+    """Unwatermarked latents whose inner key rings vary 3x more than the outer ones (as at t*) and a
+    key whose values sit on those rings: the plain cosine fires far above its target, the whitened
+    one at it (the p-value's promise per key, not only on average over keys)."""
+    from shallowmark.core.watermarks import rings
+
+    g = rings.RingGeometry(64, 16, "dc", 8, True)
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(4000, 4, 64, 64, generator=gen, dtype=torch.float64)
+    d = torch.fft.fftfreq(64) * 64
+    gain = torch.where(torch.sqrt(d[:, None] ** 2 + d[None, :] ** 2) <= 11, 3.0, 1.0)
+    noise[:, 3] = torch.fft.ifft2(torch.fft.fft2(noise[:, 3]) * gain).real
+    values = torch.zeros(g.n_values, dtype=torch.complex128)
+    values[:4] = torch.complex(torch.tensor([1.0, -1.2, 0.8, 1.1]), torch.tensor([0.9, 1.0, -1.1, 0.7]))
+    values[4:] = 0.1
+    rate = {wh: float((rings.p_values(rings.cosines(noise, 3, values[None], g, wh), g.dims) <= 0.01).mean())
+            for wh in (False, True)}
+    assert rate[False] > 0.04                  # 4x its target and more
+    assert 0.005 <= rate[True] <= 0.016        # 1 % within sampling error of 4000 latents
+    shifted = rings.p_values(rings.shifted_cosines(noise[:500], 3, values[None], g, 2, True), g.dims) * 25
+    assert float((shifted <= 0.01).mean()) <= 0.016  # the shift search, Bonferroni-paid, stays within it
