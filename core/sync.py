@@ -18,7 +18,7 @@ estimator whitens the magnitude spectrum (log spectrum minus its local median, s
 scales, aspect changes and mirror images by the whitened magnitude at the template's predicted
 peaks; ``z`` is the best hypothesis's robust z-score against all of them.
 
-Opt-in (``ShallowDiffuseConfig.sync_amplitude``). The template is the same for every key (a service constant, ``seed``): where an image's template
+On by default (``ShallowDiffuseConfig.sync_amplitude``; 0 turns it off). The template is the same for every key (a service constant, ``seed``): where an image's template
 points decides only which geometry the latent is read in, never the key test itself, and the key's
 ring values are independent of the image, so the p-value stays exact whatever was undone. An
 image without the template gets some random "best" hypothesis with a low ``z``, and is then left
@@ -55,7 +55,11 @@ class SyncTemplate:
     above its neighbourhood; templated generations reached z 8.2-37 and 1.17-4.4 under every
     geometric attack. A wrong estimate acted upon costs nothing in calibration (see above), only a
     lost detection; a right one not acted upon costs the same. JPEG 25 erases the template (z 4-7):
-    the image is then read as it is, where the key survives JPEG by itself."""
+    the image is then read as it is, where the key survives JPEG by itself. On real photos the
+    right transform is often the best hypothesis but below these bars: after a 4:5 crop of a
+    landscape photo (a rescale by 1.25 on the grid) aero1.jpg's estimate was scale 1.236, rotation
+    0.5° at z 4.3, and building.jpg's crop without rescale scale 1.248 at z 7.6 but second-weakest
+    peak 0.96 (docs/benchmarks/photos)."""
 
     peaks: int = 6
     min_frequency: float = 0.22       # cycles per pixel on the model's grid
