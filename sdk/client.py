@@ -291,10 +291,28 @@ def _method_key(key: Any, method: str | None) -> MethodKey:
     raise KeyMaterialError(f"expected a WatermarkKey or MethodKey; got {type(key).__name__}")
 
 
+def is_loopback_host(host: str) -> bool:
+    """True if ``host`` can only reach this machine: ``localhost``, any address in 127.0.0.0/8,
+    ``::1`` (brackets allowed) or an IPv4-mapped one (``::ffff:127.0.0.1``). The server uses it
+    too, for what it may serve without TLS. Other names are not resolved, so ``127.example.com``
+    is not loopback."""
+    import ipaddress
+
+    host = host.strip().strip("[]")
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])  # without an IPv6 zone ("::1%lo")
+    except ValueError:
+        return False
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+
 def _is_loopback(address: str) -> bool:
-    host = address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
-    host = host.split("///")[-1]
-    return host in ("localhost", "::1") or host.startswith("127.") or address.startswith("unix:")
+    if address.startswith("unix:"):
+        return True
+    host = address.rsplit(":", 1)[0] if ":" in address else address
+    return is_loopback_host(host.split("///")[-1])
 
 
 def _health_status(raw: bytes) -> int:

@@ -28,7 +28,7 @@ class UnknownNameError(ShallowmarkError, KeyError):
 
     def __init__(self, kind: str, name: str, valid):
         self.kind, self.name, self.valid = kind, name, sorted(valid)
-        super().__init__(f"unknown {kind} {name!r}; valid choices: {', '.join(self.valid)}")
+        super().__init__(f"unknown {kind} {shown(name)}; valid choices: {', '.join(self.valid)}")
 
     def __str__(self) -> str:  # KeyError would otherwise print the repr with quotes
         return self.args[0]
@@ -50,6 +50,27 @@ class MissingDependencyError(ShallowmarkError, ImportError):
         if cause is not None:
             msg += f" ({cause})"
         super().__init__(msg)
+
+
+#: Most characters of a caller's value that an error message repeats (see :func:`shown`).
+SHOWN_MAX = 64
+
+
+def shown(value: object, limit: int = SHOWN_MAX) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters plus an ellipsis and the
+    value's length when longer.
+
+    Messages repeat what the caller sent so that it can be found and fixed, but a server sends its
+    message in a gRPC trailer, and a 10 000-character model name pushed that past gRPC's 8 KiB
+    header limit (the client then saw RESOURCE_EXHAUSTED "Stream removed" instead of the error).
+    """
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = ""
+    if isinstance(value, (str, bytes)):
+        size = f" ({len(value)} {'characters' if isinstance(value, str) else 'bytes'})"
+    return f"{text[:limit]}\u2026{size}"
 
 
 def check_choice(kind: str, name: str, valid) -> str:

@@ -36,7 +36,7 @@ import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
-from shallowmark.errors import InvalidParameterError, KeyMaterialError, check_int
+from shallowmark.errors import InvalidParameterError, KeyMaterialError, check_int, shown
 from shallowmark.methods import BUILTIN_METHODS, method_names, method_spec
 
 __all__ = [
@@ -251,7 +251,7 @@ def _key_id_bytes(key_id: str) -> bytes:
         except ValueError:
             ok = False
     if not ok:
-        raise KeyMaterialError(f"malformed key_id {key_id!r}; expected 'sm1_' followed by 32 lowercase hex digits")
+        raise KeyMaterialError(f"malformed key_id {shown(key_id)}; expected 'sm1_' followed by 32 lowercase hex digits")
     return raw
 
 

@@ -30,13 +30,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from shallowmark._proto.shallowmark.v1 import watermark_pb2 as pb
-from shallowmark._proto.shallowmark.v1 import watermark_pb2_grpc as pb_grpc
 from shallowmark.errors import InvalidParameterError
 from shallowmark.server.attestation import Signer
 from shallowmark.server.auth import BearerAuthInterceptor
 from shallowmark.server.config import ServerConfig
 from shallowmark.server.ledger import open_ledger
-from shallowmark.server.servicer import ModelPool, WatermarkServicer
+from shallowmark.server.servicer import ModelPool, WatermarkServicer, add_to_server
 
 __all__ = ["ServerApp", "serve", "SERVICE_NAME"]
 
@@ -83,7 +82,7 @@ class ServerApp:
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
                                   interceptors=[BearerAuthInterceptor(config.token_digests())], options=options)
         self.servicer = WatermarkServicer(config, self.pool, self.ledger, self.signer)
-        pb_grpc.add_WatermarkServicer_to_server(self.servicer, self.server)
+        add_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if config.reflection:
             from grpc_reflection.v1alpha import reflection
@@ -125,6 +124,9 @@ class ServerApp:
         """Start serving (health NOT_SERVING); load the models in the background unless told not to."""
         self.server.start()
         log.info("listening on %s (%s)", self.address, "TLS" if self.config.tls else "plaintext")
+        if self.config.plaintext_off_loopback:
+            log.warning("serving plaintext on the non-loopback host %s (allow_insecure = true): tokens, keys and "
+                        "images are unencrypted on the network unless a TLS proxy sits in front", self.config.host)
         if load_models:
             self._loader_thread = threading.Thread(target=self.load_models, name="model-loader", daemon=True)
             self._loader_thread.start()

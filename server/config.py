@@ -2,7 +2,8 @@
 
 Example ``server.toml`` (every key is optional; the values shown are the defaults unless noted)::
 
-    host = "127.0.0.1"              # "0.0.0.0" or "[::]" to listen on every interface
+    host = "127.0.0.1"              # "0.0.0.0" or "[::]" to listen on every interface (needs [tls])
+    allow_insecure = false          # true: plaintext on a non-loopback host (behind a TLS proxy only)
     port = 50051
     models = ["tiny-ldm"]           # the first is the default model
     device = "cpu"                  # torch device for the models, e.g. "cuda"
@@ -22,7 +23,7 @@ Example ``server.toml`` (every key is optional; the values shown are the default
     #                                     password from PGPASSWORD or ~/.pgpass, so the file holds no secret
     attestation_key = "/var/lib/shallowmark/attestation.pem"      # default: <state_dir>/attestation_ed25519.pem
 
-    [tls]                           # omit the table for plaintext (loopback / behind a TLS proxy only)
+    [tls]                           # omit the table for plaintext: loopback only, unless allow_insecure
     cert = "/etc/shallowmark/server.crt"
     key = "/etc/shallowmark/server.key"
     client_ca = "/etc/shallowmark/clients-ca.crt"   # set it to require client certificates (mTLS)
@@ -49,6 +50,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from shallowmark.client import is_loopback_host
 from shallowmark.errors import InvalidParameterError, check_int
 
 __all__ = ["ServerConfig", "TLSConfig", "load_config", "token_digest"]
@@ -74,6 +76,12 @@ class ServerConfig:
 
     Attributes:
         host, port: where to listen. ``port=0`` picks a free port (see ``ServerApp.port``).
+            Without ``tls`` the host must be a loopback one (``localhost``, 127.0.0.0/8, ``::1``)
+            unless ``allow_insecure`` is set.
+        allow_insecure: allow plaintext on a non-loopback host (``0.0.0.0``, a LAN address).
+            Bearer tokens, keys and images then cross the network unencrypted, so set it only
+            when a TLS-terminating proxy or an encrypted overlay network sits in front; the server
+            logs a warning at start. Off by default: such a config is refused.
         tokens: bearer token (or ``"sha256:<hex>"`` of it) -> tenant name. Empty means every call
             on the Watermark service is refused with UNAUTHENTICATED.
         tls: certificate and key for TLS, and optionally the client CA for mutual TLS.
@@ -107,6 +115,7 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 50051
+    allow_insecure: bool = False
     tokens: Mapping[str, str] = field(default_factory=dict)
     tls: TLSConfig | None = None
     models: tuple[str, ...] = ("tiny-ldm",)
@@ -153,6 +162,20 @@ class ServerConfig:
             if tok.startswith("sha256:") and len(tok) != 7 + 64:
                 raise InvalidParameterError("a hashed token must be 'sha256:' followed by 64 hex digits")
         object.__setattr__(self, "state_dir", Path(self.state_dir).expanduser())
+        if not isinstance(self.host, str) or not self.host.strip():
+            raise InvalidParameterError(f"host must be a host name or IP address; got {self.host!r}")
+        if not isinstance(self.allow_insecure, bool):
+            raise InvalidParameterError(f"allow_insecure must be true or false; got {self.allow_insecure!r}")
+        if self.tls is None and not self.allow_insecure and not is_loopback_host(self.host):
+            raise InvalidParameterError(
+                f"host {self.host!r} is not a loopback address and no [tls] is configured: bearer tokens, keys "
+                "and images would cross the network in plaintext. Add a [tls] table (cert, key), listen on "
+                "127.0.0.1, or set allow_insecure = true if a TLS-terminating proxy sits in front")
+
+    @property
+    def plaintext_off_loopback(self) -> bool:
+        """Serving without TLS on a non-loopback host (only possible with ``allow_insecure``)."""
+        return self.tls is None and not is_loopback_host(self.host)
 
     @property
     def default_model(self) -> str:

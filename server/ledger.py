@@ -8,7 +8,11 @@ Backends, chosen by URL (:func:`open_ledger`):
 
 - ``sqlite:////absolute/path.sqlite3``, ``sqlite:///relative/path.sqlite3`` (SQLAlchemy's
   spelling) or a plain path (the default is a file in the server's state folder): one file, WAL
-  mode, safe for the server's threads. Enough for one server process.
+  mode, safe for the server's threads. Enough for one server process. A missing file is created
+  0600 (SQLite gives its ``-wal`` and ``-shm`` files the same mode) and a missing folder 0700, as
+  the attestation key is. An existing file or folder keeps its mode: the operator may have chosen
+  it (a backup group, say), so a file that group or others can read is only warned about in the
+  log.
 - ``postgresql://user@host:5432/dbname`` (or ``postgres://``; any libpq URL, e.g.
   ``postgresql:///shallowmark?host=/run/postgresql`` for a unix socket): table
   ``shallowmark_embeds`` in that database, created on first open. Several server replicas can
@@ -25,7 +29,11 @@ newest first, with opaque cursors.
 from __future__ import annotations
 
 import base64
+import logging
+import os
+import re
 import sqlite3
+import stat
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -34,9 +42,11 @@ from typing import Any, Callable
 
 # The record type is the SDK's: the server and the clients that list the ledger share one definition.
 from shallowmark.client import LedgerEntry
-from shallowmark.errors import InvalidParameterError, ShallowmarkError
+from shallowmark.errors import InvalidParameterError, ShallowmarkError, shown
 
 __all__ = ["LedgerEntry", "LedgerError", "SQLiteLedger", "PostgresLedger", "open_ledger"]
+
+log = logging.getLogger("shallowmark.server")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS embeds (
@@ -66,7 +76,7 @@ def _check_page_size(page_size: int) -> None:
 
 
 def _reused_id(request_id: str) -> InvalidParameterError:
-    return InvalidParameterError(f"request id {request_id!r} was already used for a different embed; "
+    return InvalidParameterError(f"request id {shown(request_id)} was already used for a different embed; "
                                  "send a fresh x-request-id for each new embed (reuse it only to retry)")
 
 
@@ -103,15 +113,45 @@ def _encode_cursor(row_id: int) -> str:
     return base64.urlsafe_b64encode(f"v1:{row_id}".encode()).decode().rstrip("=")
 
 
+#: Largest row id a cursor may name: both backends' ids are signed 64-bit, and SQLite's binding raises
+#: OverflowError (PostgreSQL a range error) for a larger integer instead of finding no rows.
+_MAX_ROW_ID = 2**63 - 1
+_CURSOR = re.compile(r"v1:([1-9][0-9]{0,18})")  # ids start at 1; int() alone would take "-5", " 7", "1_0"
+
+
 def _decode_cursor(token: str) -> int:
+    bad = InvalidParameterError("page_token is not one this server issued; send the next_page_token of the "
+                                "previous response unchanged, or start again without it")
     try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        tag, _, num = raw.partition(":")
-        if tag != "v1":
-            raise ValueError
-        return int(num)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidParameterError("page_token is not one this server issued; start again without it") from None
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("ascii")
+    except (ValueError, UnicodeDecodeError):  # binascii.Error is a ValueError
+        raise bad from None
+    m = _CURSOR.fullmatch(raw)
+    if m is None or int(m.group(1)) > _MAX_ROW_ID:
+        raise bad
+    return int(m.group(1))
+
+
+def _create_private(path: Path) -> None:
+    """Create ``path`` empty with mode 0600 (and its folder 0700) unless it exists; warn if an
+    existing one is open to group or others.
+
+    SQLite would create the file 0644 (and ``mkdir`` the folder 0755), and the ledger says which
+    tenant watermarked which image with which key. An empty file is a valid empty database.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        mode = path.stat().st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning("ledger %s is accessible by group/others (mode %o); chmod 600 it", path, stat.S_IMODE(mode))
+        return
+    try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o600)  # the umask may only remove bits; make it exactly 0600
+    finally:
+        os.close(fd)
 
 
 class SQLiteLedger:
@@ -121,7 +161,7 @@ class SQLiteLedger:
         self.path = Path(path)
         try:
             if str(path) != ":memory:":
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                _create_private(self.path)
             self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA busy_timeout=5000")

@@ -8,7 +8,8 @@ Errors become status codes in one place (:func:`_rpc`):
 
 ============================================================  ===================
 InvalidImageError, InvalidParameterError, InvalidShapeError,   INVALID_ARGUMENT
-UnknownNameError, KeyMaterialError
+UnknownNameError, KeyMaterialError,
+MalformedRequest (bytes that are not the RPC's message)
 PermissionDenied (another tenant's data)                       PERMISSION_DENIED
 QueueFull                                                      RESOURCE_EXHAUSTED
 ModelNotReady (loading / failed to load), LedgerError          UNAVAILABLE
@@ -16,6 +17,13 @@ DeadlineTooShort (checked before a model job starts)           DEADLINE_EXCEEDED
 MissingDependencyError (an extra the method needs)             FAILED_PRECONDITION
 anything else (a bug; logged with its traceback)               INTERNAL
 ============================================================  ===================
+
+Every message is kept under :data:`_DETAILS_MAX_BYTES`: the messages cut what they repeat of the
+caller's input (:func:`shallowmark.errors.shown`), and :func:`_rpc` cuts whatever is still longer.
+
+The service is registered with :func:`add_to_server`, not the generated
+``add_WatermarkServicer_to_server``: its request deserializers turn undecodable bytes into
+INVALID_ARGUMENT instead of gRPC's INTERNAL "Exception deserializing request!".
 
 Logs carry the request id, tenant, RPC, method, model, key ids, duration and status; never key
 material, tokens, prompts or images.
@@ -41,6 +49,7 @@ from typing import Any, Callable
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 import shallowmark
 from shallowmark._proto.shallowmark.v1 import watermark_pb2 as pb
@@ -52,6 +61,7 @@ from shallowmark.errors import (
     KeyMaterialError,
     MissingDependencyError,
     UnknownNameError,
+    shown,
 )
 from shallowmark.imaging import encode_png
 from shallowmark.keys import check_key_id
@@ -70,10 +80,11 @@ from shallowmark.server.batching import (
     verify_batch,
 )
 from shallowmark.server.config import ServerConfig
-from shallowmark.server.errors import DeadlineTooShort, ModelNotReady, PermissionDenied, QueueFull
+from shallowmark.server.errors import DeadlineTooShort, MalformedRequest, ModelNotReady, PermissionDenied, QueueFull
 from shallowmark.server.ledger import LedgerError
 
-__all__ = ["ModelPool", "WatermarkServicer", "ModelNotReady", "QueueFull", "DeadlineTooShort", "PermissionDenied"]
+__all__ = ["ModelPool", "WatermarkServicer", "add_to_server", "ModelNotReady", "QueueFull", "DeadlineTooShort",
+           "PermissionDenied"]
 
 log = logging.getLogger("shallowmark.server")
 
@@ -315,7 +326,57 @@ def _time_one_eval(backend) -> float:
 
 # -- the servicer ----------------------------------------------------------------------------------
 
-_INVALID = (InvalidImageError, InvalidParameterError, InvalidShapeError, UnknownNameError, KeyMaterialError)
+_INVALID = (InvalidImageError, InvalidParameterError, InvalidShapeError, UnknownNameError, KeyMaterialError,
+            MalformedRequest)
+
+#: Longest status message (UTF-8 bytes). gRPC sends it percent-encoded in the grpc-message trailer,
+#: and a trailer beyond the 8 KiB header limit reaches the client as RESOURCE_EXHAUSTED "Stream
+#: removed" instead of the error; 1000 bytes stay below that even when every byte is encoded.
+_DETAILS_MAX_BYTES = 1000
+
+
+def _clip(msg: str) -> str:
+    """``msg`` cut to :data:`_DETAILS_MAX_BYTES`. The messages already cut what they echo; this is
+    for text they quote from elsewhere (Pillow, the database driver)."""
+    data = msg.encode("utf-8")
+    if len(data) <= _DETAILS_MAX_BYTES:
+        return msg
+    return data[:_DETAILS_MAX_BYTES - 3].decode("utf-8", "ignore") + "\u2026"
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """What the request deserializer hands the servicer for bytes that are not the RPC's message.
+
+    Raising in a deserializer would make gRPC answer INTERNAL and log a traceback; this marker lets
+    :func:`_rpc` answer INVALID_ARGUMENT through the usual path (status, log line)."""
+
+    message: str  # full name of the expected message type
+    reason: str   # protobuf's parse error
+
+
+def _lenient_deserializer(message_cls):
+    def parse(data: bytes):
+        try:
+            return message_cls.FromString(data)
+        except (DecodeError, UnicodeDecodeError) as e:
+            # upb says "Error parsing message with type '<name>': <what>"; the name is given apart
+            return _Undecodable(message_cls.DESCRIPTOR.full_name, str(e).split("': ", 1)[-1])
+
+    return parse
+
+
+def add_to_server(servicer: "WatermarkServicer", server: grpc.Server) -> None:
+    """Register ``servicer`` on ``server`` as ``add_WatermarkServicer_to_server`` does, with request
+    deserializers that hand undecodable bytes to the servicer (see :class:`_Undecodable`)."""
+    service = pb.DESCRIPTOR.services_by_name["Watermark"]
+    handlers = {}
+    for m in service.methods:  # every RPC of the service is unary-unary
+        handlers[m.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, m.name), request_deserializer=_lenient_deserializer(getattr(pb, m.input_type.name)),
+            response_serializer=getattr(pb, m.output_type.name).SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 def _request_id(context) -> str:
@@ -334,6 +395,10 @@ def _rpc(fn):
         rid, tenant, code, info = "-", current_tenant(), grpc.StatusCode.OK, {}
         try:
             rid = _request_id(context)
+            if isinstance(request, _Undecodable):
+                raise MalformedRequest(f"the request bytes are not a valid {request.message} ({request.reason}): "
+                                       "send a serialized message whose string fields are UTF-8, built with the "
+                                       "stubs generated from protos/shallowmark/v1/watermark.proto")
             return fn(self, request, context, rid, tenant, info)
         except _INVALID as e:
             code, msg = grpc.StatusCode.INVALID_ARGUMENT, str(e)
@@ -354,7 +419,7 @@ def _rpc(fn):
             log.info("rpc=%s request_id=%s tenant=%s status=%s ms=%.0f %s", fn.__name__, rid, tenant,
                      code.name, 1000 * (time.monotonic() - t0),
                      " ".join(f"{k}={v}" for k, v in info.items()))
-        context.abort(code, msg)
+        context.abort(code, _clip(msg))
 
     return wrapper
 
@@ -401,7 +466,7 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
         lm = self.pool.get(request.model)
         method = self.pool.method(lm, method_name)
         if method_name != mk.method:
-            raise KeyMaterialError(f"method_key was derived for {mk.method!r} but the request asks for "
+            raise KeyMaterialError(f"method_key was derived for {shown(mk.method)} but the request asks for "
                                    f"{method_name!r}; derive it with key.for_method({method_name!r})")
         info.update(method=method_name, model=lm.name, key_id=mk.key_id, source=source)
         notes: list[str] = []
@@ -541,7 +606,7 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
     @_rpc
     def ListEmbeds(self, request, context, rid, tenant, info):
         if request.tenant and request.tenant != tenant:
-            raise PermissionDenied(f"your token is not allowed to read tenant {request.tenant!r}'s ledger; "
+            raise PermissionDenied(f"your token is not allowed to read tenant {shown(request.tenant)}'s ledger; "
                                    "leave 'tenant' empty to read your own")
         if request.key_id:
             check_key_id(request.key_id)

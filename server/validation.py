@@ -6,7 +6,10 @@ Image decoding is the risky part. :func:`decode_image`:
 - accepts PNG and JPEG only (Pillow's other decoders are never reached);
 - reads the header first and refuses images above ``max_pixels`` (width x height) *before* any
   pixel is decoded, so a 20000 x 20000 "decompression bomb" costs nothing;
-- refuses empty, undecodable and truncated files;
+- refuses empty, undecodable and truncated files, and palette images whose colours are unknown (no
+  PLTE chunk, or pixels pointing past its end: Pillow would silently make those pixels black);
+- turns the image upright by its EXIF orientation, as a viewer shows it (cameras store the
+  sensor's pixels plus a rotation tag), and says so in ``notes``;
 - converts every other pixel format to 8-bit RGB and says what it did in ``notes`` (grayscale,
   palette, alpha dropped, 16-bit reduced to 8-bit, CMYK, animated: first frame).
 
@@ -26,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from shallowmark.errors import InvalidImageError, InvalidParameterError, KeyMaterialError
+from shallowmark.errors import InvalidImageError, InvalidParameterError, KeyMaterialError, shown
 from shallowmark.keys import MethodKey
 
 __all__ = ["DecodedImage", "decode_image", "check_image_shape", "grid_notes", "on_grid", "parse_method_key", "parse_method_keys",
@@ -104,9 +107,50 @@ def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
             msg = str(e) or type(e).__name__
             hint = " (the file is cut short; send the complete file)" if "truncated" in msg else ""
             raise InvalidImageError(f"cannot decode the {im.format} image: {msg}{hint}") from None
-        pixels = _to_rgb8(im, notes, _png_bit_depth(data))
+        _check_palette(im)
         fmt = im.format or "unknown"
+        pixels = _to_rgb8(_upright(im, notes), notes, _png_bit_depth(data))
     return DecodedImage(pixels=pixels, format=fmt, sha256=digest, notes=notes)
+
+
+def _check_palette(im) -> None:
+    """Refuse a palette image whose colours are not all given (see the module docstring)."""
+    if im.mode != "P":
+        return
+    palette = im.getpalette() or []  # [r, g, b, r, g, b, ...]
+    if not palette:
+        raise InvalidImageError(f"the {im.format} image is a palette image without a palette (no PLTE chunk), so "
+                                "its colours are unknown; re-save it as an RGB PNG")
+    entries = len(palette) // 3
+    used = int(np.asarray(im).max(initial=0)) + 1
+    if used > entries:
+        raise InvalidImageError(f"the {im.format} image uses palette index {used - 1} but its palette has only "
+                                f"{entries} colours, so some pixels have no colour; re-save it as an RGB PNG")
+
+
+#: EXIF orientation tag values -> what turning the image upright did (ImageOps.exif_transpose).
+_ORIENTATIONS = {2: "mirrored left-right", 3: "rotated 180 degrees", 4: "mirrored top-bottom",
+                 5: "mirrored along its main diagonal", 6: "rotated 90 degrees clockwise",
+                 7: "mirrored along its anti-diagonal", 8: "rotated 90 degrees counter-clockwise"}
+_EXIF_ORIENTATION = 0x0112
+
+
+def _upright(im, notes: list[str]):
+    """``im`` as a viewer shows it: its EXIF orientation applied (a note says how)."""
+    from PIL import ImageOps
+
+    try:
+        orientation = im.getexif().get(_EXIF_ORIENTATION)
+    except (OSError, ValueError, SyntaxError, TypeError) as e:  # a corrupt EXIF block
+        raise InvalidImageError(f"cannot read the {im.format} image's EXIF block, which may rotate the image: "
+                                f"{str(e) or type(e).__name__}; re-save the image without EXIF") from None
+    if orientation not in _ORIENTATIONS:  # 1 (upright), missing, or a value no viewer applies
+        return im
+    w, h = im.size
+    upright = ImageOps.exif_transpose(im)
+    notes.append(f"EXIF orientation {orientation} applied: the {w}x{h} pixels were {_ORIENTATIONS[orientation]}, "
+                 f"so the image was read upright as {upright.width}x{upright.height}")
+    return upright
 
 
 def _to_rgb8(im, notes: list[str], png_depth: int | None) -> np.ndarray:
@@ -240,7 +284,7 @@ def check_output_mode(value: str, method) -> str:
         raise InvalidParameterError(f"{method.name} has no output modes: leave 'output' empty")
     if value not in modes:
         raise InvalidParameterError(f"output must be one of {', '.join(modes)} (or empty for the server's "
-                                    f"setting); got {value!r}")
+                                    f"setting); got {shown(value)}")
     return value
 
 

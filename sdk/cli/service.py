@@ -36,6 +36,7 @@ def _cmd_serve(args) -> int:
     import logging
     import secrets
 
+    from shallowmark.client import is_loopback_host
     from shallowmark.server.app import serve
     from shallowmark.server.config import load_config
 
@@ -47,12 +48,14 @@ def _cmd_serve(args) -> int:
     dev_token = None
     if args.config is None:
         # Development mode: loopback only, one fresh token per start, tiny-ldm unless --model says otherwise.
+        # Checked before the config is built, whose own refusal would point at allow_insecure, a config key.
+        if args.host is not None and not is_loopback_host(args.host):
+            raise ShallowmarkError(f"without --config the server listens on loopback only (localhost, 127.0.0.0/8, "
+                                   f"::1), not {args.host!r}; write a config file (tokens, TLS) to listen on "
+                                   "other interfaces")
         dev_token = secrets.token_urlsafe(24)
         overrides["tokens"] = {dev_token: "dev"}
     cfg = load_config(args.config, **overrides)
-    if args.config is None and cfg.host not in ("127.0.0.1", "localhost", "::1"):
-        raise ShallowmarkError("without --config the server listens on loopback only; write a config file "
-                               "(tokens, TLS) to listen on other interfaces")
 
     def ready(app):
         print(f"shallowmark server on {app.address} ({'TLS' if cfg.tls else 'plaintext'}); "

@@ -65,10 +65,13 @@ def test_keys_without_passphrase_fail_clearly(monkeypatch, tmp_path, capsys):
     assert "SHALLOWMARK_PASSPHRASE" in capsys.readouterr().err
 
 
-def test_serve_prints_a_dev_token_and_drains_on_sigterm(tmp_path):
+# 127.0.0.2: every 127.0.0.0/8 address is loopback, and development mode listens on any of them
+@pytest.mark.parametrize("host", [None, "127.0.0.2"])
+def test_serve_prints_a_dev_token_and_drains_on_sigterm(tmp_path, host):
     from shallowmark.client import Client
 
     cmd = [sys.executable, "-m", "shallowmark.cli", "serve", "--port", "0", "--state-dir", str(tmp_path)]
+    cmd += ["--host", host] if host else []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -83,6 +86,7 @@ def test_serve_prints_a_dev_token_and_drains_on_sigterm(tmp_path):
             m = re.search(r"development token \(tenant 'dev'\): (\S+)", line)
             token = m.group(1) if m else token
         assert addr and token, proc.stderr.read() if proc.poll() is not None else "no token printed"
+        assert addr.startswith(f"{host or '127.0.0.1'}:")
         with Client(addr, token, retries=0, timeout=30) as c:
             assert c.info().tenant == "dev"
         proc.send_signal(signal.SIGTERM)   # possibly while the model still loads
