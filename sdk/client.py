@@ -66,7 +66,8 @@ class ServerError(ShallowmarkError):
 
     Attributes:
         code: the ``grpc.StatusCode`` (INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED,
-            RESOURCE_EXHAUSTED, UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL...).
+            RESOURCE_EXHAUSTED, UNAVAILABLE, DEADLINE_EXCEEDED, DATA_LOSS (the server's ledger is
+            corrupt: not retried), INTERNAL...).
         details: the server's message (what to change, for INVALID_ARGUMENT).
         request_id: the id sent with the call (quote it to the operator).
     """

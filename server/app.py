@@ -64,6 +64,8 @@ class ServerApp:
     Raises:
         InvalidParameterError: unreadable TLS files, or the address cannot be bound.
         LedgerError, KeystoreError: the ledger or the attestation key cannot be opened.
+        LedgerIntegrityError: the ledger is corrupt, or holds fewer or other records than were
+            acknowledged (see :mod:`shallowmark.server.ledger`); the server is not started on it.
     """
 
     def __init__(self, config: ServerConfig, *, backend_loader: Callable[..., Any] | None = None,

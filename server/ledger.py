@@ -24,11 +24,35 @@ Both backends behave the same (the same tests run against both): writes are idem
 ``(tenant, request_id)`` (a client that retries an Embed with the same ``x-request-id`` is
 recorded once, and the id reused for another embed is refused); ``list`` is scoped to one tenant,
 newest first, with opaque cursors.
+
+Integrity: acknowledged records are never lost silently. Every record carries ``link``, a SHA-256
+hash chain (``link = sha256(previous link || canonical JSON of the record)``, in id order, from
+:data:`GENESIS`), and the chain's head (number of records and last link) is kept where losing the
+database does not lose it too:
+
+- SQLite: in a sidecar file next to the database, ``<ledger file>.head`` (JSON with its own
+  SHA-256; written to a temporary file, fsynced, renamed over the old one and the folder fsynced)
+  after each committed insert and before the Embed is acknowledged;
+- PostgreSQL: in the one-row table ``shallowmark_ledger_head``, updated in the insert's
+  transaction (its row lock also orders the inserts of several replicas).
+
+Opening a ledger checks it before serving from it: SQLite's ``PRAGMA integrity_check`` (on a
+read-only connection, so a refused ledger and its ``-wal`` file are left exactly as found), then the
+whole chain against the head. A corrupt database, a missing, emptied or shortened one, or a
+changed or deleted record raises :class:`LedgerIntegrityError`, which says what was found and what
+to do; the server does not start. A new ledger (no database, no head) starts empty. A ledger made
+by an older version (no ``link`` column, or no head) is adopted: its records are linked as they
+are, the head is written and a warning is logged. Records without a link (written by an older
+version after the upgrade) are not covered by the chain and are counted in a warning. Corruption
+met at run time raises :class:`LedgerIntegrityError` as well; the servicer answers DATA_LOSS,
+which clients do not retry.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import logging
 import os
 import re
@@ -44,7 +68,8 @@ from typing import Any, Callable
 from shallowmark.client import LedgerEntry
 from shallowmark.errors import InvalidParameterError, ShallowmarkError, shown
 
-__all__ = ["LedgerEntry", "LedgerError", "SQLiteLedger", "PostgresLedger", "open_ledger"]
+__all__ = ["LedgerEntry", "LedgerError", "LedgerIntegrityError", "SQLiteLedger", "PostgresLedger",
+           "open_ledger"]
 
 log = logging.getLogger("shallowmark.server")
 
@@ -59,6 +84,7 @@ CREATE TABLE IF NOT EXISTS embeds (
     created_at   TEXT NOT NULL,
     request_id   TEXT NOT NULL,
     source       TEXT NOT NULL,
+    link         TEXT,
     UNIQUE (tenant, request_id)
 );
 CREATE INDEX IF NOT EXISTS embeds_tenant_id ON embeds (tenant, id);
@@ -68,6 +94,13 @@ CREATE INDEX IF NOT EXISTS embeds_sha ON embeds (image_sha256);
 
 class LedgerError(ShallowmarkError):
     """The ledger cannot be opened or written. The servicer answers UNAVAILABLE."""
+
+
+class LedgerIntegrityError(LedgerError):
+    """The ledger is corrupt, or holds fewer or other records than were acknowledged. Raised when it
+    is opened (the server then does not start) and when corruption is met at run time (the servicer
+    answers DATA_LOSS, which clients do not retry). The message says what was found and what the
+    operator can do."""
 
 
 def _check_page_size(page_size: int) -> None:
@@ -154,21 +187,324 @@ def _create_private(path: Path) -> None:
         os.close(fd)
 
 
+# -- the hash chain ----------------------------------------------------------------------------------
+
+#: The link "before" the first record.
+GENESIS = hashlib.sha256(b"shallowmark ledger chain v1").hexdigest()
+
+#: The row of the chain, for either backend: id, the eight content columns, then the link.
+_CHAIN_COLUMNS = "id, tenant, key_id, method, model, image_sha256, created_at, request_id, source"
+
+#: Rows read (and linked, on adoption) per query when walking the chain.
+_CHAIN_BATCH = 2000
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _content(tenant: str, key_id: str, method: str, model: str, image_sha256: str, created_at: str,
+             request_id: str, source: str) -> bytes:
+    """The canonical bytes of one record (``created_at``: UTC ISO 8601 to the microsecond, as
+    ``datetime.isoformat(timespec="microseconds")`` writes it)."""
+    return json.dumps([tenant, key_id, method, model, image_sha256, created_at, request_id, source],
+                      ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _link(prev: str, content: bytes) -> str:
+    return hashlib.sha256(bytes.fromhex(prev) + content).hexdigest()
+
+
+def _iso(when: datetime) -> str:
+    return when.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+@dataclass
+class _Chain:
+    """What walking a ledger's rows in id order found."""
+
+    rows: int = 0                 # every row
+    count: int = 0                # rows with a link, all verified
+    head: str = GENESIS           # the last link
+    last_linked_id: int = 0
+    unlinked: int = 0             # rows without a link before the last linked one (older version)
+    trailing: int = 0             # rows without a link after it (adoption links them)
+    at_mark: str | None = None    # the link after ``mark`` linked rows, if there were that many
+
+
+def _walk(batches, where: str, created: Callable[[Any], str], mark: int | None = None) -> _Chain:
+    """Verify the chain over ``batches`` (lists of rows: :data:`_CHAIN_COLUMNS` then ``link``, in id
+    order). Raises LedgerIntegrityError at the first row whose link is not the one computed."""
+    c = _Chain(at_mark=GENESIS if mark == 0 else None)
+    for rows in batches:
+        for r in rows:
+            c.rows += 1
+            if r[9] is None:
+                c.trailing += 1
+                continue
+            link = _link(c.head, _content(r[1], r[2], r[3], r[4], r[5], created(r[6]), r[7], r[8]))
+            if r[9] != link:
+                raise LedgerIntegrityError(
+                    f"the ledger {where} is damaged: record id {r[0]} (number {c.count + 1} of the hash chain) does "
+                    "not match the chain, so it or a record before it was changed, or a record before it was "
+                    "deleted. The server was not started on it; restore the ledger from a backup taken before "
+                    "the damage (keep a copy of this one for the investigation)")
+            c.unlinked += c.trailing
+            c.trailing = 0
+            c.head, c.count, c.last_linked_id = link, c.count + 1, r[0]
+            if c.count == mark:
+                c.at_mark = link
+    return c
+
+
+def _short(where: str, found: int, acked: int, head_at: str, what: str, remedy: str) -> LedgerIntegrityError:
+    """The error for a ledger with fewer linked records than were acknowledged."""
+    missing = acked - found
+    return LedgerIntegrityError(
+        f"the ledger {where} {what}, but {acked} record{'s' if acked != 1 else ''} were acknowledged "
+        f"({head_at}): {missing} acknowledged record{'s are' if missing != 1 else ' is'} missing. The server was "
+        f"not started on it, so nothing more is overwritten. {remedy}")
+
+
+def _corrupt(where: str, problems: list[str], keep: str, at_start: bool = True) -> LedgerIntegrityError:
+    found = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+    return LedgerIntegrityError(
+        f"the ledger {where} is corrupt ({found}). "
+        + ("The server was not started on it. " if at_start else "Stop the server. ")
+        + f"Keep a copy of {keep}, then restore the ledger from the last good backup (or salvage "
+        f"rows with `sqlite3 {where} .recover`)")
+
+
+#: What a client is told when corruption is met at run time (the details, with the file or database,
+#: go to the server log).
+_RUNTIME_CORRUPT = ("the server's embed ledger is corrupt ({}), so embeds cannot be recorded or listed until the "
+                    "operator restores it from a backup; retrying will not help")
+
+
+# -- SQLite --------------------------------------------------------------------------------------------
+
+#: SQLite's primary result codes for a damaged file: SQLITE_CORRUPT, SQLITE_NOTADB.
+_SQLITE_CORRUPT_CODES = (11, 26)
+
+
+def _sqlite_corrupt(e: sqlite3.Error) -> bool:
+    code = getattr(e, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF in _SQLITE_CORRUPT_CODES
+    msg = str(e)
+    return "malformed" in msg or "not a database" in msg
+
+
+_HEAD_FORMAT = "shallowmark-ledger-head/1"
+
+
+def head_path(db_path: str | os.PathLike[str]) -> Path:
+    """The SQLite ledger's head sidecar: ``<ledger file>.head`` in the same folder."""
+    p = Path(db_path)
+    return p.with_name(p.name + ".head")
+
+
+def _head_digest(count: int, head: str) -> str:
+    return hashlib.sha256(f"{_HEAD_FORMAT}\n{count}\n{head}".encode()).hexdigest()
+
+
+def _read_head(path: Path) -> tuple[int, str] | None:
+    """``(count, head)`` from the sidecar; None if there is none."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise LedgerError(f"cannot read the ledger's head record {path}: {e}") from None
+    try:
+        d = json.loads(raw)
+        count, head = d["count"], d["head"]
+        ok = (d["format"] == _HEAD_FORMAT and type(count) is int and count >= 0 and isinstance(head, str)
+              and _HEX64.fullmatch(head) is not None and d["sha256"] == _head_digest(count, head))
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise LedgerIntegrityError(
+            f"the ledger's head record {path} is damaged ({len(raw)} bytes that are not a valid head record), so "
+            f"it cannot tell how many records were acknowledged. The server was not started. Restore {path.name} "
+            f"together with its ledger from a backup; or, if the ledger {path.with_suffix('')} is known to be "
+            "complete, move the head record away and start again: the ledger is then adopted as it is")
+    return count, head
+
+
+def _write_head(path: Path, count: int, head: str, dir_fd: int | None) -> None:
+    """Replace the sidecar atomically and durably: temporary file, fsync, rename, fsync of the folder."""
+    data = json.dumps({"format": _HEAD_FORMAT, "count": count, "head": head,
+                       "sha256": _head_digest(count, head)}).encode() + b"\n"
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    if dir_fd is not None:
+        os.fsync(dir_fd)
+
+
 class SQLiteLedger:
-    """Ledger in one SQLite file. Thread-safe (one connection behind a lock)."""
+    """Ledger in one SQLite file. Thread-safe (one connection behind a lock). One process only: the
+    chain's head is kept in this object (and in the sidecar, :func:`head_path`).
+
+    Raises:
+        LedgerIntegrityError: the file is corrupt, or missing, empty or shorter than its head record
+            says, or a record was changed or deleted (see the module docstring).
+        LedgerError: the file cannot be opened.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._lock = threading.Lock()
+        self._count, self._head, self._acked = 0, GENESIS, 0
+        self._head_file: Path | None = None
+        self._dir_fd: int | None = None
+        if str(path) == ":memory:":
+            try:
+                self._db = self._connect(str(path))
+            except sqlite3.Error as e:
+                raise LedgerError(f"cannot open the ledger {path}: {e}") from None
+            return
+        self._head_file = head_path(self.path)
+        acked = _read_head(self._head_file)
+        chain = self._check(acked)
         try:
-            if str(path) != ":memory:":
-                _create_private(self.path)
-            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA busy_timeout=5000")
-            self._db.executescript(_SCHEMA)
+            _create_private(self.path)
+            self._db = self._connect(str(path))
         except (sqlite3.Error, OSError) as e:
             raise LedgerError(f"cannot open the ledger {path}: {e}") from None
-        self._lock = threading.Lock()
+        try:
+            if chain.trailing:
+                chain = self._link_trailing(chain)
+            if hasattr(os, "O_DIRECTORY"):
+                self._dir_fd = os.open(self._head_file.parent, os.O_RDONLY | os.O_DIRECTORY)
+            self._count, self._head = chain.count, chain.head
+            if acked != (chain.count, chain.head):
+                _write_head(self._head_file, chain.count, chain.head, self._dir_fd)
+        except (sqlite3.Error, OSError) as e:
+            self.close()
+            raise LedgerError(f"cannot open the ledger {path}: {e}") from None
+        except BaseException:
+            self.close()
+            raise
+        self._acked = self._count
+
+    @staticmethod
+    def _connect(path: str) -> sqlite3.Connection:
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA busy_timeout=5000")
+        # FULL: a commit is on disk (the -wal fsynced) before the head record counts it and the Embed is
+        # acknowledged. SQLite's default, set in case a build defaults to NORMAL.
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(_SCHEMA)
+        if "link" not in {r[1] for r in db.execute("PRAGMA table_info(embeds)")}:
+            db.execute("ALTER TABLE embeds ADD COLUMN link TEXT")  # made by an older version: _link_trailing
+        return db
+
+    def _check(self, acked: tuple[int, str] | None) -> _Chain:
+        """Check the file before anything writes to it (a read-only connection: a damaged ``-wal`` is
+        left as it is, not checkpointed or reset) and compare its chain with the head record."""
+        where, hf = str(self.path), self._head_file
+        remedy = ("(The file was truncated or replaced by an older copy, or its -wal file was damaged after a "
+                  f"crash.) Restore the ledger from a backup that has them (keep a copy of {self.path.name} and its "
+                  "-wal file first). If you accept the loss (e.g. you restored an older backup on purpose), move "
+                  f"{hf} away and start again: the ledger is then adopted as it is")
+        if not self.path.exists():
+            if acked and acked[0]:
+                raise LedgerIntegrityError(
+                    f"the ledger {where} does not exist, but its head record {hf} says {acked[0]} records were "
+                    f"acknowledged. The server was not started. Restore the ledger from a backup (or fix the "
+                    f"ledger_url if it moved). To start a new, empty ledger instead, move {hf} away")
+            return _Chain()
+        size = self.path.stat().st_size
+        try:
+            ro = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True)
+        except sqlite3.Error as e:
+            raise LedgerError(f"cannot open the ledger {where}: {e}") from None
+        try:
+            problems = [r[0] for r in ro.execute("PRAGMA integrity_check(20)")]
+            if problems != ["ok"]:
+                raise _corrupt(where, problems, f"{self.path.name} and its -wal file")
+            cols = {r[1] for r in ro.execute("PRAGMA table_info(embeds)")}
+            link = "link" if "link" in cols else "NULL"
+
+            def batches():
+                after = 0
+                while rows := ro.execute(f"SELECT {_CHAIN_COLUMNS}, {link} FROM embeds WHERE id > ? ORDER BY id "
+                                         f"LIMIT {_CHAIN_BATCH}", (after,)).fetchall():
+                    yield rows
+                    after = rows[-1][0]
+
+            chain = _walk(batches() if cols else (), where, str, mark=acked[0] if acked else None)
+        except sqlite3.Error as e:
+            if _sqlite_corrupt(e):
+                raise _corrupt(where, [str(e)], f"{self.path.name} and its -wal file") from None
+            raise LedgerError(f"cannot read the ledger {where}: {e}") from None
+        finally:
+            ro.close()
+        if acked is None:
+            if chain.rows:
+                log.warning("ledger %s has no head record %s (made by an older version, or the record was removed): "
+                            "adopting its %d records as they are (SQLite integrity check passed%s); from now on "
+                            "missing or changed records are detected", where, hf, chain.rows,
+                            f", {chain.count} hash-chained records verified" if chain.count else "")
+            return chain
+        count, head = acked
+        if chain.count < count:
+            if size == 0 and not chain.rows:
+                what = "is empty (0 bytes)"
+            elif not chain.rows:
+                what = "holds no records"
+            else:
+                what = f"holds {chain.count} hash-chained records"
+            raise _short(where, chain.count, count, f"its head record {hf} says so", what, remedy)
+        if chain.at_mark != head:
+            raise LedgerIntegrityError(
+                f"the ledger {where} is not the one its head record {hf} describes: its first {count} records do "
+                "not hash to the acknowledged head, so records were changed or replaced (another database file "
+                f"put in its place?). The server was not started. {remedy}")
+        if chain.count > count:
+            log.info("ledger %s: %d records committed after the last acknowledged one (the server stopped between "
+                     "the two); kept", where, chain.count - count)
+        if chain.unlinked:
+            log.warning("ledger %s: %d records have no hash-chain link (written by an older shallowmark version); "
+                        "they are kept but not covered by the integrity check", where, chain.unlinked)
+        return chain
+
+    def _link_trailing(self, chain: _Chain) -> _Chain:
+        """Link the rows after the last linked one that have no link (an older version's rows, all of them
+        in a ledger it made), in one transaction."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            after = chain.last_linked_id
+            while rows := db.execute(f"SELECT {_CHAIN_COLUMNS} FROM embeds WHERE id > ? ORDER BY id LIMIT "
+                                     f"{_CHAIN_BATCH}", (after,)).fetchall():
+                links = []
+                for r in rows:
+                    chain.head = _link(chain.head, _content(*r[1:]))
+                    links.append((chain.head, r[0]))
+                db.executemany("UPDATE embeds SET link = ? WHERE id = ?", links)
+                chain.count += len(rows)
+                after = rows[-1][0]
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        log.info("ledger %s: linked %d records that had no hash-chain link (written by an older version)",
+                 self.path, chain.trailing)
+        chain.trailing = 0
+        return chain
+
+    def _failed(self, what: str, e: sqlite3.Error) -> LedgerError:
+        if _sqlite_corrupt(e):
+            log.error("%s", _corrupt(str(self.path), [str(e)], f"{self.path.name} and its -wal file", at_start=False))
+            return LedgerIntegrityError(_RUNTIME_CORRUPT.format(e))
+        return LedgerError(f"cannot {what} the ledger: {e}")
 
     def record(self, *, tenant: str, key_id: str, method: str, model: str, image_sha256: str,
                request_id: str, source: str, created_at: datetime | None = None) -> bool:
@@ -178,23 +514,37 @@ class SQLiteLedger:
         Raises:
             InvalidParameterError: ``request_id`` was already used by this tenant for a *different*
                 embed (the image must then not be returned: the ledger could not record it).
-            LedgerError: the write failed (the embed must then not be returned to the caller).
+            LedgerIntegrityError: the database is corrupt.
+            LedgerError: the write failed, or the head record could not be written (the embed must
+                then not be returned to the caller; its retry completes the head record).
         """
-        when = (created_at or datetime.now(timezone.utc)).astimezone(timezone.utc)
+        when = _iso(created_at or datetime.now(timezone.utc))
         row = (key_id, method, model, image_sha256, source)
-        try:
-            with self._lock:
+        content = _content(tenant, key_id, method, model, image_sha256, when, request_id, source)
+        with self._lock:
+            link = _link(self._head, content)
+            try:
                 cur = self._db.execute(
                     "INSERT OR IGNORE INTO embeds (tenant, key_id, method, model, image_sha256, created_at, "
-                    "request_id, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (tenant, key_id, method, model, image_sha256, when.isoformat(timespec="microseconds"),
-                     request_id, source))
-                if cur.rowcount == 1:
-                    return True
-                old = self._db.execute("SELECT key_id, method, model, image_sha256, source FROM embeds "
-                                       "WHERE tenant = ? AND request_id = ?", (tenant, request_id)).fetchone()
-        except sqlite3.Error as e:
-            raise LedgerError(f"cannot write to the ledger: {e}") from None
+                    "request_id, source, link) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (tenant, key_id, method, model, image_sha256, when, request_id, source, link))
+                inserted = cur.rowcount == 1
+                if inserted:
+                    self._count, self._head = self._count + 1, link
+                else:
+                    old = self._db.execute("SELECT key_id, method, model, image_sha256, source FROM embeds "
+                                           "WHERE tenant = ? AND request_id = ?", (tenant, request_id)).fetchone()
+            except sqlite3.Error as e:
+                raise self._failed("write to", e) from None
+            if self._head_file is not None and self._acked < self._count:
+                try:
+                    _write_head(self._head_file, self._count, self._head, self._dir_fd)
+                except OSError as e:
+                    raise LedgerError(f"the embed was written to the ledger but its head record {self._head_file} "
+                                      f"cannot be updated ({e}); it is not acknowledged") from None
+                self._acked = self._count
+        if inserted:
+            return True
         if tuple(old) != row:
             raise _reused_id(request_id)
         return False
@@ -207,22 +557,38 @@ class SQLiteLedger:
             with self._lock:
                 rows = self._db.execute(sql, args).fetchall()
         except sqlite3.Error as e:
-            raise LedgerError(f"cannot read the ledger: {e}") from None
+            raise self._failed("read", e) from None
         return _page(rows, page_size, datetime.fromisoformat)
 
     def count(self, tenant: str | None = None) -> int:
         """Number of rows (of one tenant, or all)."""
-        with self._lock:
-            if tenant is None:
-                return self._db.execute("SELECT COUNT(*) FROM embeds").fetchone()[0]
-            return self._db.execute("SELECT COUNT(*) FROM embeds WHERE tenant = ?", (tenant,)).fetchone()[0]
+        try:
+            with self._lock:
+                if tenant is None:
+                    return self._db.execute("SELECT COUNT(*) FROM embeds").fetchone()[0]
+                return self._db.execute("SELECT COUNT(*) FROM embeds WHERE tenant = ?", (tenant,)).fetchone()[0]
+        except sqlite3.Error as e:
+            raise self._failed("read", e) from None
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            if getattr(self, "_db", None) is not None:
+                self._db.close()
+            if self._dir_fd is not None:
+                os.close(self._dir_fd)
+                self._dir_fd = None
 
 
 _PG_TABLE = "shallowmark_embeds"
+_PG_HEAD = "shallowmark_ledger_head"
+
+_PG_HEAD_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS {_PG_HEAD} (
+    id      SMALLINT PRIMARY KEY CHECK (id = 1),
+    records BIGINT NOT NULL,
+    head    TEXT NOT NULL
+);
+"""
 
 _PG_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS {_PG_TABLE} (
@@ -235,15 +601,21 @@ CREATE TABLE IF NOT EXISTS {_PG_TABLE} (
     created_at   TIMESTAMPTZ NOT NULL,
     request_id   TEXT NOT NULL,
     source       TEXT NOT NULL,
+    link         TEXT,
     UNIQUE (tenant, request_id)
 );
 CREATE INDEX IF NOT EXISTS {_PG_TABLE}_tenant_id ON {_PG_TABLE} (tenant, id);
 CREATE INDEX IF NOT EXISTS {_PG_TABLE}_sha ON {_PG_TABLE} (image_sha256);
+{_PG_HEAD_SCHEMA}
+INSERT INTO {_PG_HEAD} (id, records, head) VALUES (1, 0, '{GENESIS}') ON CONFLICT (id) DO NOTHING;
 """
 
 #: Key of the advisory lock held while creating the table: replicas starting together would otherwise
 #: race in CREATE TABLE IF NOT EXISTS (it is not atomic in PostgreSQL and can fail on the catalog).
 _PG_SCHEMA_LOCK = 0x5EA1_ED6E
+
+#: SQLSTATEs of a damaged relation (data_corrupted, index_corrupted).
+_PG_CORRUPT = ("XX001", "XX002")
 
 
 def describe_pg_url(url: str) -> str:
@@ -263,10 +635,16 @@ def describe_pg_url(url: str) -> str:
 class PostgresLedger:
     """Ledger in a PostgreSQL table (``shallowmark_embeds``), same behaviour as :class:`SQLiteLedger`.
 
-    One connection in autocommit mode behind a lock (the ledger does one short statement per call,
+    One connection in autocommit mode behind a lock (the ledger does one short transaction per call,
     so a pool would buy nothing at the server's request rate). A connection that broke (the
     database restarted, an idle timeout) is re-opened once per call and the statement re-run,
     which is safe because every write is idempotent per ``(tenant, request_id)``.
+
+    The chain's head is the one row of ``shallowmark_ledger_head``: each insert locks it (``FOR
+    UPDATE``, which also orders the inserts of several replicas), links the record to it and moves
+    it, in one transaction. A role that only runs the ledger needs SELECT and INSERT on
+    ``shallowmark_embeds`` and SELECT and UPDATE on ``shallowmark_ledger_head``; creating the tables,
+    or adding the chain to a table an older version made, needs a role that may (the owner).
 
     Args:
         url: a libpq URL, ``postgresql://[user[:password]@][host][:port][/dbname][?param=value...]``.
@@ -274,7 +652,9 @@ class PostgresLedger:
 
     Raises:
         InvalidParameterError: ``url`` is not a valid libpq URL.
-        LedgerError: ``psycopg`` is missing, the database cannot be reached, or the table cannot be created.
+        LedgerIntegrityError: records are missing, changed or deleted (see the module docstring).
+        LedgerError: ``psycopg`` is missing, the database cannot be reached, or the tables cannot be
+            created or used by this role.
     """
 
     def __init__(self, url: str):
@@ -290,15 +670,118 @@ class PostgresLedger:
         with self._lock:
             self._db = self._connect()
             try:
-                # An existing table is used as it is: CREATE ... IF NOT EXISTS would still need the CREATE
-                # privilege on the schema, which a least-privilege role (SELECT, INSERT) does not have.
-                if self._db.execute("SELECT to_regclass(%s)", (_PG_TABLE,)).fetchone()[0] is None:
-                    with self._db.transaction():
-                        self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_SCHEMA_LOCK,))
-                        self._db.execute(_PG_SCHEMA)
+                self._prepare()
+                self._check()
             except psycopg.Error as e:
                 self._db.close()
-                raise LedgerError(f"cannot create the ledger table in {self.where}: {_pg_message(e)}") from None
+                raise LedgerError(f"cannot open the ledger tables in {self.where}: {_pg_message(e)}") from None
+            except BaseException:
+                self._db.close()
+                raise
+
+    def _state(self) -> tuple[bool, bool, bool]:
+        """Whether the embeds table, its link column and the head row exist."""
+        db = self._db
+        table, head = db.execute("SELECT to_regclass(%s), to_regclass(%s)", (_PG_TABLE, _PG_HEAD)).fetchone()
+        link = table is not None and db.execute(
+            "SELECT 1 FROM pg_attribute WHERE attrelid = %s::regclass AND attname = 'link' AND NOT attisdropped",
+            (_PG_TABLE,)).fetchone() is not None
+        if head is not None:
+            role, read, write = db.execute("SELECT current_user, has_table_privilege(%s, 'SELECT'), "
+                                           "has_table_privilege(%s, 'UPDATE')", (_PG_HEAD, _PG_HEAD)).fetchone()
+            if not (read and write):
+                raise LedgerError(
+                    f"the role {role} may not {'read' if not read else 'update'} {_PG_HEAD} in {self.where}, which "
+                    f"every embed does (it holds the ledger's hash-chain head): GRANT SELECT, UPDATE ON {_PG_HEAD} "
+                    f"TO {role}")
+        row = head is not None and db.execute(f"SELECT 1 FROM {_PG_HEAD} WHERE id = 1").fetchone() is not None
+        return table is not None, link, row
+
+    def _prepare(self) -> None:
+        """Create the tables, or add the chain to a ledger an older version made (adoption).
+
+        An existing, complete ledger is used as it is: CREATE ... IF NOT EXISTS would still need the
+        CREATE privilege on the schema, which a least-privilege role does not have."""
+        table, link, row = self._state()
+        if table and link and row:
+            return
+        db = self._db
+        try:
+            with db.transaction():
+                db.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_SCHEMA_LOCK,))
+                table, link, row = self._state()   # another replica may have done it meanwhile
+                if not table:
+                    db.execute(_PG_SCHEMA)
+                elif row and not link:
+                    raise LedgerIntegrityError(
+                        f"the ledger {self.where} has a hash-chain head row in {_PG_HEAD} but {_PG_TABLE} has lost "
+                        "its link column, so its records cannot be checked. The server was not started on it. "
+                        "Restore the database from a backup; to adopt the records as they are, DELETE FROM "
+                        f"{_PG_HEAD} as the table owner and start again")
+                elif not (link and row):
+                    self._adopt(link)
+        except self._psycopg.errors.InsufficientPrivilege as e:
+            if not table:
+                raise LedgerError(f"cannot create the ledger tables in {self.where}: {_pg_message(e)}") from None
+            raise LedgerError(
+                f"the ledger in {self.where} was made by an older shallowmark version (or its head row was "
+                f"removed) and needs its hash chain added, which this role may not do ({_pg_message(e)}): start "
+                f"this version once with the role that owns {_PG_TABLE}, then again with this one") from None
+
+    def _adopt(self, has_link: bool) -> None:
+        db = self._db
+        if not has_link:
+            db.execute(f"ALTER TABLE {_PG_TABLE} ADD COLUMN IF NOT EXISTS link TEXT")
+        db.execute(_PG_HEAD_SCHEMA)
+        chain = _walk(self._batches(db, "link"), self.where, _iso)
+        after = chain.last_linked_id
+        while rows := db.execute(f"SELECT {_CHAIN_COLUMNS} FROM {_PG_TABLE} WHERE id > %s ORDER BY id LIMIT "
+                                 f"{_CHAIN_BATCH}", (after,)).fetchall():
+            links = []
+            for r in rows:
+                chain.head = _link(chain.head, _content(*r[1:6], _iso(r[6]), r[7], r[8]))
+                links.append((chain.head, r[0]))
+            with db.cursor() as cur:
+                cur.executemany(f"UPDATE {_PG_TABLE} SET link = %s WHERE id = %s", links)
+            chain.count += len(rows)
+            after = rows[-1][0]
+        db.execute(f"INSERT INTO {_PG_HEAD} (id, records, head) VALUES (1, %s, %s)", (chain.count, chain.head))
+        log.warning("ledger %s had no hash-chain head (made by an older version, or the head row was removed): "
+                    "adopted its %d records as they are (%d linked now); from now on missing or changed records "
+                    "are detected", self.where, chain.rows, chain.trailing)
+
+    @staticmethod
+    def _batches(db, link: str):
+        after = 0
+        while rows := db.execute(f"SELECT {_CHAIN_COLUMNS}, {link} FROM {_PG_TABLE} WHERE id > %s ORDER BY id "
+                                 f"LIMIT {_CHAIN_BATCH}", (after,)).fetchall():
+            yield rows
+            after = rows[-1][0]
+
+    def _check(self) -> None:
+        """Verify the chain against the head row, in one snapshot."""
+        db = self._db
+        with db.transaction():
+            db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            count, head = db.execute(f"SELECT records, head FROM {_PG_HEAD} WHERE id = 1").fetchone()
+            chain = _walk(self._batches(db, "link"), self.where, _iso, mark=count)
+        head_at = f"the head row in {_PG_HEAD} says so"
+        if chain.count < count:
+            raise _short(self.where, chain.count, count, head_at,
+                         f"holds {chain.count} hash-chained record{'s' if chain.count != 1 else ''}",
+                         "Restore the database from a backup that has them. If you accept the loss, "
+                         f"DELETE FROM {_PG_HEAD} as the table owner and start again: the ledger is then adopted "
+                         "as it is")
+        if chain.count > count or chain.at_mark != head:
+            raise LedgerIntegrityError(
+                f"the ledger {self.where} does not match its head row in {_PG_HEAD} ({chain.count} hash-chained "
+                f"records against {count} acknowledged): records were changed or replaced, or the head row was. "
+                "The server was not started on it. Restore the database from a backup; if the records are known "
+                f"to be right, DELETE FROM {_PG_HEAD} as the table owner and start again to adopt them as they are")
+        if chain.unlinked or chain.trailing:
+            log.warning("ledger %s: %d records have no hash-chain link (written by an older shallowmark version); "
+                        "they are kept but not covered by the integrity check", self.where,
+                        chain.unlinked + chain.trailing)
 
     def _connect(self):
         psycopg = self._psycopg
@@ -333,6 +816,9 @@ class PostgresLedger:
                         continue
                     raise LedgerError(f"cannot {what} the ledger {self.where}: {_pg_message(e)}") from None
                 except psycopg.Error as e:
+                    if getattr(e, "sqlstate", None) in _PG_CORRUPT:
+                        log.error("the ledger %s is corrupt: %s", self.where, _pg_message(e))
+                        raise LedgerIntegrityError(_RUNTIME_CORRUPT.format(_pg_message(e))) from None
                     raise LedgerError(f"cannot {what} the ledger {self.where}: {_pg_message(e)}") from None
 
     def record(self, *, tenant: str, key_id: str, method: str, model: str, image_sha256: str,
@@ -340,16 +826,25 @@ class PostgresLedger:
         """As :meth:`SQLiteLedger.record`."""
         when = (created_at or datetime.now(timezone.utc)).astimezone(timezone.utc)
         row = (key_id, method, model, image_sha256, source)
+        content = _content(tenant, key_id, method, model, image_sha256, _iso(when), request_id, source)
 
         def write(db):
-            cur = db.execute(
-                f"INSERT INTO {_PG_TABLE} (tenant, key_id, method, model, image_sha256, created_at, request_id, "
-                "source) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (tenant, request_id) DO NOTHING "
-                "RETURNING id", (tenant, key_id, method, model, image_sha256, when, request_id, source))
-            if cur.fetchone() is not None:
-                return None
-            return db.execute(f"SELECT key_id, method, model, image_sha256, source FROM {_PG_TABLE} "
-                              "WHERE tenant = %s AND request_id = %s", (tenant, request_id)).fetchone()
+            with db.transaction():
+                head = db.execute(f"SELECT head FROM {_PG_HEAD} WHERE id = 1 FOR UPDATE").fetchone()
+                if head is None:
+                    log.error("the ledger %s has lost its head row (%s)", self.where, _PG_HEAD)
+                    raise LedgerIntegrityError(_RUNTIME_CORRUPT.format("its hash-chain head is gone"))
+                link = _link(head[0], content)
+                cur = db.execute(
+                    f"INSERT INTO {_PG_TABLE} (tenant, key_id, method, model, image_sha256, created_at, request_id, "
+                    "source, link) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (tenant, request_id) DO "
+                    "NOTHING RETURNING id", (tenant, key_id, method, model, image_sha256, when, request_id, source,
+                                             link))
+                if cur.fetchone() is not None:
+                    db.execute(f"UPDATE {_PG_HEAD} SET records = records + 1, head = %s WHERE id = 1", (link,))
+                    return None
+                return db.execute(f"SELECT key_id, method, model, image_sha256, source FROM {_PG_TABLE} "
+                                  "WHERE tenant = %s AND request_id = %s", (tenant, request_id)).fetchone()
 
         old = self._run("write to", write)
         if old is None:

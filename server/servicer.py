@@ -13,6 +13,7 @@ MalformedRequest (bytes that are not the RPC's message)
 PermissionDenied (another tenant's data)                       PERMISSION_DENIED
 QueueFull                                                      RESOURCE_EXHAUSTED
 ModelNotReady (loading / failed to load), LedgerError          UNAVAILABLE
+LedgerIntegrityError (the ledger is corrupt; not retried)      DATA_LOSS
 DeadlineTooShort (checked before a model job starts)           DEADLINE_EXCEEDED
 MissingDependencyError (an extra the method needs)             FAILED_PRECONDITION
 anything else (a bug; logged with its traceback)               INTERNAL
@@ -81,7 +82,7 @@ from shallowmark.server.batching import (
 )
 from shallowmark.server.config import ServerConfig
 from shallowmark.server.errors import DeadlineTooShort, MalformedRequest, ModelNotReady, PermissionDenied, QueueFull
-from shallowmark.server.ledger import LedgerError
+from shallowmark.server.ledger import LedgerError, LedgerIntegrityError
 
 __all__ = ["ModelPool", "WatermarkServicer", "add_to_server", "ModelNotReady", "QueueFull", "DeadlineTooShort",
            "PermissionDenied"]
@@ -406,6 +407,8 @@ def _rpc(fn):
             code, msg = grpc.StatusCode.PERMISSION_DENIED, str(e)
         except QueueFull as e:
             code, msg = grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
+        except LedgerIntegrityError as e:  # before LedgerError, its base: retrying cannot help
+            code, msg = grpc.StatusCode.DATA_LOSS, str(e)
         except (ModelNotReady, LedgerError) as e:
             code, msg = grpc.StatusCode.UNAVAILABLE, str(e)
         except DeadlineTooShort as e:

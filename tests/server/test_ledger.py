@@ -14,7 +14,8 @@ from shallowmark.server.ledger import LedgerError, PostgresLedger, SQLiteLedger,
 
 KEY_A = "sm1_" + "a" * 32
 KEY_B = "sm1_" + "b" * 32
-COLUMNS = {"id", "tenant", "key_id", "method", "model", "image_sha256", "created_at", "request_id", "source"}
+COLUMNS = {"id", "tenant", "key_id", "method", "model", "image_sha256", "created_at", "request_id", "source",
+           "link"}
 
 
 def _rec(ledger, tenant, i, key=KEY_A, **kw):
@@ -171,8 +172,18 @@ def test_two_replicas_share_one_database(pg_url):
         _rec(two, "a", 1, image_sha256="0" * 64)
     assert _rec(two, "a", 2)
     assert [e.request_id for e in one.list("a")[0]] == ["r2", "r1"] and one.count() == 2
+    # both writing at once: the head row's lock orders their inserts, so the one chain still verifies
+    writers = [threading.Thread(target=lambda led=led, t=t: [_rec(led, "c", 100 * t + i) for i in range(25)])
+               for t, led in ((1, one), (2, two))]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
     one.close()
     two.close()
+    again = open_ledger(pg_url)
+    assert again.count() == 52
+    again.close()
 
 
 # -- a server on PostgreSQL ------------------------------------------------------------------------
@@ -213,14 +224,300 @@ def test_server_on_postgres_records_embeds_per_tenant(tmp_path, pg_url, loader, 
         assert secret not in dump
 
 
-def test_a_role_with_only_select_and_insert_can_run_the_ledger(pg_url):
+def test_a_role_with_only_select_insert_and_the_head_update_can_run_the_ledger(pg_url):
     import psycopg
 
-    open_ledger(pg_url).close()   # first start, by a role that may create the table
+    open_ledger(pg_url).close()   # first start, by a role that may create the tables
     role = "rw_" + pg_url.split("/")[3].split("?")[0]   # roles are per cluster: one per test database
+    as_role = pg_url.replace("postgresql://postgres@", f"postgresql://{role}@", 1)
     with psycopg.connect(pg_url, autocommit=True) as admin:
         admin.execute(f"CREATE ROLE {role} LOGIN")
         admin.execute(f"GRANT SELECT, INSERT ON shallowmark_embeds TO {role}")
-    led = open_ledger(pg_url.replace("postgresql://postgres@", f"postgresql://{role}@", 1))
+        with pytest.raises(LedgerError, match=f"GRANT SELECT, UPDATE ON shallowmark_ledger_head TO {role}"):
+            open_ledger(as_role)   # refused at start, not at the first embed
+        admin.execute(f"GRANT SELECT, UPDATE ON shallowmark_ledger_head TO {role}")
+    led = open_ledger(as_role)
     assert _rec(led, "a", 1) and not _rec(led, "a", 1) and led.count("a") == 1
     led.close()
+    open_ledger(pg_url).close()   # and the chain it wrote verifies
+
+
+# -- integrity: acknowledged records are never lost silently (issues 9-11) -----------------------------
+
+# The schemas of the version before the hash chain, to make "old" ledgers with.
+_OLD_SQLITE_SCHEMA = """
+CREATE TABLE embeds (id INTEGER PRIMARY KEY AUTOINCREMENT, tenant TEXT NOT NULL, key_id TEXT NOT NULL,
+    method TEXT NOT NULL, model TEXT NOT NULL, image_sha256 TEXT NOT NULL, created_at TEXT NOT NULL,
+    request_id TEXT NOT NULL, source TEXT NOT NULL, UNIQUE (tenant, request_id));
+CREATE INDEX embeds_tenant_id ON embeds (tenant, id);
+CREATE INDEX embeds_sha ON embeds (image_sha256);
+"""
+_OLD_PG_SCHEMA = """
+CREATE TABLE shallowmark_embeds (id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, tenant TEXT NOT NULL,
+    key_id TEXT NOT NULL, method TEXT NOT NULL, model TEXT NOT NULL, image_sha256 TEXT NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL, request_id TEXT NOT NULL, source TEXT NOT NULL, UNIQUE (tenant, request_id));
+"""
+
+
+def _raw_exec(url: str, *statements: str) -> None:
+    """Run statements straight on the database (as an operator, or damage, would)."""
+    if url.startswith("sqlite:///"):
+        db = sqlite3.connect(url[len("sqlite:///"):], isolation_level=None)
+        for sql in statements:
+            db.execute(sql)
+        db.close()
+        return
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as db:
+        for sql in statements:
+            db.execute(sql)
+
+
+def _table(url: str) -> str:
+    return "embeds" if url.startswith("sqlite:///") else "shallowmark_embeds"
+
+
+def _filled(url: str, n: int) -> None:
+    led = open_ledger(url)
+    for i in range(n):
+        assert _rec(led, "a" if i % 3 else "b", i)
+    led.close()
+
+
+def _overwrite_page(path, page: int) -> None:
+    """Overwrite SQLite page ``page`` (1-based) with a pattern that is no valid b-tree page."""
+    db = sqlite3.connect(path)
+    size = db.execute("PRAGMA page_size").fetchone()[0]
+    db.close()
+    with open(path, "r+b") as f:
+        f.seek((page - 1) * size)
+        f.write(b"\xde\xad\xbe\xef" * (size // 4))
+
+
+def _root_page(path, name="embeds") -> int:
+    db = sqlite3.connect(path)
+    page = db.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (name,)).fetchone()[0]
+    db.close()
+    return page
+
+
+def _no_models(name, **options):
+    raise AssertionError("these tests load no model")
+
+
+def test_a_ledger_truncated_to_zero_bytes_is_refused_and_not_served(tmp_path, make_config):
+    from shallowmark.server.app import ServerApp
+    from shallowmark.server.ledger import LedgerIntegrityError
+
+    path = tmp_path / "ledger.sqlite3"   # the server's default ledger in its state folder
+    _filled(f"sqlite:///{path}", 42)
+    path.write_bytes(b"")
+    with pytest.raises(LedgerIntegrityError) as e:
+        ServerApp(make_config(tmp_path), backend_loader=_no_models)
+    msg = str(e.value)
+    assert "is empty (0 bytes), but 42 records were acknowledged" in msg
+    assert "42 acknowledged records are missing" in msg
+    assert "ledger.sqlite3.head" in msg and "backup" in msg and "move" in msg   # what the operator can do
+    assert path.stat().st_size == 0   # nothing was written to it
+    path.unlink()
+    with pytest.raises(LedgerIntegrityError, match="does not exist, but its head record"):
+        open_ledger(str(path))
+    assert not path.exists()   # and no empty ledger was created in its place
+
+
+def test_a_ledger_with_a_garbage_data_page_is_refused_and_not_served(tmp_path, make_config):
+    from shallowmark.server.app import ServerApp
+    from shallowmark.server.ledger import LedgerIntegrityError
+
+    path = tmp_path / "ledger.sqlite3"
+    _filled(f"sqlite:///{path}", 42)
+    _overwrite_page(path, _root_page(path))
+    with pytest.raises(LedgerIntegrityError) as e:
+        ServerApp(make_config(tmp_path), backend_loader=_no_models)
+    assert "ledger.sqlite3 is corrupt (" in str(e.value)
+    assert "restore the ledger from the last good backup" in str(e.value)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "l.sqlite3").write_bytes(b"garbage, not a database" * 200)
+    with pytest.raises(LedgerIntegrityError, match="is corrupt .file is not a database"):
+        open_ledger(str(tmp_path / "other" / "l.sqlite3"))
+
+
+_KILLED_WRITER = """
+import os, signal, sys
+from datetime import datetime, timezone
+from shallowmark.server.ledger import open_ledger
+
+led = open_ledger(sys.argv[1])
+led._db.execute("PRAGMA wal_autocheckpoint=0")   # keep every commit in the -wal, as a busy server would
+for i in range(int(sys.argv[2])):
+    led.record(tenant="a", key_id="sm1_" + "a" * 32, method="shallow-diffuse", model="tiny-ldm",
+               image_sha256=f"{i:064x}", request_id=f"r{i}", source="generate")
+os.kill(os.getpid(), signal.SIGKILL)   # no close, no checkpoint: the records are only in the -wal
+"""
+
+
+def _killed_writer(path, n: int) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _KILLED_WRITER, f"sqlite:///{path}", str(n)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert path.with_name(path.name + "-wal").stat().st_size > 100 * 4096
+
+
+def test_garbage_in_the_wal_after_a_kill_is_refused_with_the_number_missing(tmp_path):
+    import shutil
+
+    from shallowmark.server.ledger import LedgerIntegrityError
+
+    path = tmp_path / "ledger.sqlite3"
+    wal = path.with_name(path.name + "-wal")
+    _killed_writer(path, 200)
+    with open(wal, "r+b") as f:
+        f.seek(wal.stat().st_size // 2)
+        f.write(bytes(range(256)) * 16)   # 4 KiB of garbage in the middle
+    # what SQLite itself still reads (on copies: opening the ledger must not change the originals)
+    (tmp_path / "copy").mkdir()
+    for p in (path, wal):
+        shutil.copy(p, tmp_path / "copy" / p.name)
+    readable = sqlite3.connect(tmp_path / "copy" / path.name).execute("SELECT COUNT(*) FROM embeds").fetchone()[0]
+    assert 0 < readable < 200   # SQLite silently drops the frames after the bad one
+    before = wal.read_bytes()
+    with pytest.raises(LedgerIntegrityError) as e:
+        open_ledger(f"sqlite:///{path}")
+    assert f"holds {readable} hash-chained records, but 200 records were acknowledged" in str(e.value)
+    assert f"{200 - readable} acknowledged records are missing" in str(e.value)
+    assert "-wal" in str(e.value)
+    assert wal.read_bytes() == before   # the damaged -wal is kept as found, not checkpointed or reset
+    with pytest.raises(LedgerIntegrityError, match=f"{200 - readable} acknowledged records are missing"):
+        open_ledger(f"sqlite:///{path}")   # and refused again, every start
+
+
+def test_a_healthy_ledger_restarts_with_every_record(tmp_path):
+    from shallowmark.server.ledger import head_path
+
+    path = tmp_path / "ledger.sqlite3"
+    _killed_writer(path, 150)                      # killed: the records are in the -wal only
+    led = open_ledger(f"sqlite:///{path}")
+    assert led.count() == 150 and not _rec(led, "a", 149)   # a retry of an acknowledged embed is still known
+    assert _rec(led, "b", 1000)
+    led.close()                                    # a clean stop
+    led = open_ledger(f"sqlite:///{path}")
+    assert led.count() == 151 and [e.request_id for e in led.list("b")[0]] == ["r1000"]
+    led.close()
+    head = head_path(path).read_text()
+    assert '"count": 151' in head
+    assert oct(head_path(path).stat().st_mode & 0o777) == "0o600"
+    # a head record that lags by one (killed between the commit and the head update): kept, head caught up
+    led = open_ledger(f"sqlite:///{path}")
+    led._head_file = None                          # the next insert does not reach the head record
+    assert _rec(led, "b", 1001)
+    led.close()
+    assert head_path(path).read_text() == head
+    led = open_ledger(f"sqlite:///{path}")
+    assert led.count() == 152 and '"count": 152' in head_path(path).read_text()
+    led.close()
+
+
+def test_a_damaged_head_record_is_refused(tmp_path):
+    from shallowmark.server.ledger import LedgerIntegrityError, head_path
+
+    path = tmp_path / "ledger.sqlite3"
+    _filled(f"sqlite:///{path}", 3)
+    for damage in (b"", b'{"format": "shallowmark-ledger-head/1", "count": 1, "head": "00"}'):
+        head_path(path).write_bytes(damage)
+        with pytest.raises(LedgerIntegrityError, match="head record .* is damaged"):
+            open_ledger(f"sqlite:///{path}")
+    head_path(path).unlink()                       # the operator's way out: adopt the ledger as it is
+    led = open_ledger(f"sqlite:///{path}")
+    assert led.count() == 3
+    led.close()
+
+
+def test_a_deleted_record_is_refused(ledger_url):
+    from shallowmark.server.ledger import LedgerIntegrityError
+
+    t = _table(ledger_url)
+    _filled(ledger_url, 6)
+    _raw_exec(ledger_url, f"DELETE FROM {t} WHERE request_id = 'r5'")          # the newest one
+    with pytest.raises(LedgerIntegrityError, match="holds 5 hash-chained records, but 6 records were acknowledged .*"
+                                                   "1 acknowledged record is missing"):
+        open_ledger(ledger_url)
+    _raw_exec(ledger_url, f"DELETE FROM {t} WHERE request_id = 'r2'")          # one in the middle
+    with pytest.raises(LedgerIntegrityError, match=r"record id 4 \(number 3 of the hash chain\) does not match"):
+        open_ledger(ledger_url)
+
+
+def test_a_changed_record_is_refused(ledger_url):
+    from shallowmark.server.ledger import LedgerIntegrityError
+
+    _filled(ledger_url, 4)
+    _raw_exec(ledger_url, f"UPDATE {_table(ledger_url)} SET key_id = '{KEY_B}' WHERE request_id = 'r1'")
+    with pytest.raises(LedgerIntegrityError, match=r"record id 2 .* was changed"):
+        open_ledger(ledger_url)
+
+
+def test_a_ledger_made_by_an_older_version_is_adopted(ledger_url, caplog):
+    from shallowmark.server.ledger import LedgerIntegrityError
+
+    sqlite = ledger_url.startswith("sqlite:///")
+    t = _table(ledger_url)
+    when = "'2025-01-01T00:00:00.000000+00:00'"
+    _raw_exec(ledger_url, *(_OLD_SQLITE_SCHEMA if sqlite else _OLD_PG_SCHEMA).split(";")[:-1],
+              *(f"INSERT INTO {t} (tenant, key_id, method, model, image_sha256, created_at, request_id, source) "
+                f"VALUES ('a', '{KEY_A}', 'tree-ring', 'tiny-ldm', '{i:064x}', {when}, 'old{i}', 'image')"
+                for i in range(5)))
+    with caplog.at_level("WARNING", logger="shallowmark.server"):
+        led = open_ledger(ledger_url)
+    assert "adopt" in caplog.text and "older version" in caplog.text
+    assert led.count() == 5 and [e.request_id for e in led.list("a")[0]][-1] == "old0"
+    assert not led.record(tenant="a", key_id=KEY_A, method="tree-ring", model="tiny-ldm", image_sha256=f"{0:064x}",
+                          request_id="old0", source="image", created_at=datetime(2025, 1, 1, tzinfo=timezone.utc))
+    assert _rec(led, "a", 9)
+    led.close()
+    cols, rows = _raw_table(ledger_url)
+    assert cols == COLUMNS and len(rows) == 6 and all(r[-1] for r in rows)   # every record linked now
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="shallowmark.server"):
+        open_ledger(ledger_url).close()
+    assert "adopt" not in caplog.text and "link" not in caplog.text   # adopted once
+    _raw_exec(ledger_url, f"DELETE FROM {t} WHERE request_id = 'old1'")
+    with pytest.raises(LedgerIntegrityError, match="does not match"):   # and the adopted records are protected
+        open_ledger(ledger_url)
+
+
+def test_corruption_at_run_time_is_data_loss_and_not_retried(tmp_path, make_config, loader, keys, caplog):
+    import grpc
+
+    from shallowmark.client import Client, ServerError
+    from shallowmark.server.app import ServerApp
+    from shallowmark.server.ledger import LedgerIntegrityError
+
+    path = tmp_path / "ledger.sqlite3"
+    _filled(f"sqlite:///{path}", 42)
+    led = open_ledger(f"sqlite:///{path}")         # checked and open; then the file is damaged under it
+    _overwrite_page(path, _root_page(path))
+    with pytest.raises(LedgerIntegrityError, match="ledger is corrupt .database disk image is malformed"):
+        _rec(led, "a", 100)
+    led.close()
+
+    _filled(f"sqlite:///{tmp_path / 's' / 'ledger.sqlite3'}", 42)
+    app = ServerApp(make_config(tmp_path / "s"), backend_loader=loader).start()
+    try:
+        assert app.wait_until_ready(120)
+        _overwrite_page(tmp_path / "s" / "ledger.sqlite3", _root_page(tmp_path / "s" / "ledger.sqlite3"))
+        with Client(app.address, "token-for-tenant-a", timeout=120, retries=6, backoff=0.1) as c, \
+                caplog.at_level("INFO", logger="shallowmark.server"):
+            calls = (("Embed", lambda: c.embed(keys[0], seed=3)), ("ListEmbeds", lambda: list(c.list_embeds())))
+            for rpc, call in calls:
+                with pytest.raises(ServerError) as e:
+                    call()
+                assert e.value.code == grpc.StatusCode.DATA_LOSS and "retrying will not help" in e.value.details
+                assert "corrupt" in e.value.details and str(tmp_path) not in e.value.details   # no server path
+                assert caplog.text.count(f"rpc={rpc} ") == 1 and "status=DATA_LOSS" in caplog.text   # not retried
+        assert "restore the ledger from the last good backup" in caplog.text   # the operator's part is logged
+    finally:
+        app.stop(1.0)
