@@ -10,7 +10,13 @@ Lifecycle of :class:`ServerApp`:
 3. :meth:`ServerApp.stop` (SIGTERM/SIGINT under :func:`serve`) turns health ``NOT_SERVING`` (for
    ``Watch`` streams), refuses new calls with UNAVAILABLE (health checks included, so readiness
    probes fail and load balancers stop sending), lets in-flight calls finish for ``grace_s``
-   seconds, then cancels the rest.
+   seconds, then cancels the rest, and returns within :data:`STOP_SLACK_S` after that whatever
+   is still open (a stream whose handler does not end on cancellation must not hold SIGTERM up).
+
+Admission control (:mod:`shallowmark.server.admission`): at most ``workers`` Watermark calls in
+flight, each on its own handler thread; the pool has ``max_streams`` and a few spare threads more,
+so health checks and refusals never wait behind model work, and ``maximum_concurrent_rpcs`` makes
+gRPC itself refuse (RESOURCE_EXHAUSTED) what would otherwise queue without bound.
 
 Health (``grpc.health.v1.Health``, service names ``""`` and ``shallowmark.v1.Watermark``) and
 reflection need no token. ``grpc.max_receive_message_length`` and ``max_send_message_length``
@@ -31,6 +37,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from shallowmark._proto.shallowmark.v1 import watermark_pb2 as pb
 from shallowmark.errors import InvalidParameterError
+from shallowmark.server.admission import StreamLimitInterceptor, handler_threads, max_concurrent_rpcs
 from shallowmark.server.attestation import Signer
 from shallowmark.server.auth import BearerAuthInterceptor
 from shallowmark.server.config import ServerConfig
@@ -81,8 +88,11 @@ class ServerApp:
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),  # two servers must not silently share a port
         ]
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
-                                  interceptors=[BearerAuthInterceptor(config.token_digests())], options=options)
+        self.streams = StreamLimitInterceptor(config.max_streams)
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=handler_threads(config), thread_name_prefix="rpc"),
+            interceptors=[BearerAuthInterceptor(config.token_digests()), self.streams], options=options,
+            maximum_concurrent_rpcs=max_concurrent_rpcs(config))
         self.servicer = WatermarkServicer(config, self.pool, self.ledger, self.signer)
         add_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -156,7 +166,12 @@ class ServerApp:
         self.health.enter_graceful_shutdown()
         grace = self.config.grace_s if grace is None else grace
         log.info("stopping: draining in-flight calls for up to %.0f s", grace)
-        self.server.stop(grace).wait()
+        # gRPC cancels what is left after grace, but its event waits for every handler thread to
+        # return; one that ignores the cancellation (seen with a reflection stream fed garbage)
+        # would hold the drain forever. The threads are the pool's; the process can exit past them.
+        if not self.server.stop(grace).wait(grace + STOP_SLACK_S):
+            log.warning("stopped with calls still open %.0f s after the grace period; not waiting for them",
+                        STOP_SLACK_S)
         self.pool.close()
         self.ledger.close()
         log.info("stopped")
@@ -165,6 +180,9 @@ class ServerApp:
         """Block until the server stops."""
         self.server.wait_for_termination()
 
+
+#: Longest wait after the grace period for the calls gRPC cancelled to end (see ServerApp.stop).
+STOP_SLACK_S = 5.0
 
 #: Longest wait at exit for a model load that was still running when the server stopped.
 _LOADER_JOIN_S = 300.0

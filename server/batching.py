@@ -15,6 +15,9 @@ fixed per server, so the same method means the same steps) and runs them as one 
   job whose time left cannot cover the whole batch is left for a smaller batch or, if it cannot
   cover even its own run, refused; a caller whose deadline passes while queued gets
   DEADLINE_EXCEEDED and its job is dropped if it has not started;
+- so are the jobs of callers that cancelled (:meth:`MicroBatcher.cancel`, called when the RPC
+  ends, and ``alive()`` checked again when a batch is formed): an abandoned request costs no model
+  time;
 - one job's failure does not fail the others: the batch function returns an exception in that
   job's place, and a batch that raises as a whole is re-run one job at a time.
 
@@ -55,7 +58,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Sequence
 
-from shallowmark.server.errors import DeadlineTooShort, ModelNotReady
+from shallowmark.server.errors import CallEnded, DeadlineTooShort, ModelNotReady
 
 __all__ = ["BatchJob", "BatchStats", "MicroBatcher", "VAEChunks", "run_isolated", "verify_batch", "generate_batch",
            "check_deadline", "NO_DEADLINE"]
@@ -147,6 +150,7 @@ def run_isolated(run: Callable[[list], list], payloads: list) -> list:
 class _Item:
     job: BatchJob
     time_left: Callable[[], float | None]
+    alive: Callable[[], bool] = lambda: True
     arrived: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
     result: Any = None
@@ -184,9 +188,11 @@ class MicroBatcher:
         self._thread.start()
 
     # -- caller side -------------------------------------------------------------------------------
-    def submit(self, job: BatchJob, time_left: Callable[[], float | None]) -> _Item:
-        """Queue ``job``; returns a handle for :meth:`wait`. ``time_left`` returns seconds or None."""
-        item = _Item(job, time_left)
+    def submit(self, job: BatchJob, time_left: Callable[[], float | None],
+               alive: Callable[[], bool] | None = None) -> _Item:
+        """Queue ``job``; returns a handle for :meth:`wait`. ``time_left`` returns seconds or None;
+        ``alive()`` (e.g. the RPC context's ``is_active``) False means the caller left."""
+        item = _Item(job, time_left, alive) if alive is not None else _Item(job, time_left)
         with self._cv:
             if self._closed:
                 raise ModelNotReady("the server is shutting down; retry on another instance")
@@ -213,10 +219,13 @@ class MicroBatcher:
         return item.result
 
     def cancel(self, item: _Item) -> None:
-        """Drop ``item`` if it has not started (its caller gave up); no effect otherwise."""
+        """Drop ``item`` if it has not started (its caller gave up), waking its :meth:`wait`; no
+        effect otherwise."""
         with self._cv:
             if not item.started and not item.done.is_set():
                 item.abandoned = True
+                item.finish(CallEnded(f"this {item.job.what} was cancelled before it started; dropped",
+                                      cancelled=True))
 
     def close(self) -> None:
         """Stop the dispatcher; jobs still queued fail with UNAVAILABLE."""
@@ -290,6 +299,10 @@ class MicroBatcher:
             cap: int | None = None
             for it in order:
                 left = lefts[id(it)]
+                if not it.alive():  # cancelled after it was taken from the queue: nobody waits for it
+                    it.finish(CallEnded(f"the caller cancelled this {job.what} before it started; dropped",
+                                        cancelled=True))
+                    continue
                 if left is not None and left < per_job:
                     try:
                         check_deadline(left, per_job, job.evals, job.what, lm)
@@ -304,11 +317,12 @@ class MicroBatcher:
                 with self._cv:
                     self._queues.setdefault(key, collections.deque()).extendleft(reversed(later))
                     self._cv.notify_all()
-            if not batch:
-                return
-            with self._cv:
+            with self._cv:  # a job cancelled since it left the queue is not started
+                batch = [it for it in batch if not it.abandoned]
                 for it in batch:
                     it.started = True
+            if not batch:
+                return
             batch.sort(key=lambda it: it.arrived)
             t0 = time.monotonic()
             results = run_isolated(job.run, [it.job.payload for it in batch])

@@ -9,13 +9,15 @@ Example ``server.toml`` (every key is optional; the values shown are the default
     device = "cpu"                  # torch device for the models, e.g. "cuda"
     max_message_bytes = 16777216    # grpc.max_receive_message_length (16 MiB)
     max_image_pixels = 16777216     # width x height, checked before decoding (4096 x 4096)
+    max_decode_bytes = 67108864     # width x height x samples x bytes per sample, from the header (64 MiB)
     max_batch = 8                   # most requests run together as one model batch
     batching = true                 # micro-batching of concurrent Verify / Embed-generate calls
     max_wait_ms = 5.0               # how long the first request of a batch waits for company
     vae_batch = 0                   # images per autoencoder call inside a batch; 0: 1 on CPU, all elsewhere
     max_keys_per_verify = 64
     max_queue = 32                  # model jobs waiting or running; beyond it RESOURCE_EXHAUSTED
-    workers = 8                     # gRPC handler threads
+    workers = 8                     # Watermark calls in flight at once; beyond it RESOURCE_EXHAUSTED at once
+    max_streams = 4                 # reflection and health Watch streams open at once
     grace_s = 30.0                  # drain time on SIGTERM
     state_dir = "~/.local/state/shallowmark"
     ledger_url = "sqlite:////var/lib/shallowmark/ledger.sqlite3"  # or a plain path; default: <state_dir>/ledger.sqlite3
@@ -31,6 +33,13 @@ Example ``server.toml`` (every key is optional; the values shown are the default
     [tokens]                        # bearer token -> tenant
     "sha256:9f86d081884c7d65..." = "acme"   # preferred: the SHA-256 of the token, so the file holds no secret
     "dev-token-123" = "local"               # a plain token also works
+
+    [tenant_limits."*"]             # every tenant without its own table (omit: no per-tenant limits)
+    rate = 10.0                     # requests per second, refilled continuously (0: no rate limit)
+    burst = 20                      # requests at once after a quiet spell (default: rate, at least 1)
+    max_in_flight = 4               # the tenant's calls in flight at once (0: only the server's workers)
+    [tenant_limits.acme]            # a tenant of [tokens]: replaces "*" for it
+    rate = 50.0
 
     [methods.shallow-diffuse]       # keyword arguments for load_method(name, backend, **options)
     num_steps = 50
@@ -53,7 +62,10 @@ from typing import Any, Mapping
 from shallowmark.client import is_loopback_host
 from shallowmark.errors import InvalidParameterError, check_int
 
-__all__ = ["ServerConfig", "TLSConfig", "load_config", "token_digest"]
+__all__ = ["ServerConfig", "TLSConfig", "TenantLimits", "load_config", "token_digest", "ALL_TENANTS"]
+
+#: The ``tenant_limits`` entry that applies to every tenant without one of its own.
+ALL_TENANTS = "*"
 
 
 def token_digest(token: str) -> str:
@@ -68,6 +80,38 @@ class TLSConfig:
     cert: Path
     key: Path
     client_ca: Path | None = None
+
+
+@dataclass(frozen=True)
+class TenantLimits:
+    """One tenant's share of the server (see ``ServerConfig.tenant_limits``).
+
+    Attributes:
+        rate: requests per second the tenant may send, as a token bucket refilled continuously;
+            0 means no rate limit.
+        burst: the bucket's size: requests the tenant may send at once after a quiet spell.
+            0 (the default) means ``rate`` rounded up, at least 1.
+        max_in_flight: the tenant's calls in flight at once; 0 means only the server's ``workers``
+            bound them.
+    """
+
+    rate: float = 0.0
+    burst: int = 0
+    max_in_flight: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rate, bool) or not isinstance(self.rate, (int, float)) or not 0 <= self.rate < float("inf"):
+            raise InvalidParameterError(f"tenant_limits rate must be a number of requests per second >= 0 "
+                                        f"(0: no rate limit); got {self.rate!r}")
+        check_int("tenant_limits burst (0: the rate, at least 1)", self.burst, 0)
+        check_int("tenant_limits max_in_flight (0: no per-tenant bound)", self.max_in_flight, 0)
+        if self.burst and not self.rate:
+            raise InvalidParameterError("tenant_limits burst needs a rate (requests per second) to refill the bucket")
+
+    @property
+    def bucket(self) -> int:
+        """The token bucket's size (``burst``, or the rate rounded up, at least 1)."""
+        return self.burst or max(1, -int(-self.rate // 1))
 
 
 @dataclass(frozen=True)
@@ -91,6 +135,11 @@ class ServerConfig:
         device: torch device for the models.
         max_message_bytes: ``grpc.max_receive_message_length`` and send length.
         max_image_pixels: largest image accepted (width x height), checked before decoding.
+        max_decode_bytes: largest decoded image accepted, width x height x samples per pixel x
+            bytes per sample as the file's header declares them (PNG IHDR bit depth and colour
+            type, JPEG frame header), checked before decoding. A small file can declare a large
+            16-bit image whose decoding costs seconds and hundreds of MB; the default (64 MiB)
+            takes an 8-bit RGBA image of ``max_image_pixels``, but not a 16-bit RGB one.
         max_batch: most requests run together as one model batch (reported in GetInfo).
         batching: micro-batching on (see :mod:`shallowmark.server.batching`): concurrent Verify
             calls, and Embed calls that generate, for the same model and method run as one batched
@@ -102,8 +151,21 @@ class ServerConfig:
             the whole batch. 0 (the default) means 1 on a CPU, where batched VAE calls cost more per
             image than single ones, and the whole batch on other devices.
         max_keys_per_verify: most candidate keys in one Verify.
-        max_queue: model jobs waiting or running at once; more get RESOURCE_EXHAUSTED.
-        workers: gRPC handler threads.
+        max_queue: model jobs waiting or running at once; more get RESOURCE_EXHAUSTED. The jobs
+            belong to calls in flight, so this binds only when it is below ``workers``.
+        workers: Watermark calls in flight at once (admitted: decoding, waiting for the model or
+            running). Each has a handler thread of its own, so no call waits unseen in gRPC's
+            queue: a call beyond them is refused with RESOURCE_EXHAUSTED on arrival, before its
+            image is decoded. Health checks, reflection and those refusals run on threads of their
+            own (``max_streams`` plus a few), so they answer at once under full load.
+        max_streams: reflection and health ``Watch`` streams open at once (each holds a thread
+            while open); more get RESOURCE_EXHAUSTED.
+        tenant_limits: tenant (a name in ``tokens``, or ``"*"`` for every tenant without an entry)
+            -> :class:`TenantLimits` (or a table with its keys ``rate``, ``burst``,
+            ``max_in_flight``). A call over its tenant's rate gets RESOURCE_EXHAUSTED saying when
+            to retry; a call beyond the tenant's ``max_in_flight`` gets RESOURCE_EXHAUSTED naming
+            that limit. Both are checked on arrival, before the server's ``workers`` bound, and
+            apply to every Watermark RPC. Empty (the default): no per-tenant limits.
         grace_s: seconds to let in-flight calls finish after SIGTERM.
         state_dir: where the default ledger and attestation key live.
         ledger_url: ``sqlite:////abs/path``, ``sqlite:///rel/path`` or a plain path (one SQLite
@@ -124,6 +186,7 @@ class ServerConfig:
     device: str = "cpu"
     max_message_bytes: int = 16 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
+    max_decode_bytes: int = 64 * 1024 * 1024
     max_batch: int = 8
     batching: bool = True
     max_wait_ms: float = 5.0
@@ -131,6 +194,8 @@ class ServerConfig:
     max_keys_per_verify: int = 64
     max_queue: int = 32
     workers: int = 8
+    max_streams: int = 4
+    tenant_limits: Mapping[str, TenantLimits] = field(default_factory=dict)
     grace_s: float = 30.0
     state_dir: Path = field(default_factory=lambda: Path("~/.local/state/shallowmark").expanduser())
     ledger_url: str | None = None
@@ -140,8 +205,8 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise InvalidParameterError(f"port must be an int in 0..65535; got {self.port!r}")
-        for name in ("max_message_bytes", "max_image_pixels", "max_batch", "max_keys_per_verify",
-                     "max_queue", "workers"):
+        for name in ("max_message_bytes", "max_image_pixels", "max_decode_bytes", "max_batch",
+                     "max_keys_per_verify", "max_queue", "workers", "max_streams"):
             check_int(name, getattr(self, name), 1)
         if self.max_message_bytes < 1024:
             raise InvalidParameterError(f"max_message_bytes must be at least 1024; got {self.max_message_bytes}")
@@ -161,6 +226,7 @@ class ServerConfig:
                 raise InvalidParameterError("tokens must map non-empty token strings to non-empty tenant names")
             if tok.startswith("sha256:") and len(tok) != 7 + 64:
                 raise InvalidParameterError("a hashed token must be 'sha256:' followed by 64 hex digits")
+        object.__setattr__(self, "tenant_limits", self._checked_tenant_limits())
         object.__setattr__(self, "state_dir", Path(self.state_dir).expanduser())
         if not isinstance(self.host, str) or not self.host.strip():
             raise InvalidParameterError(f"host must be a host name or IP address; got {self.host!r}")
@@ -171,6 +237,36 @@ class ServerConfig:
                 f"host {self.host!r} is not a loopback address and no [tls] is configured: bearer tokens, keys "
                 "and images would cross the network in plaintext. Add a [tls] table (cert, key), listen on "
                 "127.0.0.1, or set allow_insecure = true if a TLS-terminating proxy sits in front")
+
+    def _checked_tenant_limits(self) -> dict[str, TenantLimits]:
+        if not isinstance(self.tenant_limits, Mapping):
+            raise InvalidParameterError("tenant_limits must map tenant names (or \"*\") to tables of rate, burst "
+                                        f"and max_in_flight; got {self.tenant_limits!r}")
+        known = set(self.tokens.values())
+        out: dict[str, TenantLimits] = {}
+        for tenant, lim in self.tenant_limits.items():
+            if tenant != ALL_TENANTS and tenant not in known:
+                # a typo would otherwise leave the tenant it meant unlimited, silently
+                raise InvalidParameterError(
+                    f"tenant_limits names tenant {tenant!r}, which no token in [tokens] maps to; known tenants: "
+                    f"{', '.join(sorted(known)) or 'none'} (or \"*\" for every tenant)")
+            if isinstance(lim, Mapping):
+                bad = set(lim) - {f.name for f in fields(TenantLimits)}
+                if bad:
+                    raise InvalidParameterError(f"unknown key(s) in tenant_limits for {tenant!r}: "
+                                                f"{', '.join(sorted(map(str, bad)))}; "
+                                                "valid keys: burst, max_in_flight, rate")
+                lim = TenantLimits(**lim)
+            elif not isinstance(lim, TenantLimits):
+                raise InvalidParameterError(f"tenant_limits for {tenant!r} must be a table of rate, burst and "
+                                            f"max_in_flight; got {lim!r}")
+            out[tenant] = lim
+        return out
+
+    def limits_for(self, tenant: str | None) -> TenantLimits | None:
+        """The :class:`TenantLimits` that apply to ``tenant`` (its own, else ``"*"``), or ``None``."""
+        lim = self.tenant_limits.get(tenant) if tenant is not None else None
+        return lim if lim is not None else self.tenant_limits.get(ALL_TENANTS)
 
     @property
     def plaintext_off_loopback(self) -> bool:

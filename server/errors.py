@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from shallowmark.errors import ShallowmarkError
 
-__all__ = ["ModelNotReady", "QueueFull", "DeadlineTooShort", "PermissionDenied", "MalformedRequest"]
+__all__ = ["ModelNotReady", "QueueFull", "ServerBusy", "TenantRateLimited", "TenantBusy", "CallEnded",
+           "DeadlineTooShort", "PermissionDenied", "MalformedRequest"]
 
 
 class ModelNotReady(ShallowmarkError):
@@ -15,6 +16,30 @@ class ModelNotReady(ShallowmarkError):
 
 class QueueFull(ShallowmarkError):
     """Too many model jobs waiting. RESOURCE_EXHAUSTED: retry with backoff."""
+
+
+class ServerBusy(ShallowmarkError):
+    """``workers`` calls are already in flight; this one was refused on arrival, before any work.
+    RESOURCE_EXHAUSTED: retry with backoff, or on another replica."""
+
+
+class TenantRateLimited(ShallowmarkError):
+    """The tenant's token bucket (``tenant_limits`` rate and burst) is empty. RESOURCE_EXHAUSTED:
+    retry after the time the message gives."""
+
+
+class TenantBusy(ShallowmarkError):
+    """The tenant already has its ``tenant_limits`` max_in_flight calls in flight. RESOURCE_EXHAUSTED:
+    wait for one of them to finish."""
+
+
+class CallEnded(ShallowmarkError):
+    """The caller cancelled, or its deadline passed, before the work started; the work is dropped.
+    CANCELLED or DEADLINE_EXCEEDED (``code`` says which); the caller has gone, so nobody reads it."""
+
+    def __init__(self, message: str, *, cancelled: bool):
+        super().__init__(message)
+        self.cancelled = cancelled
 
 
 class DeadlineTooShort(ShallowmarkError):

@@ -11,13 +11,19 @@ InvalidImageError, InvalidParameterError, InvalidShapeError,   INVALID_ARGUMENT
 UnknownNameError, KeyMaterialError,
 MalformedRequest (bytes that are not the RPC's message)
 PermissionDenied (another tenant's data)                       PERMISSION_DENIED
-QueueFull                                                      RESOURCE_EXHAUSTED
+QueueFull, ServerBusy (``workers`` calls in flight),           RESOURCE_EXHAUSTED
+TenantRateLimited, TenantBusy (the tenant's tenant_limits)
 ModelNotReady (loading / failed to load), LedgerError          UNAVAILABLE
 LedgerIntegrityError (the ledger is corrupt; not retried)      DATA_LOSS
 DeadlineTooShort (checked before a model job starts)           DEADLINE_EXCEEDED
+CallEnded (the caller left before the work started)            CANCELLED or DEADLINE_EXCEEDED
 MissingDependencyError (an extra the method needs)             FAILED_PRECONDITION
 anything else (a bug; logged with its traceback)               INTERNAL
 ============================================================  ===================
+
+Every call passes admission control first (:mod:`shallowmark.server.admission`): a call beyond
+``workers`` in flight or its tenant's limits, or whose caller already left, is answered before
+any decoding or model work.
 
 Every message is kept under :data:`_DETAILS_MAX_BYTES`: the messages cut what they repeat of the
 caller's input (:func:`shallowmark.errors.shown`), and :func:`_rpc` cuts whatever is still longer.
@@ -67,6 +73,7 @@ from shallowmark.errors import (
 from shallowmark.imaging import encode_png
 from shallowmark.keys import check_key_id
 from shallowmark.server import validation
+from shallowmark.server.admission import Admission
 from shallowmark.server.attestation import Signer, verify_payload
 from shallowmark.server.auth import current_tenant
 from shallowmark.server.batching import (
@@ -81,13 +88,26 @@ from shallowmark.server.batching import (
     verify_batch,
 )
 from shallowmark.server.config import ServerConfig
-from shallowmark.server.errors import DeadlineTooShort, MalformedRequest, ModelNotReady, PermissionDenied, QueueFull
+from shallowmark.server.errors import (
+    CallEnded,
+    DeadlineTooShort,
+    MalformedRequest,
+    ModelNotReady,
+    PermissionDenied,
+    QueueFull,
+    ServerBusy,
+    TenantBusy,
+    TenantRateLimited,
+)
 from shallowmark.server.ledger import LedgerError, LedgerIntegrityError
 
 __all__ = ["ModelPool", "WatermarkServicer", "add_to_server", "ModelNotReady", "QueueFull", "DeadlineTooShort",
            "PermissionDenied"]
 
 log = logging.getLogger("shallowmark.server")
+
+#: How often a call waiting for the model lock checks whether its caller is still there.
+_POLL_S = 0.05
 
 #: Smallest p-value used for ``KeyVerdict.score = -log10(p)``, so the score stays finite (<= 300).
 _P_FLOOR = 1e-300
@@ -224,15 +244,26 @@ class ModelPool:
                 self._pending -= 1
 
     @contextmanager
-    def _locked(self, lm: LoadedModel, evals: int, what: str, time_left: Callable[[], float | None]):
-        """Hold the model's lock for one unbatched job, checking the deadline before and after waiting."""
+    def _locked(self, lm: LoadedModel, evals: int, what: str, time_left: Callable[[], float | None],
+                alive: Callable[[], bool]):
+        """Hold the model's lock for one unbatched job, checking the deadline before and after waiting,
+        and dropping the job if its caller leaves while it waits (nobody would read the result)."""
         need = evals * lm.sec_per_eval
         check_deadline(time_left(), need, evals, what, lm)
-        left = time_left()
-        if not lm.lock.acquire(timeout=-1 if left is None else max(left, 0.0)):
-            raise DeadlineTooShort(f"the deadline passed while this {what} waited for the model; "
-                                   "retry with a longer deadline")
+        while True:
+            left = time_left()
+            if lm.lock.acquire(timeout=_POLL_S if left is None else min(_POLL_S, max(left, 0.0))):
+                break
+            if not alive():
+                raise CallEnded(f"the caller cancelled this {what} while it waited for the model; dropped",
+                                cancelled=True)
+            if left is not None and left <= _POLL_S:
+                raise DeadlineTooShort(f"the deadline passed while this {what} waited for the model; "
+                                       "retry with a longer deadline")
         try:
+            if not alive():
+                raise CallEnded(f"the caller cancelled this {what} while it waited for the model; dropped",
+                                cancelled=True)
             check_deadline(time_left(), evals * lm.sec_per_eval, evals, what, lm)
             t0 = time.monotonic()
             yield
@@ -243,37 +274,46 @@ class ModelPool:
             lm.lock.release()
 
     @contextmanager
-    def job(self, lm: LoadedModel, evals: int, what: str, time_left: Callable[[], float | None]):
+    def job(self, lm: LoadedModel, evals: int, what: str, time_left: Callable[[], float | None],
+            alive: Callable[[], bool] | None = None):
         """Admit one unbatched model job: queue bound, deadline check, one job at a time per model.
+
+        ``alive()`` (e.g. the RPC context's ``is_active``) says whether the caller still waits; a job
+        whose caller left before it started is dropped.
 
         Raises:
             QueueFull: ``max_queue`` jobs are already waiting or running.
             DeadlineTooShort: the deadline leaves less than the estimated job time (checked on
                 arrival and again when the job would start).
+            CallEnded: the caller cancelled while the job waited.
         """
         time_left = normalise_time_left(time_left)
-        with self._admitted(), self._locked(lm, evals, what, time_left):
+        with self._admitted(), self._locked(lm, evals, what, time_left, alive or _always):
             yield
         self.batch_stats.add(1)
 
-    def run_jobs(self, lm: LoadedModel, jobs: list[BatchJob], time_left: Callable[[], float | None]) -> list:
+    def run_jobs(self, lm: LoadedModel, jobs: list[BatchJob], time_left: Callable[[], float | None],
+                 call: Any = None) -> list:
         """Run one request's model jobs (e.g. one per method of a Verify) and return their results.
 
         With ``config.batching`` the jobs join other requests' jobs of the same key in batches;
         without it they run one after another under the model lock. Either way the request counts
         once against ``max_queue`` and its deadline is checked on arrival and before its work starts.
+        ``call`` is the RPC's context (``is_active``, ``add_callback``): when the caller cancels,
+        the jobs not started yet are dropped, so abandoned calls cost no model time.
 
         Raises:
-            QueueFull, DeadlineTooShort, ModelNotReady: as for :meth:`job`.
+            QueueFull, DeadlineTooShort, ModelNotReady, CallEnded: as for :meth:`job`.
             Exception: the first job's error (from the method), e.g. ``InvalidImageError``.
         """
+        alive = call.is_active if call is not None else _always
         time_left = normalise_time_left(time_left)
         evals = sum(j.evals for j in jobs)
         what = jobs[0].what if len(jobs) == 1 else "verify"
         with self._admitted():
             check_deadline(time_left(), evals * lm.sec_per_eval, evals, what, lm)
             if not self.config.batching or self.config.max_batch == 1:
-                with self._locked(lm, evals, what, time_left):
+                with self._locked(lm, evals, what, time_left, alive):
                     results = []
                     for j in jobs:
                         results.append(run_isolated(j.run, [j.payload])[0])
@@ -283,7 +323,16 @@ class ModelPool:
                         raise r
                 return results
             batcher = self._batcher(lm)
-            handles = [batcher.submit(j, time_left) for j in jobs]
+            handles = [batcher.submit(j, time_left, alive) for j in jobs]
+
+            def drop() -> None:
+                for h in handles:
+                    batcher.cancel(h)
+
+            # on cancel, wake this thread and take the jobs out of the queue at once; the callback
+            # also runs after a normal end, when the jobs are done and it does nothing
+            if call is not None and not call.add_callback(drop):
+                drop()  # the call had already ended
             try:
                 return [batcher.wait(h) for h in handles]
             finally:
@@ -310,6 +359,10 @@ class ModelPool:
             batchers = list(self._batchers.values())
         for b in batchers:
             b.close()
+
+
+def _always() -> bool:
+    return True
 
 
 def _time_one_eval(backend) -> float:
@@ -387,8 +440,18 @@ def _request_id(context) -> str:
     return uuid.uuid4().hex
 
 
+def _check_caller_waits(context) -> None:
+    """Raise :class:`CallEnded` if the caller cancelled or its deadline passed while this call
+    waited for a handler thread: nobody would read the answer, so no work is done for it."""
+    left = context.time_remaining()
+    if left is not None and left <= 0:
+        raise CallEnded("the deadline passed before the server started this call; dropped", cancelled=False)
+    if not context.is_active():
+        raise CallEnded("the caller cancelled before the server started this call; dropped", cancelled=True)
+
+
 def _rpc(fn):
-    """Run one RPC: request id, tenant, error -> status mapping, one log line."""
+    """Run one RPC: request id, tenant, admission, error -> status mapping, one log line."""
 
     @functools.wraps(fn)
     def wrapper(self, request, context):
@@ -396,17 +459,23 @@ def _rpc(fn):
         rid, tenant, code, info = "-", current_tenant(), grpc.StatusCode.OK, {}
         try:
             rid = _request_id(context)
-            if isinstance(request, _Undecodable):
-                raise MalformedRequest(f"the request bytes are not a valid {request.message} ({request.reason}): "
-                                       "send a serialized message whose string fields are UTF-8, built with the "
-                                       "stubs generated from protos/shallowmark/v1/watermark.proto")
-            return fn(self, request, context, rid, tenant, info)
+            _check_caller_waits(context)
+            # before anything that costs: the request's image is decoded inside fn
+            with self.admission.admit(tenant):
+                if isinstance(request, _Undecodable):
+                    raise MalformedRequest(f"the request bytes are not a valid {request.message} ({request.reason}): "
+                                           "send a serialized message whose string fields are UTF-8, built with the "
+                                           "stubs generated from protos/shallowmark/v1/watermark.proto")
+                return fn(self, request, context, rid, tenant, info)
         except _INVALID as e:
             code, msg = grpc.StatusCode.INVALID_ARGUMENT, str(e)
         except PermissionDenied as e:
             code, msg = grpc.StatusCode.PERMISSION_DENIED, str(e)
-        except QueueFull as e:
+        except (QueueFull, ServerBusy, TenantRateLimited, TenantBusy) as e:
             code, msg = grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
+        except CallEnded as e:
+            code = grpc.StatusCode.CANCELLED if e.cancelled else grpc.StatusCode.DEADLINE_EXCEEDED
+            msg = str(e)
         except LedgerIntegrityError as e:  # before LedgerError, its base: retrying cannot help
             code, msg = grpc.StatusCode.DATA_LOSS, str(e)
         except (ModelNotReady, LedgerError) as e:
@@ -432,6 +501,7 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
 
     def __init__(self, config: ServerConfig, pool: ModelPool, ledger, signer: Signer):
         self.config, self.pool, self.ledger, self.signer = config, pool, ledger, signer
+        self.admission = Admission(config)
         # Recent Embed responses by (tenant, request id), so that a retry gets the very image that was
         # recorded. (A batched model call can differ from an unbatched one in the last bit of a few
         # pixels, so recomputing a retry could give another hash than the ledger holds.)
@@ -480,13 +550,13 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
                                             f"built into generation); use 'generate', or one of: "
                                             f"{', '.join(embeddable)}")
             output = validation.check_output_mode(request.output, method)
-            img = validation.decode_image(request.image, self.config.max_image_pixels)
+            img = validation.decode_image(request.image, self.config.max_image_pixels, self.config.max_decode_bytes)
             validation.check_image_shape(img, method)
             if method.output_modes:  # a mode this size cannot have is refused before the model job
                 method.resolve_output(output, img.pixels.shape[:2])
             notes += img.notes + validation.grid_notes(img, method, lm.image_size)
             evals = method.model_evals().embed
-            with self.pool.job(lm, evals, f"{method_name} embed", context.time_remaining):
+            with self.pool.job(lm, evals, f"{method_name} embed", context.time_remaining, context.is_active):
                 out = method.embed([mk], img.pixels[None], **({"output": output} if output else {}))[0]
             if output:
                 info["output"] = output
@@ -505,7 +575,7 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
             job = BatchJob(key=("generate", method_name, prompts is not None),
                            payload=(mk, int(gen.seed), prompts[0] if prompts else None),
                            run=generate_batch(method), evals=evals, what=f"{method_name} generate")
-            out = self.pool.run_jobs(lm, [job], context.time_remaining)[0]
+            out = self.pool.run_jobs(lm, [job], context.time_remaining, context)[0]
         png = encode_png(out)
         sha = hashlib.sha256(png).hexdigest()
         self.ledger.record(tenant=tenant, key_id=mk.key_id, method=method_name, model=lm.name,
@@ -527,7 +597,7 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
             groups.setdefault(k.method, []).append(k)
         methods = {name: self.pool.method(lm, name) for name in groups}
         info.update(model=lm.name, methods=",".join(groups), keys=len(keys))
-        img = validation.decode_image(request.image, self.config.max_image_pixels)
+        img = validation.decode_image(request.image, self.config.max_image_pixels, self.config.max_decode_bytes)
         for m in methods.values():  # every method's limits before any model work
             validation.check_image_shape(img, m)
         # the note is the same for every latent method; post-hoc ones read the pixels as they are
@@ -542,7 +612,7 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
                          run=verify_batch(methods[name]), evals=methods[name].model_evals().verify,
                          what=f"{name} verify" if len(groups) == 1 else "verify")
                 for name, group in groups.items()]
-        detections = dict(zip(groups, self.pool.run_jobs(lm, jobs, context.time_remaining)))
+        detections = dict(zip(groups, self.pool.run_jobs(lm, jobs, context.time_remaining, context)))
 
         n = len(keys)
         verdicts = []

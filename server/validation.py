@@ -6,6 +6,11 @@ Image decoding is the risky part. :func:`decode_image`:
 - accepts PNG and JPEG only (Pillow's other decoders are never reached);
 - reads the header first and refuses images above ``max_pixels`` (width x height) *before* any
   pixel is decoded, so a 20000 x 20000 "decompression bomb" costs nothing;
+- refuses, from the same header, images whose decoded samples would exceed ``max_decode_bytes``
+  (width x height x samples per pixel x bytes per sample: the PNG IHDR's colour type and bit
+  depth, the JPEG frame header's components and precision). Pixels alone undercount: a 32 KB PNG
+  can declare 4096 x 4096 16-bit gray, whose decoding took 0.8 s and 290 MB of peak memory each;
+  16-bit samples are also reduced to 8 bits without widening them further;
 - refuses empty, undecodable and truncated files, and palette images whose colours are unknown (no
   PLTE chunk, or pixels pointing past its end: Pillow would silently make those pixels black);
 - turns the image upright by its EXIF orientation, as a viewer shows it (cameras store the
@@ -65,13 +70,45 @@ def _png_bit_depth(data: bytes) -> int | None:
     return None
 
 
-def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
+#: PNG colour type (IHDR byte 25) -> samples per pixel: gray, RGB, palette index, gray+alpha, RGBA.
+_PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+
+#: Pillow's mode -> samples per pixel, for a header this module does not read itself.
+_MODE_SAMPLES = {"1": 1, "L": 1, "P": 1, "I": 1, "F": 1, "LA": 2, "PA": 2, "RGB": 3, "YCbCr": 3, "LAB": 3,
+                 "RGBA": 4, "RGBa": 4, "CMYK": 4}
+
+
+def _declared_layout(data: bytes, im) -> tuple[int, int, str]:
+    """``(samples per pixel, bytes per sample, what)`` the header declares, before decoding.
+
+    PNG: the IHDR's colour type and bit depth (Pillow's mode hides 16-bit RGB, which it reduces to
+    8 bits while decoding, but inflating and filtering work on the 16-bit rows). JPEG: the frame
+    header's components and precision, which Pillow keeps as ``layers`` and ``bits``."""
+    depth = _png_bit_depth(data)
+    if depth is not None and len(data) > 25:
+        samples = _PNG_SAMPLES.get(data[25], 4)
+        kind = {1: "gray", 2: "gray+alpha", 3: "RGB", 4: "RGBA"}[samples] if data[25] != 3 else "palette"
+        return samples, 2 if depth > 8 else 1, f"{depth}-bit {kind}"
+    bits = int(getattr(im, "bits", 8) or 8)
+    samples = int(getattr(im, "layers", 0) or _MODE_SAMPLES.get(im.mode, 4))
+    return samples, 2 if bits > 8 else 1, f"{bits}-bit, {samples} channel{'s' if samples > 1 else ''}"
+
+
+def decode_image(data: bytes, max_pixels: int, max_decode_bytes: int | None = None) -> DecodedImage:
     """Decode PNG/JPEG ``data`` into 8-bit RGB, refusing anything unsafe or unusable.
+
+    Args:
+        max_pixels: most width x height.
+        max_decode_bytes: most width x height x samples per pixel x bytes per sample as the header
+            declares them (``None``: 4 bytes per pixel of ``max_pixels``, an 8-bit RGBA image).
 
     Raises:
         InvalidImageError: empty, not PNG/JPEG, corrupt or truncated, zero-sized, larger than
-            ``max_pixels``, or a pixel format that cannot be converted (the message says which).
+            ``max_pixels`` or ``max_decode_bytes``, or a pixel format that cannot be converted
+            (the message says which).
     """
+    if max_decode_bytes is None:
+        max_decode_bytes = 4 * max_pixels
     from PIL import Image, UnidentifiedImageError
 
     data = bytes(data)
@@ -98,6 +135,12 @@ def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
         if w * h > max_pixels:
             raise InvalidImageError(f"image is {w}x{h} = {w * h} pixels, more than this server's limit of "
                                     f"{max_pixels} pixels; resize it first")
+        samples, sample_bytes, layout = _declared_layout(data, im)
+        decoded = w * h * samples * sample_bytes
+        if decoded > max_decode_bytes:
+            raise InvalidImageError(
+                f"image is {w}x{h} {layout}, {decoded} bytes once decoded, more than this server's limit of "
+                f"{max_decode_bytes} decoded bytes (max_decode_bytes); save it as 8-bit RGB, or resize it first")
         n_frames = getattr(im, "n_frames", 1)
         if n_frames > 1:
             notes.append(f"animated image with {n_frames} frames: used the first frame")
@@ -160,8 +203,10 @@ def _to_rgb8(im, notes: list[str], png_depth: int | None) -> np.ndarray:
             notes.append("16-bit RGB reduced to 8 bits per channel")
         return np.asarray(im, dtype=np.uint8).copy()
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(im).astype(np.int64)
-        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+        # in the samples' own type (uint16 for the I;16 modes, int32 for "I"): widening them to
+        # int64 first made a 4096 x 4096 16-bit image cost 128 MB more per request
+        arr = np.asarray(im)
+        if mode == "I" and arr.size and (arr.min() < 0 or arr.max() > 65535):
             raise InvalidImageError("32-bit integer grayscale images are not supported; save it as 8-bit RGB PNG")
         if mode == "I" and png_depth not in (16, None):
             gray = arr.astype(np.uint8)  # an 8-bit image Pillow widened to mode "I"
