@@ -8,7 +8,9 @@ A shallowmark server signs every ``Verify`` result: it serializes the result as 
    deployment time, or from your operator);
 2. the payload says the same thing as the result you hold (verdicts, identified key, image hash,
    request id...), so nobody swapped the result while keeping a valid signature;
-3. optionally, that the payload's image hash is the hash of the image you have.
+3. optionally, that the payload's image hash is the hash of the image you have;
+4. that the payload signs the nonce the client sent with the call (``VerifyResult.nonce``), when
+   there is one, so an attestation made for another call cannot be passed off as this one's.
 
 Without ``trusted_public_key`` the check uses the key inside the attestation, which proves the
 result was not altered after signing but not *who* signed it. Pass the trusted key in production.
@@ -19,7 +21,8 @@ no whitespace, floats in Python's shortest round-trip form::
     {"detected": bool, "format": "shallowmark.verify.v1", "identified_key_id": str,
      "image_sha256": hex, "issued_at": "YYYY-MM-DDTHH:MM:SS.ffffffZ", "method_score": float,
      "model": str, "bits": hex of the packed bits, "num_bits": int, "request_id": str,
-     "target_fpr": float,
+     "target_fpr": float, "tenant": str, "nonce": hex (empty: none sent),
+     "methods": [{"name", "config_sha256"}, ...] (each method that ran, sorted by name),
      "verdicts": [{"detected", "key_id", "method", "p_value", "p_value_corrected", "score"}, ...]}
 """
 
@@ -149,6 +152,9 @@ def verify_attestation(result: Any, trusted_public_key: Any = None, *, image: by
         "num_bits": getattr(result, "num_bits", None),
         "bits": (getattr(result, "bits_packed", b"") or b"").hex(),
     }
+    nonce = bytes(getattr(result, "nonce", b"") or b"")
+    if nonce:
+        checks["nonce"] = nonce.hex()
     for name, value in checks.items():
         if name not in payload or not _same(payload[name], value):
             raise AttestationError(f"the signed payload does not match the result: field {name!r} differs")

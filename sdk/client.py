@@ -33,6 +33,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import secrets
 import time
 import uuid
 import warnings
@@ -127,6 +128,8 @@ class VerifyResult:
         notes: conversions the server made to the image (e.g. "RGBA converted to RGB").
         model_evals: denoiser evaluations spent.
         attestation: the server's signature over all of the above.
+        nonce: the random nonce this client sent; :func:`~shallowmark.attestation.verify_attestation`
+            checks that the attestation signs it (so it was made for this call, not replayed).
     """
 
     detected: bool
@@ -142,6 +145,7 @@ class VerifyResult:
     notes: tuple[str, ...]
     model_evals: int
     attestation: Attestation | None
+    nonce: bytes = b""
 
     @property
     def best(self) -> KeyVerdict:
@@ -486,8 +490,10 @@ class Client:
         mks = [_method_key(k, method) if isinstance(k, WatermarkKey) else _method_key(k, None) for k in keys]
         if not mks:
             raise KeyMaterialError("verify needs at least one key")
+        # a fresh nonce per call: the signed payload echoes it, so an old attestation cannot be replayed
+        nonce = secrets.token_bytes(16)
         req = pb.VerifyRequest(image=_image_bytes(image), method_keys=[k.to_bytes() for k in mks],
-                               target_fpr=float(target_fpr), model=model)
+                               target_fpr=float(target_fpr), model=model, nonce=nonce)
         r, _ = self._call(self._stub.Verify, req, timeout, request_id)
         att = None
         if r.HasField("attestation"):
@@ -500,7 +506,7 @@ class Client:
                            for v in r.verdicts),
             method_score=r.method_score, bits_packed=r.bits, num_bits=r.num_bits, target_fpr=r.target_fpr,
             model=r.model, image_sha256=r.image_sha256, request_id=r.request_id, notes=tuple(r.notes),
-            model_evals=r.model_evals, attestation=att)
+            model_evals=r.model_evals, attestation=att, nonce=nonce)
 
     def info(self, *, timeout: float | None = None) -> ServerInfo:
         """Models, methods, limits, the attestation public key, and your tenant."""

@@ -21,7 +21,17 @@ Derivation scheme (version 1, pinned by test vectors, so never change it silentl
   info=b"shallowmark/v1/" + method + b"/" + label)`` with its own label (``ring-seed``,
   ``chacha20``, ``payload-bits/<n>``, ``seed/<purpose>``).
 
-HKDF is one-way, so publishing ``key_id`` (in ledgers, logs, verify results) is safe.
+* ``commitment`` = ``"sm1_" + hex(HKDF-Expand-SHA256(material, info=b"shallowmark/v1/" + method +
+  b"/key-id", 16 bytes))``: the key id a *server* records and signs for a method key.
+
+HKDF is one-way, so publishing ``key_id`` and ``commitment`` (in ledgers, logs, verify results) is safe.
+
+Why two ids: ``key_id`` fingerprints the master secret, which a server never sees, so a server cannot
+tell whether the ``key_id`` inside a method key belongs to its material; anyone could label their
+own material with someone else's ``key_id``. The server therefore ignores the ``key_id`` a request
+carries and names each method key by its ``commitment``, which it recomputes from the material it
+received: naming a key you do not hold would need a preimage of HKDF. Use
+:meth:`WatermarkKey.key_id_for` (or :attr:`MethodKey.commitment`) to find the id a server reports.
 """
 
 from __future__ import annotations
@@ -156,6 +166,12 @@ class WatermarkKey:
         material = _hkdf(self.secret, _DOMAIN + method.encode("ascii"), SECRET_BYTES)
         return MethodKey(method=method, key_id=self.key_id, material=material)
 
+    def key_id_for(self, method: str) -> str:
+        """The id a server records, reports and signs for this key's ``method`` material
+        (:attr:`MethodKey.commitment`); compare it with ``EmbedResult.key_id``,
+        ``VerifyResult.identified_key_id`` and ledger entries."""
+        return self.for_method(method).commitment
+
     def __repr__(self) -> str:
         return (f"WatermarkKey(key_id={self.key_id!r}, label={self.label!r}, "
                 f"created={self.created!r}, retired={self.retired!r})")
@@ -170,7 +186,8 @@ class MethodKey:
 
     Attributes:
         method: one of :data:`METHODS`.
-        key_id: the public fingerprint of the master key it came from (to name the match in results).
+        key_id: the public fingerprint of the master key it came from. A label only: servers cannot
+            check it against the material and ignore it (see :attr:`commitment`).
         material: 32 pseudorandom bytes. Secret for this method, but useless for any other method
             and never revealing the master secret.
 
@@ -194,6 +211,15 @@ class MethodKey:
         if not isinstance(self.material, bytes) or len(self.material) != SECRET_BYTES:
             got = len(self.material) if isinstance(self.material, bytes) else type(self.material).__name__
             raise KeyMaterialError(f"method key material must be {SECRET_BYTES} bytes, got {got}")
+
+    @property
+    def commitment(self) -> str:
+        """The public key id derived from this method and material (``sm1_`` + 32 hex digits).
+
+        Servers compute it from the material they receive and use it, not :attr:`key_id` (which they
+        cannot check), in the ledger, in results and in attestations. Differs per method.
+        """
+        return _KEY_ID_PREFIX + _expand(self.material, _info(self, "key-id"), _KEY_ID_BYTES).hex()
 
     def to_bytes(self) -> bytes:
         """Serialize for a request (see the class docstring for the layout)."""

@@ -11,6 +11,8 @@ by :func:`verify_payload` and signed by :meth:`Signer.sign`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import stat
@@ -24,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from shallowmark.attestation import PAYLOAD_FORMAT, canonical_json
 from shallowmark.errors import KeystoreError
 
-__all__ = ["Signer", "verify_payload"]
+__all__ = ["Signer", "config_sha256", "verify_payload"]
 
 log = logging.getLogger("shallowmark.server")
 
@@ -93,13 +95,27 @@ class Signer:
         return data, self._key.sign(data)
 
 
+def config_sha256(options: Any) -> str:
+    """Hex SHA-256 of a method's server configuration (its ``method_options``), so an attestation
+    says which settings produced the verdict; options a config file cannot hold as JSON count by repr."""
+    data = json.dumps(dict(options or {}), sort_keys=True, separators=(",", ":"), default=repr)
+    return hashlib.sha256(data.encode("utf-8")).hexdigest()
+
+
 def verify_payload(*, request_id: str, image_sha256: str, model: str, target_fpr: float, detected: bool,
                    identified_key_id: str, method_score: float, bits_packed: bytes, num_bits: int,
-                   verdicts: Sequence[dict[str, Any]], issued_at: datetime | None = None) -> dict[str, Any]:
-    """The payload to sign for one Verify result (see :mod:`shallowmark.attestation`)."""
+                   verdicts: Sequence[dict[str, Any]], tenant: str = "", methods: dict[str, str] | None = None,
+                   nonce: bytes = b"", issued_at: datetime | None = None) -> dict[str, Any]:
+    """The payload to sign for one Verify result (see :mod:`shallowmark.attestation`).
+
+    ``methods`` maps each method that ran to :func:`config_sha256` of its configuration; ``nonce``
+    is the caller's (empty when none was sent)."""
     when = (issued_at or datetime.now(timezone.utc)).astimezone(timezone.utc)
     return {
         "format": PAYLOAD_FORMAT,
+        "tenant": tenant,
+        "methods": [{"name": n, "config_sha256": h} for n, h in sorted((methods or {}).items())],
+        "nonce": bytes(nonce).hex(),
         "request_id": request_id,
         "issued_at": when.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         "image_sha256": image_sha256,

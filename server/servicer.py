@@ -74,7 +74,7 @@ from shallowmark.imaging import encode_png
 from shallowmark.keys import check_key_id
 from shallowmark.server import validation
 from shallowmark.server.admission import Admission
-from shallowmark.server.attestation import Signer, verify_payload
+from shallowmark.server.attestation import Signer, config_sha256, verify_payload
 from shallowmark.server.auth import current_tenant
 from shallowmark.server.batching import (
     BatchJob,
@@ -590,6 +590,7 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
     @_rpc
     def Verify(self, request, context, rid, tenant, info):
         keys = validation.parse_method_keys(list(request.method_keys), self.config.max_keys_per_verify)
+        nonce = validation.check_nonce(request.nonce)
         target_fpr = validation.check_target_fpr(request.target_fpr)
         lm = self.pool.get(request.model)
         groups: dict[str, list] = {}
@@ -635,7 +636,10 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
             method_score = 0.0
         payload = verify_payload(request_id=rid, image_sha256=img.sha256, model=lm.name, target_fpr=target_fpr,
                                  detected=detected, identified_key_id=identified, method_score=method_score,
-                                 bits_packed=bits, num_bits=num_bits, verdicts=verdicts)
+                                 bits_packed=bits, num_bits=num_bits, verdicts=verdicts, tenant=tenant or "",
+                                 methods={name: config_sha256(self.config.method_options.get(name))
+                                          for name in groups},
+                                 nonce=nonce)
         data, sig = self.signer.sign(payload)
         info.update(detected=detected, identified=identified or "-")
         return pb.VerifyResponse(

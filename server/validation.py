@@ -279,7 +279,8 @@ def on_grid(image: DecodedImage, method, size: int) -> np.ndarray:
 
 
 def parse_method_key(data: bytes, where: str = "method_key") -> MethodKey:
-    """Parse one serialized :class:`MethodKey`.
+    """Parse one serialized :class:`MethodKey`; its ``key_id`` is replaced by its
+    :attr:`~shallowmark.keys.MethodKey.commitment`, derived from the material.
 
     Raises:
         KeyMaterialError: empty, wrong length or magic (message says what to send).
@@ -289,9 +290,14 @@ def parse_method_key(data: bytes, where: str = "method_key") -> MethodKey:
         raise KeyMaterialError(f"{where} is empty; send MethodKey.to_bytes() from the shallowmark SDK "
                                "(key.for_method(method).to_bytes())")
     try:
-        return MethodKey.from_bytes(data)
+        sent = MethodKey.from_bytes(data)
     except KeyMaterialError as e:
         raise KeyMaterialError(f"{where}: {e}; send MethodKey.to_bytes() from the shallowmark SDK") from None
+    # The key id on the wire fingerprints a master secret this server never sees, so nothing ties it to
+    # the material: any tenant could label its own material with another tenant's id. Name the key by
+    # the commitment recomputed from the material instead; everything downstream (ledger, verdicts,
+    # attestation, duplicate check) then sees only ids the caller cannot choose.
+    return MethodKey(method=sent.method, key_id=sent.commitment, material=sent.material)
 
 
 def parse_method_keys(items: Sequence[bytes], max_keys: int) -> list[MethodKey]:
@@ -308,6 +314,17 @@ def parse_method_keys(items: Sequence[bytes], max_keys: int) -> list[MethodKey]:
             raise InvalidParameterError(f"method_keys[{i}] repeats key {k.key_id} for {k.method}")
         seen.add((k.method, k.key_id))
     return keys
+
+
+#: Longest verifier nonce accepted; 16-32 random bytes are plenty against replay.
+MAX_NONCE_BYTES = 64
+
+
+def check_nonce(value: bytes) -> bytes:
+    """A ``VerifyRequest.nonce``: empty (none) or 1..:data:`MAX_NONCE_BYTES` bytes, signed back as given."""
+    if len(value) > MAX_NONCE_BYTES:
+        raise InvalidParameterError(f"nonce is {len(value)} bytes, more than {MAX_NONCE_BYTES}; send 16 random bytes")
+    return bytes(value)
 
 
 def check_target_fpr(value: float, default: float = 0.01) -> float:

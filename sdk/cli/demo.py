@@ -258,8 +258,9 @@ def _summary(srv: _Server, num_steps: int, target_fpr: float, old, new, rows: li
     return dict(
         model=srv.model.name, method=METHOD, num_steps=num_steps, verify_model_evals=srv.costs.verify_model_evals,
         target_fpr=target_fpr,
-        keys=[dict(key_id=old.key_id, label=old.label, retired=True), dict(key_id=new.key_id, label=new.label,
-                                                                         retired=False)],
+        # server_key_id: the id results and the ledger use (the commitment of the method's material)
+        keys=[dict(key_id=old.key_id, server_key_id=old.key_id_for(METHOD), label=old.label, retired=True),
+              dict(key_id=new.key_id, server_key_id=new.key_id_for(METHOD), label=new.label, retired=False)],
         attacks=list(ATTACKS), rows=rows,
         detected_watermarked=sum(r["detected"] and r["correct"] for r in watermarked),
         total_watermarked=len(watermarked),

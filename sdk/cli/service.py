@@ -118,24 +118,29 @@ def _cmd_embed(args) -> int:
         else:
             res = c.embed(key, method=args.method, model=args.model or "", seed=args.seed, prompt=args.prompt)
     res.save(args.out)
-    info = dict(out=str(args.out), key_id=res.key_id, method=res.method, model=res.model,
+    # the server names the key by the commitment it derives from the material; print the keystore's id
+    # (what `keys list` shows) and keep the server's one beside it, as the ledger holds that
+    info = dict(out=str(args.out), key_id=key.key_id, server_key_id=res.key_id, method=res.method, model=res.model,
                 image_sha256=res.image_sha256, request_id=res.request_id, notes=list(res.notes))
     if args.json:
         print(json.dumps(info))
     else:
-        print(f"wrote {args.out}: key {res.key_id}, {res.method} on {res.model}, sha256 {res.image_sha256}")
+        print(f"wrote {args.out}: key {key.key_id}, {res.method} on {res.model}, sha256 {res.image_sha256}")
         for n in res.notes:
             print(f"  note: {n}")
     return 0
 
 
-def _print_verdict(f: str, res, as_json: bool) -> None:
+def _print_verdict(f: str, res, as_json: bool, keystore_ids: dict[str, str]) -> None:
     best = res.best
+    # results name keys by their per-method commitment; show the keystore's id, which users look up
+    kid = keystore_ids.get(res.identified_key_id or "", res.identified_key_id)
     if as_json:
         # the attestation was checked before this line is printed (_cmd_verify)
-        print(json.dumps({"file": f, **res.to_dict(), "attested": True}), flush=True)
+        print(json.dumps({"file": f, **res.to_dict(), "key_id": kid, "server_key_id": res.identified_key_id,
+                          "attested": True}), flush=True)
     elif res.detected:
-        print(f"{f}: watermarked with {res.identified_key_id} ({best.method}, p={best.p_value:.3g}, "
+        print(f"{f}: watermarked with {kid} ({best.method}, p={best.p_value:.3g}, "
               f"corrected p={best.p_value_corrected:.3g})", flush=True)
     else:
         print(f"{f}: no watermark from these keys (best p={best.p_value_corrected:.3g} corrected, "
@@ -149,6 +154,7 @@ def _cmd_verify(args) -> int:
     ks = Keystore.open(args.keystore, passphrase())
     methods = args.method or ["shallow-diffuse"]
     keys = [k.for_method(m) for k in ks.verification_keys() for m in methods]
+    keystore_ids = {mk.commitment: mk.key_id for mk in keys}
     failed = 0
     with make_client(args) as c:
         for f in args.files:
@@ -163,7 +169,7 @@ def _cmd_verify(args) -> int:
                 else:
                     print(f"{f}: error: {e}", file=sys.stderr, flush=True)
                 continue
-            _print_verdict(f, res, args.json)
+            _print_verdict(f, res, args.json, keystore_ids)
     return 2 if failed else 0
 
 

@@ -266,3 +266,19 @@ def test_import_does_not_pull_torch():
             "bad = [m for m in ('torch', 'diffusers') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_commitment_is_derived_from_the_material_not_the_label():
+    """What a server records for a method key: the commitment, pinned here like the other derivations."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+
+    key = WatermarkKey.from_hex("00" * 32)
+    mk = key.for_method("tree-ring")
+    want = "sm1_" + HKDFExpand(algorithm=hashes.SHA256(), length=16,
+                               info=b"shallowmark/v1/tree-ring/key-id").derive(mk.material).hex()
+    assert mk.commitment == want == key.key_id_for("tree-ring") != key.key_id
+    assert key.key_id_for("shallow-diffuse") != mk.commitment        # per method
+    relabelled = MethodKey(method="tree-ring", key_id="sm1_" + "ab" * 16, material=mk.material)
+    assert relabelled.commitment == mk.commitment                     # the label plays no part
+    assert MethodKey.from_bytes(mk.to_bytes()).commitment == mk.commitment

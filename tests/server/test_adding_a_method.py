@@ -110,7 +110,7 @@ def test_a_registered_method_runs_through_a_real_server(registered, tmp_path, lo
             emb = c.embed(key.for_method(NAME), seed=3)
             assert emb.method == NAME and emb.model_evals == 10
             res = c.verify(emb.image, [key.for_method(NAME), other.for_method(NAME)])
-            assert res.detected and res.identified_key_id == key.key_id
+            assert res.detected and res.identified_key_id == key.key_id_for(NAME)
             assert res.best.p_value < 1e-6 and res.model_evals == 10
             plain = c.verify(emb.image, [other.for_method(NAME)])
             assert not plain.detected

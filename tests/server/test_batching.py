@@ -255,8 +255,8 @@ def test_sixteen_concurrent_clients(tmp_path, loader, make_config, embedded, key
         app.stop(1.0)
     for i, r in enumerate(results):
         if i % 3 == 0:   # keys[0::2] = keys 0 and 2, contains the embedding key
-            assert [v.key_id for v in r.verdicts] == [keys[0].key_id, keys[2].key_id]
-        assert r.detected and r.identified_key_id == keys[0].key_id
+            assert [v.key_id for v in r.verdicts] == [keys[0].key_id_for("shallow-diffuse"), keys[2].key_id_for("shallow-diffuse")]
+        assert r.detected and r.identified_key_id == keys[0].key_id_for("shallow-diffuse")
         assert r.attestation is not None
     jobs, batches = after["jobs"] - before["jobs"], after["batches"] - before["batches"]
     assert jobs == 16
@@ -276,10 +276,10 @@ def test_concurrent_generates_are_batched_and_each_carries_its_key(tmp_path, loa
                 outs = list(ex.map(lambda i: c.embed(keys[i], method="tree-ring", seed=100 + i), range(3)))
             stats = app.pool.stats()
             assert stats["jobs"] == 3 and stats["batches"] < 3
-            assert [o.key_id for o in outs] == [k.key_id for k in keys]
+            assert [o.key_id for o in outs] == [k.key_id_for("tree-ring") for k in keys]
             for i in (0, 2):
                 res = c.verify(outs[i].image, keys, method="tree-ring")
-                assert res.detected and res.identified_key_id == keys[i].key_id
+                assert res.detected and res.identified_key_id == keys[i].key_id_for("tree-ring")
             # a retry (same request id) returns the recorded image, whatever the batching did
             again = c.embed(keys[0], method="tree-ring", seed=100, request_id=outs[0].request_id)
             assert again.image_sha256 == outs[0].image_sha256
@@ -298,7 +298,7 @@ def test_one_bad_request_does_not_fail_the_batch(tmp_path, loader, make_config, 
     original = method._score
 
     def flaky(latents, ks, fpr=0.01):
-        if any(k.key_id == keys[1].key_id for k in ks):
+        if any(k.key_id == keys[1].key_id_for("shallow-diffuse") for k in ks):
             raise RuntimeError("injected failure")
         return original(latents, ks, fpr)
 

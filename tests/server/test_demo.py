@@ -22,7 +22,7 @@ def test_demo_through_the_service(tmp_path, monkeypatch):
     clean_wm = [r for r in rows if r["watermarked"] and r["attack"] == "clean"]
     assert {r["image"] for r in clean_wm} == {"generated seed 0", "generated seed 1", "photo (uploaded)"}
     assert all(r["detected"] and r["key_id"] == r["expected_key_id"] for r in clean_wm)
-    old, new = (k["key_id"] for k in summary["keys"])
+    old, new = (k["server_key_id"] for k in summary["keys"])
     assert {r["image"]: r["key_id"] for r in clean_wm}["generated seed 0"] == old   # the retired key
     assert {r["image"]: r["key_id"] for r in clean_wm}["photo (uploaded)"] == new
 

@@ -207,7 +207,7 @@ def test_server_on_postgres_records_embeds_per_tenant(tmp_path, pg_url, loader, 
             out = a.embed(keys[0], seed=3, prompt="a private prompt", request_id="pg-embed-1")
             mine = list(a.list_embeds())
             assert [(e.tenant, e.image_sha256, e.key_id, e.request_id) for e in mine] == \
-                [("a", out.image_sha256, keys[0].key_id, "pg-embed-1")]
+                [("a", out.image_sha256, keys[0].key_id_for("shallow-diffuse"), "pg-embed-1")]
             assert list(b.list_embeds()) == []
             with pytest.raises(ServerError) as e:
                 list(b.list_embeds(tenant="a"))

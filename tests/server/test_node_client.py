@@ -44,8 +44,8 @@ def test_node_client_verifies_and_checks_the_attestation(server, embedded, keys,
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["tenant"] == "a" and out["models"] == ["tiny-ldm"]
-    assert out["detected"] and out["identified_key_id"] == keys[0].key_id
-    assert [v["key_id"] for v in out["verdicts"]] == [keys[1].key_id, keys[0].key_id]
+    assert out["detected"] and out["identified_key_id"] == keys[0].key_id_for("shallow-diffuse")
+    assert [v["key_id"] for v in out["verdicts"]] == [keys[1].key_id_for("shallow-diffuse"), keys[0].key_id_for("shallow-diffuse")]
     assert out["image_sha256"] == embedded.image_sha256 and out["attestation_valid"] is True
 
 

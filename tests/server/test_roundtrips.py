@@ -20,9 +20,9 @@ SEED = 32
 
 def _check(res, right, candidates, image):
     """``right`` is identified among ``candidates`` (in request order), and the result is signed."""
-    assert res.detected and res.identified_key_id == right.key_id
-    assert [v.key_id for v in res.verdicts] == [k.key_id for k in candidates]
-    assert [v.detected for v in res.verdicts] == [k.key_id == right.key_id for k in candidates]
+    assert res.detected and res.identified_key_id == right.commitment
+    assert [v.key_id for v in res.verdicts] == [k.commitment for k in candidates]
+    assert [v.detected for v in res.verdicts] == [k.commitment == right.commitment for k in candidates]
     verify_attestation(res, image=image)
 
 
@@ -35,7 +35,7 @@ def _not_found(client, image, wrong):
 def test_ringid_round_trip(client_a, keys, embedded):
     mks = [k.for_method("ringid") for k in keys]
     out = client_a.embed(keys[1], method="ringid", seed=SEED)
-    assert out.method == "ringid" and out.key_id == keys[1].key_id and out.to_array().shape == (256, 256, 3)
+    assert out.method == "ringid" and out.key_id == keys[1].key_id_for("ringid") and out.to_array().shape == (256, 256, 3)
     _check(client_a.verify(out.image, mks), mks[1], mks, out.image)
     _not_found(client_a, out.image, [mks[0], mks[2]])
     with pytest.raises(ServerError) as e:   # the ring is planted in the initial noise: no uploads
@@ -73,7 +73,7 @@ def test_post_hoc_round_trips(client_a, server, keys, photo, method):
     _not_found(client_a, uploaded.image, mks[:2])
 
     assert server.ledger.count("a") == ledger_before + 2
-    sources = {(e.image_sha256, e.source) for e in client_a.list_embeds(key_id=keys[2].key_id, page_size=5)}
+    sources = {(e.image_sha256, e.source) for e in client_a.list_embeds(key_id=keys[2].key_id_for(method), page_size=5)}
     assert (uploaded.image_sha256, "image") in sources
 
 
@@ -89,7 +89,7 @@ def test_residual_output_keeps_the_uploaded_photo(client_a, server, keys, photo)
     assert p_res > p_dec + 5, (p_res, p_dec)
     for out in (dec, res):
         v = client_a.verify(out.image, keys, method="shallow-diffuse")
-        assert v.detected and v.identified_key_id == keys[1].key_id
+        assert v.detected and v.identified_key_id == keys[1].key_id_for("shallow-diffuse")
     assert server.ledger.count() == before + 2
 
 

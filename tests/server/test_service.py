@@ -52,15 +52,15 @@ def _png_header_only(w: int, h: int) -> bytes:
 
 
 def test_embed_then_verify_identifies_the_key(client_a, keys, embedded):
-    assert embedded.key_id == keys[0].key_id and embedded.method == "shallow-diffuse"
+    assert embedded.key_id == keys[0].key_id_for("shallow-diffuse") and embedded.method == "shallow-diffuse"
     assert embedded.image.startswith(b"\x89PNG") and embedded.to_array().shape == (256, 256, 3)
     res = client_a.verify(embedded.image, keys, method="shallow-diffuse")
-    assert res.detected and res.identified_key_id == keys[0].key_id
+    assert res.detected and res.identified_key_id == keys[0].key_id_for("shallow-diffuse")
     by_id = {v.key_id: v for v in res.verdicts}
-    assert [v.key_id for v in res.verdicts] == [k.key_id for k in keys]  # request order
-    assert by_id[keys[0].key_id].detected and not by_id[keys[1].key_id].detected
-    assert by_id[keys[0].key_id].p_value_corrected == pytest.approx(min(1, 3 * by_id[keys[0].key_id].p_value))
-    assert by_id[keys[0].key_id].score > 2 > by_id[keys[1].key_id].score
+    assert [v.key_id for v in res.verdicts] == [k.key_id_for("shallow-diffuse") for k in keys]  # request order
+    assert by_id[keys[0].key_id_for("shallow-diffuse")].detected and not by_id[keys[1].key_id_for("shallow-diffuse")].detected
+    assert by_id[keys[0].key_id_for("shallow-diffuse")].p_value_corrected == pytest.approx(min(1, 3 * by_id[keys[0].key_id_for("shallow-diffuse")].p_value))
+    assert by_id[keys[0].key_id_for("shallow-diffuse")].score > 2 > by_id[keys[1].key_id_for("shallow-diffuse")].score
     assert res.image_sha256 == embedded.image_sha256 and res.model == "tiny-ldm"
 
 
@@ -73,13 +73,13 @@ def test_wrong_keys_are_not_detected(client_a, keys, embedded):
 def test_watermark_an_uploaded_image(client_a, keys, embedded):
     out = client_a.embed(keys[1], method="shallow-diffuse", image=embedded.to_array())
     res = client_a.verify(out.image, [keys[1], keys[2]], method="shallow-diffuse")
-    assert res.detected and res.identified_key_id == keys[1].key_id
+    assert res.detected and res.identified_key_id == keys[1].key_id_for("shallow-diffuse")
 
 
 def test_tree_ring_round_trip_and_embed_refusal(client_a, keys, embedded):
     out = client_a.embed(keys[2], method="tree-ring", seed=11)
     res = client_a.verify(out.image, [k.for_method("tree-ring") for k in keys])
-    assert res.detected and res.identified_key_id == keys[2].key_id
+    assert res.detected and res.identified_key_id == keys[2].key_id_for("tree-ring")
     with pytest.raises(ServerError) as e:  # tree-ring cannot mark an existing image
         client_a.embed(keys[2], method="tree-ring", image=embedded.image)
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "shallow-diffuse" in e.value.details
@@ -91,7 +91,7 @@ def test_bits_method_and_mixed_methods_in_one_verify(client_a, keys):
     gs = keys[1].for_method("gaussian-shading")
     out = client_a.embed(gs, seed=21)
     res = client_a.verify(out.image, [keys[0].for_method("shallow-diffuse"), gs, keys[2].for_method("gaussian-shading")])
-    assert res.detected and res.identified_key_id == keys[1].key_id
+    assert res.detected and res.identified_key_id == gs.commitment
     assert [v.method for v in res.verdicts] == ["shallow-diffuse", "gaussian-shading", "gaussian-shading"]
     assert not res.verdicts[0].detected and res.verdicts[1].detected
     assert res.verdicts[1].p_value_corrected == pytest.approx(min(1.0, 3 * res.verdicts[1].p_value))
@@ -116,7 +116,7 @@ def test_attestation_verifies_and_tampering_fails(client_a, client_b, keys, embe
     res = client_a.verify(embedded.image, keys[:2])
     pinned = client_b.info().attestation_public_key
     payload = verify_attestation(res, pinned, image=embedded.image)
-    assert payload["identified_key_id"] == keys[0].key_id and payload["image_sha256"] == embedded.image_sha256
+    assert payload["identified_key_id"] == keys[0].key_id_for("shallow-diffuse") and payload["image_sha256"] == embedded.image_sha256
 
     att = res.attestation
     forged = att.payload.replace(b'"detected":true', b'"detected":false', 1)
@@ -313,7 +313,7 @@ def test_health_not_serving_until_models_load(tmp_path, loader, keys, make_confi
                 with pytest.raises(grpc.RpcError) as refused:
                     health.Check(check, timeout=10)
                 assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-                assert running.result(timeout=60).key_id == keys[0].key_id
+                assert running.result(timeout=60).key_id == keys[0].key_id_for("shallow-diffuse")
                 stopper.result(timeout=60)
         channel.close()
     finally:
@@ -336,3 +336,68 @@ def test_client_retries_unavailable_until_the_model_loads(tmp_path, loader, keys
             assert len(c.verify(_png(np.zeros((256, 256, 3), np.uint8)), keys[:1]).verdicts) == 1
     finally:
         app.stop(0.5)
+
+
+# -- key ids ---------------------------------------------------------------------------------------
+
+
+def test_a_key_id_cannot_be_borrowed(server, client_a, client_b, keys, embedded):
+    """Tenant b labels its own material with tenant a's public key id: the server names the key by
+    the commitment of the material it received, so neither the ledger, nor the verdicts, nor the
+    signed attestation can name a's key."""
+    from shallowmark.keys import MethodKey, WatermarkKey
+
+    a_mk = keys[0].for_method("shallow-diffuse")
+    b_key = WatermarkKey.from_hex(f"{0xB0B:064x}")
+    spoof = MethodKey(method="shallow-diffuse", key_id=a_mk.key_id, material=b_key.for_method("shallow-diffuse").material)
+    a_id, b_id = a_mk.commitment, b_key.key_id_for("shallow-diffuse")
+    assert spoof.commitment == b_id != a_id
+
+    a_rows = {e.image_sha256 for e in client_a.list_embeds(key_id=a_id, page_size=1000)}
+    out = client_b.embed(spoof, seed=77)
+    assert out.key_id == b_id
+    rows = [e for e in client_b.list_embeds(page_size=1000) if e.image_sha256 == out.image_sha256]
+    assert [e.key_id for e in rows] == [b_id]
+    assert {e.image_sha256 for e in client_a.list_embeds(key_id=a_id, page_size=1000)} == a_rows  # a's rows unchanged
+
+    res = client_b.verify(out.image, [spoof])
+    assert res.detected and res.identified_key_id == b_id and [v.key_id for v in res.verdicts] == [b_id]
+    payload = verify_attestation(res, client_b.info().attestation_public_key, image=out.image)
+    assert payload["identified_key_id"] == b_id and a_id not in res.attestation.payload.decode()
+    # a's image verified with the spoofed key is not a's: b's material does not detect it
+    assert not client_b.verify(embedded.image, [spoof]).detected
+
+
+def test_the_same_material_twice_is_one_key_whatever_its_labels(client_a, keys, embedded):
+    """Two labels on one material are one key to the server: refused as a repeated candidate."""
+    from shallowmark.keys import MethodKey
+
+    mk = keys[0].for_method("shallow-diffuse")
+    relabelled = MethodKey(method=mk.method, key_id=keys[1].key_id, material=mk.material)
+    with pytest.raises(ServerError) as e:
+        client_a.verify(embedded.image, [mk, relabelled])
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "repeats key" in e.value.details
+
+
+def test_attestation_binds_tenant_methods_and_the_callers_nonce(client_a, keys, embedded):
+    res = client_a.verify(embedded.image, keys[:2])
+    pinned = client_a.info().attestation_public_key
+    payload = verify_attestation(res, pinned, image=embedded.image)
+    assert len(res.nonce) == 16 and payload["nonce"] == res.nonce.hex() and payload["tenant"] == "a"
+    assert [m["name"] for m in payload["methods"]] == ["shallow-diffuse"]
+    assert len(payload["methods"][0]["config_sha256"]) == 64
+    assert {v["key_id"] for v in payload["verdicts"]} == {k.key_id_for("shallow-diffuse") for k in keys[:2]}
+    other = client_a.verify(embedded.image, keys[:2])
+    with pytest.raises(AttestationError, match="'nonce' differs"):   # a replayed attestation of another call
+        verify_attestation(dataclasses.replace(other, attestation=res.attestation, request_id=res.request_id),
+                           pinned, image=embedded.image)
+
+
+def test_an_oversized_nonce_is_refused(server, keys, embedded):
+    channel, stub, md = _raw(server)
+    req = pb.VerifyRequest(image=embedded.image, method_keys=[keys[0].for_method("shallow-diffuse").to_bytes()],
+                           nonce=b"n" * 65)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Verify(req, metadata=md, timeout=60)
+    channel.close()
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "nonce" in e.value.details()

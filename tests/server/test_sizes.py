@@ -45,7 +45,7 @@ def test_upload_of_any_size_comes_back_at_its_size_and_is_detected(client50, key
     assert psnr(marked, original) >= 38.0
     assert any("centre" in n for n in res.notes)
     v = client50.verify(res.image, [mk, keys[1].for_method("shallow-diffuse")])
-    assert v.detected and v.identified_key_id == keys[0].key_id and v.best.p_value < 1e-6
+    assert v.detected and v.identified_key_id == keys[0].key_id_for("shallow-diffuse") and v.best.p_value < 1e-6
     plain = client50.verify(original, [mk])
     assert not plain.detected
 

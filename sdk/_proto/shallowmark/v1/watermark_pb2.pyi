@@ -54,16 +54,18 @@ class EmbedResponse(_message.Message):
     def __init__(self, image: _Optional[bytes] = ..., key_id: _Optional[str] = ..., method: _Optional[str] = ..., model: _Optional[str] = ..., image_sha256: _Optional[str] = ..., request_id: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ..., model_evals: _Optional[int] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
-    __slots__ = ("image", "method_keys", "target_fpr", "model")
+    __slots__ = ("image", "method_keys", "target_fpr", "model", "nonce")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     METHOD_KEYS_FIELD_NUMBER: _ClassVar[int]
     TARGET_FPR_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     method_keys: _containers.RepeatedScalarFieldContainer[bytes]
     target_fpr: float
     model: str
-    def __init__(self, image: _Optional[bytes] = ..., method_keys: _Optional[_Iterable[bytes]] = ..., target_fpr: _Optional[float] = ..., model: _Optional[str] = ...) -> None: ...
+    nonce: bytes
+    def __init__(self, image: _Optional[bytes] = ..., method_keys: _Optional[_Iterable[bytes]] = ..., target_fpr: _Optional[float] = ..., model: _Optional[str] = ..., nonce: _Optional[bytes] = ...) -> None: ...
 
 class KeyVerdict(_message.Message):
     __slots__ = ("key_id", "method", "score", "p_value", "p_value_corrected", "detected")
