@@ -8,13 +8,15 @@ Typical use::
 
     ks = Keystore.open("keys.smks", passphrase)
     with Client("wm.internal:443", token=os.environ["SHALLOWMARK_TOKEN"], tls=True) as c:
-        pinned = c.info().attestation_public_key          # store this once, at deployment
+        # the server key you pinned at deployment (stored from c.info().attestation_public_key then,
+        # or from your operator), read from your config: not fetched again next to the result
+        pinned = bytes.fromhex(os.environ["SHALLOWMARK_TRUSTED_KEY"])
         out = c.embed(ks.active(), seed=1234)             # generate a watermarked image
         out.save("image.png")
         res = c.verify(out.image, ks)                     # every key in the store, retired ones too
         if res.detected:
             print(res.identified_key_id, res.best.p_value)
-        verify_attestation(res, pinned)                   # raises AttestationError if forged
+        verify_attestation(res, pinned, image=out.image)  # raises AttestationError if forged
 
 Only method-scoped key material (:class:`~shallowmark.keys.MethodKey`) leaves this process; the
 master secret never does. Pass a :class:`~shallowmark.keys.WatermarkKey` and the client derives the

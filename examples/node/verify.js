@@ -4,7 +4,12 @@
 //
 //   npm ci                                   # in examples/node (or: npm install)
 //   export SHALLOWMARK_TOKEN=...             # bearer token the server maps to your tenant
-//   node verify.js IMAGE.png KEY.smk [KEY.smk ...]
+//   node verify.js --trusted-key SERVER_KEY IMAGE.png KEY.smk [KEY.smk ...]
+//
+// --trusted-key is required: the server's Ed25519 attestation public key you pinned (stored from
+// GetInfo's attestation_public_key at deployment, from your operator, or the one `shallowmark serve`
+// prints), as base64 or hex of the 32 raw bytes, or a file holding it (PEM, raw, base64 or hex).
+// A key fetched in the same run would prove nothing about who signed, so none is taken from GetInfo.
 //
 // KEY.smk files hold *method keys*, never master keys: the bytes of `MethodKey.to_bytes()` from the
 // Python SDK (raw, starting with "SMK1", or base64 of them), e.g.
@@ -12,8 +17,13 @@
 //
 // Environment: SHALLOWMARK_SERVER (default 127.0.0.1:50051), SHALLOWMARK_TOKEN, SHALLOWMARK_CA
 // (PEM of the server's CA: turns TLS on), SHALLOWMARK_TARGET_FPR (default 0.01).
-// Prints one JSON object: the server info, the verdicts, and whether the Ed25519 attestation over
-// the result checks out with the key GetInfo reported. Exit status: 0 done, 1 usage, 2 RPC error.
+//
+// The attestation is checked before anything is reported: payload format shallowmark.verify.v2, an
+// Ed25519 signature valid for the pinned key, the signed image_sha256 equal to the SHA-256 of the
+// file sent, the signed nonce equal to the random one this run sent (no replayed attestation), and
+// the signed verdicts equal to the response's. Prints one JSON object: the server info and the
+// verdicts as signed. Exit status: 0 done, 1 usage, 2 RPC error, 3 the attestation does not check out
+// (then the JSON carries attestation_valid: false and attestation_error, and no verdicts).
 'use strict';
 
 const crypto = require('crypto');
@@ -55,21 +65,117 @@ function call(client, method, request, metadata, timeoutS) {
   });
 }
 
-function attestationValid(att, trustedKey) {
-  if (!att || !att.payload || att.payload.length === 0) return false;
-  if (!Buffer.from(att.public_key).equals(Buffer.from(trustedKey))) return false;
-  const key = crypto.createPublicKey({
-    key: Buffer.concat([ED25519_SPKI_PREFIX, Buffer.from(att.public_key)]), format: 'der', type: 'spki',
-  });
-  return crypto.verify(null, Buffer.from(att.payload), key, Buffer.from(att.signature));
+const PAYLOAD_FORMAT = 'shallowmark.verify.v2';
+
+// The pinned key as a KeyObject: base64 or hex of the 32 raw bytes, or a file holding it (PEM, raw,
+// base64 or hex). Throws with a message naming --trusted-key.
+function loadTrustedKey(value) {
+  let data = value;
+  if (fs.existsSync(value) && fs.statSync(value).isFile()) {
+    const raw = fs.readFileSync(value);
+    if (raw.toString('latin1').includes('-----BEGIN')) {
+      const key = crypto.createPublicKey(raw);
+      if (key.asymmetricKeyType !== 'ed25519') throw new Error(`--trusted-key ${value}: not an Ed25519 key`);
+      return key;
+    }
+    if (raw.length === 32) data = raw;
+    else data = raw.toString('ascii').trim();
+  }
+  let bytes = data;
+  if (typeof data === 'string') {
+    bytes = /^[0-9a-fA-F]{64}$/.test(data) ? Buffer.from(data, 'hex') : Buffer.from(data, 'base64');
+  }
+  if (bytes.length !== 32) {
+    throw new Error('--trusted-key: an Ed25519 public key is 32 raw bytes (base64, hex, or a PEM/raw file); '
+                    + `got ${bytes.length} bytes`);
+  }
+  return crypto.createPublicKey({ key: Buffer.concat([ED25519_SPKI_PREFIX, bytes]), format: 'der', type: 'spki' });
 }
 
+function rawKey(keyObject) {
+  return keyObject.export({ format: 'der', type: 'spki' }).subarray(ED25519_SPKI_PREFIX.length);
+}
+
+// Throws an Error saying what does not check out; returns the signed payload otherwise.
+function checkAttestation(att, trustedKey, { imageSha256, nonce, response }) {
+  if (!att || !att.payload || att.payload.length === 0 || !att.signature || att.signature.length === 0) {
+    throw new Error('the result carries no attestation');
+  }
+  if (att.payload_format !== PAYLOAD_FORMAT) {
+    throw new Error(`unknown attestation payload format ${JSON.stringify(att.payload_format)}; expected ${PAYLOAD_FORMAT}`);
+  }
+  const carried = Buffer.from(att.public_key || []);
+  if (carried.length > 0 && !carried.equals(rawKey(trustedKey))) {
+    throw new Error('the result was signed by a different key than the trusted one');
+  }
+  if (!crypto.verify(null, Buffer.from(att.payload), trustedKey, Buffer.from(att.signature))) {
+    throw new Error('invalid signature: the payload was altered or not signed by the trusted key');
+  }
+  let payload;
+  try {
+    payload = JSON.parse(Buffer.from(att.payload).toString('utf8'));
+  } catch (e) {
+    throw new Error('the attestation payload is not JSON');
+  }
+  if (!payload || payload.format !== PAYLOAD_FORMAT) throw new Error(`the payload is not a ${PAYLOAD_FORMAT} object`);
+  if (payload.image_sha256 !== imageSha256) {
+    throw new Error('the signed image_sha256 is not the SHA-256 of the image sent');
+  }
+  if (payload.nonce !== Buffer.from(nonce).toString('hex')) {
+    throw new Error('the signed nonce is not the one this call sent (a replayed attestation?)');
+  }
+  if (response) {
+    const same = payload.request_id === response.request_id && payload.detected === response.detected
+      && payload.identified_key_id === (response.identified_key_id || '')
+      && payload.image_sha256 === response.image_sha256
+      && Array.isArray(payload.verdicts) && payload.verdicts.length === response.verdicts.length
+      && payload.verdicts.every((v, i) => v.key_id === response.verdicts[i].key_id
+        && v.detected === response.verdicts[i].detected && v.p_value === response.verdicts[i].p_value);
+    if (!same) throw new Error('the signed payload does not match the response');
+  }
+  return payload;
+}
+
+function parseArgs(argv) {
+  const rest = [];
+  let trustedKey = null;
+  for (let i = 0; i < argv.length; i += 1) {
+    if (argv[i] === '--trusted-key') {
+      trustedKey = argv[i + 1] === undefined ? '' : argv[i + 1];
+      i += 1;
+    } else if (argv[i].startsWith('--trusted-key=')) {
+      trustedKey = argv[i].slice('--trusted-key='.length);
+    } else {
+      rest.push(argv[i]);
+    }
+  }
+  return { trustedKey, rest };
+}
+
+const USAGE = 'usage: node verify.js --trusted-key SERVER_KEY IMAGE KEY.smk [KEY.smk ...]\n'
+  + '  SERVER_KEY: the pinned attestation public key (base64 or hex of 32 bytes, or a PEM/raw file);\n'
+  + '  token in $SHALLOWMARK_TOKEN';
+
 async function main(argv) {
-  if (argv.length < 2) {
-    console.error('usage: node verify.js IMAGE KEY.smk [KEY.smk ...]  (token in $SHALLOWMARK_TOKEN)');
+  const { trustedKey: trustedArg, rest } = parseArgs(argv);
+  if (!trustedArg) {
+    console.error('shallowmark: --trusted-key is required: the server attestation public key you pinned '
+                  + '(refusing to trust a key fetched in this run)');
+    console.error(USAGE);
     return 1;
   }
-  const [imagePath, ...keyFiles] = argv;
+  if (rest.length < 2) {
+    console.error(USAGE);
+    return 1;
+  }
+  let trustedKey;
+  try {
+    trustedKey = loadTrustedKey(trustedArg);
+  } catch (err) {
+    console.error(`shallowmark: ${err.message}`);
+    return 1;
+  }
+  const [imagePath, ...keyFiles] = rest;
   const address = process.env.SHALLOWMARK_SERVER || '127.0.0.1:50051';
   const token = process.env.SHALLOWMARK_TOKEN || '';
   const creds = process.env.SHALLOWMARK_CA
@@ -85,25 +191,40 @@ async function main(argv) {
 
   try {
     const info = await call(client, 'GetInfo', {}, metadata, 30);
+    const image = fs.readFileSync(imagePath);
+    const nonce = crypto.randomBytes(16);   // signed back in the attestation: proves it is this call's
     const request = {
-      image: fs.readFileSync(imagePath),
+      image,
       method_keys: keyFiles.map(readMethodKey),
       target_fpr: Number(process.env.SHALLOWMARK_TARGET_FPR || 0.01),
+      nonce,
     };
     const res = await call(client, 'Verify', request, metadata, 300);
+    const imageSha256 = crypto.createHash('sha256').update(image).digest('hex');
+    const out = { server_version: info.server_version, tenant: info.tenant, models: info.models.map((m) => m.name) };
+    let payload;
+    try {
+      payload = checkAttestation(res.attestation, trustedKey, { imageSha256, nonce, response: res });
+    } catch (err) {
+      console.log(JSON.stringify({ ...out, request_id: res.request_id, attestation_valid: false,
+                                   attestation_error: err.message }));
+      console.error(`shallowmark: attestation refused: ${err.message}`);
+      return 3;
+    }
+    // everything below is what the server signed
     console.log(JSON.stringify({
-      server_version: info.server_version,
-      tenant: info.tenant,
-      models: info.models.map((m) => m.name),
-      detected: res.detected,
-      identified_key_id: res.identified_key_id || null,
-      verdicts: res.verdicts.map((v) => ({
+      ...out,
+      detected: payload.detected,
+      identified_key_id: payload.identified_key_id || null,
+      verdicts: payload.verdicts.map((v) => ({
         key_id: v.key_id, method: v.method, p_value: v.p_value, p_value_corrected: v.p_value_corrected,
         detected: v.detected,
       })),
-      image_sha256: res.image_sha256,
-      request_id: res.request_id,
-      attestation_valid: attestationValid(res.attestation, info.attestation_public_key),
+      image_sha256: payload.image_sha256,
+      request_id: payload.request_id,
+      tenant_signed: payload.tenant,
+      issued_at: payload.issued_at,
+      attestation_valid: true,
     }));
     return 0;
   } catch (err) {
@@ -115,4 +236,8 @@ async function main(argv) {
   }
 }
 
-main(process.argv.slice(2)).then((status) => { process.exitCode = status; });
+if (require.main === module) {
+  main(process.argv.slice(2)).then((status) => { process.exitCode = status; });
+}
+
+module.exports = { checkAttestation, loadTrustedKey, PAYLOAD_FORMAT };

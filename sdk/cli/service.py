@@ -60,6 +60,8 @@ def _cmd_serve(args) -> int:
     def ready(app):
         print(f"shallowmark server on {app.address} ({'TLS' if cfg.tls else 'plaintext'}); "
               f"models {', '.join(cfg.models)} loading in the background", flush=True)
+        print(f"attestation public key (pin it: shallowmark verify --trusted-key ...): "
+              f"{app.signer.public_key_raw.hex()}", flush=True)
         if dev_token:
             print(f"development token (tenant 'dev'): {dev_token}\n"
                   f"  export SHALLOWMARK_TOKEN={dev_token}", flush=True)
@@ -98,7 +100,14 @@ def register_client(sub) -> None:
     v.add_argument("files", nargs="+", metavar="FILE")
     v.add_argument("--method", action="append", help="method(s) to check (repeatable; default shallow-diffuse)")
     v.add_argument("--target-fpr", type=float, default=0.01)
-    v.add_argument("--trusted-key", help="the server's attestation public key (hex) to pin")
+    att = v.add_mutually_exclusive_group()
+    att.add_argument("--trusted-key", metavar="KEY|FILE",
+                     help="the server's attestation public key you pinned (hex, base64, or a file holding it "
+                          "as PEM, raw bytes, hex or base64; `shallowmark serve` prints it at start). "
+                          "Required unless --no-attestation-check")
+    att.add_argument("--no-attestation-check", action="store_true",
+                     help="do not check the server's signature on the results (they are then only as "
+                          "trustworthy as the connection); the output says so")
     v.add_argument("--json", action="store_true", help="one JSON object per image")
     v.set_defaults(func=_cmd_verify)
 
@@ -131,26 +140,63 @@ def _cmd_embed(args) -> int:
     return 0
 
 
-def _print_verdict(f: str, res, as_json: bool, keystore_ids: dict[str, str]) -> None:
+def _print_verdict(f: str, res, as_json: bool, keystore_ids: dict[str, str], attested: bool) -> None:
     best = res.best
     # results name keys by their per-method commitment; show the keystore's id, which users look up
     kid = keystore_ids.get(res.identified_key_id or "", res.identified_key_id)
     if as_json:
-        # the attestation was checked before this line is printed (_cmd_verify)
+        # attested: the attestation was checked against the pinned key before this line is printed
+        # (_cmd_verify); False only with --no-attestation-check
         print(json.dumps({"file": f, **res.to_dict(), "key_id": kid, "server_key_id": res.identified_key_id,
-                          "attested": True}), flush=True)
-    elif res.detected:
+                          "attested": attested}), flush=True)
+        return
+    unchecked = "" if attested else " [attestation not checked]"
+    if res.detected:
         print(f"{f}: watermarked with {kid} ({best.method}, p={best.p_value:.3g}, "
-              f"corrected p={best.p_value_corrected:.3g})", flush=True)
+              f"corrected p={best.p_value_corrected:.3g}){unchecked}", flush=True)
     else:
         print(f"{f}: no watermark from these keys (best p={best.p_value_corrected:.3g} corrected, "
-              f"target FPR {res.target_fpr:g})", flush=True)
+              f"target FPR {res.target_fpr:g}){unchecked}", flush=True)
+
+
+def _trusted_key(value: str):
+    """The pinned key of ``--trusted-key``: the value itself (hex, base64, PEM) or a file holding it."""
+    from shallowmark.attestation import load_public_key
+
+    path = Path(value)
+    if len(value) < 4096 and path.is_file():
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise ShallowmarkError(f"--trusted-key: cannot read {value}: {e}") from None
+        if len(data) != 32 and not data.lstrip().startswith(b"-----BEGIN"):
+            try:
+                data = data.decode("ascii").strip()   # hex or base64 text
+            except UnicodeDecodeError:
+                pass
+        source = value
+    else:
+        data, source = value, "the value given"
+    try:
+        return load_public_key(data)
+    except ShallowmarkError as e:
+        raise ShallowmarkError(f"--trusted-key ({source}): {e}") from None
 
 
 def _cmd_verify(args) -> int:
     from shallowmark.attestation import verify_attestation
     from shallowmark.keystore import Keystore
 
+    if args.no_attestation_check:
+        trusted = None
+        print("shallowmark verify: --no-attestation-check: the server's signatures on these results are "
+              "NOT checked", file=sys.stderr, flush=True)
+    elif args.trusted_key:
+        trusted = _trusted_key(args.trusted_key)
+    else:
+        raise ShallowmarkError("verify checks the server's signed attestation against a key you pinned: give "
+                               "--trusted-key KEY|FILE (the attestation public key `shallowmark serve` prints, "
+                               "or your operator gives you), or --no-attestation-check to skip the check")
     ks = Keystore.open(args.keystore, passphrase())
     methods = args.method or ["shallow-diffuse"]
     keys = [k.for_method(m) for k in ks.verification_keys() for m in methods]
@@ -161,7 +207,8 @@ def _cmd_verify(args) -> int:
             try:
                 data = Path(f).read_bytes()
                 res = c.verify(data, keys, target_fpr=args.target_fpr, model=args.model or "")
-                verify_attestation(res, args.trusted_key, image=data)
+                if trusted is not None:
+                    verify_attestation(res, trusted, image=data)
             except (OSError, ShallowmarkError) as e:
                 failed += 1
                 if args.json:
@@ -169,7 +216,7 @@ def _cmd_verify(args) -> int:
                 else:
                     print(f"{f}: error: {e}", file=sys.stderr, flush=True)
                 continue
-            _print_verdict(f, res, args.json, keystore_ids)
+            _print_verdict(f, res, args.json, keystore_ids, attested=trusted is not None)
     return 2 if failed else 0
 
 

@@ -50,7 +50,22 @@ def test_keys_embed_verify(server, env, tmp_path, capsys):
 
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"nope")
-    assert main(["verify", *common, str(out), str(junk), "--json"]) == 2   # one file failed
+    # the attestation is checked against a pinned key, or skipped only when asked to
+    assert main(["verify", *common, str(out), "--json"]) == 2
+    assert "--trusted-key" in capsys.readouterr().err
+    assert main(["verify", *common, str(out), "--no-attestation-check"]) == 0
+    cap = capsys.readouterr()
+    assert "NOT checked" in cap.err and "[attestation not checked]" in cap.out
+    assert main(["verify", *common, str(out), "--trusted-key", "00" * 32]) == 2   # not the server's key
+    assert "different key" in capsys.readouterr().err
+    pinned = server.signer.public_key_raw
+    key_file = tmp_path / "server.pub"
+    key_file.write_text(pinned.hex() + "\n")
+    assert main(["verify", *common, str(out), "--trusted-key", str(key_file)]) == 0
+    cap = capsys.readouterr()
+    assert "watermarked with" in cap.out and "not checked" not in cap.out
+
+    assert main(["verify", *common, str(out), str(junk), "--json", "--trusted-key", pinned.hex()]) == 2   # one file failed
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert lines[0]["detected"] and lines[0]["key_id"] == second and lines[0]["method"] == "shallow-diffuse"
     assert lines[0]["p_value"] < 0.01 and lines[0]["attested"]

@@ -127,8 +127,12 @@ def test_shape_check_names_the_limit_and_the_size():
 def test_key_and_parameter_checks():
     from shallowmark.keys import WatermarkKey
 
+    from dataclasses import replace
+
     mk = WatermarkKey.generate().for_method("tree-ring")
-    assert validation.parse_method_keys([mk.to_bytes()], 4) == [mk]
+    # the server names a key by the commitment to its material, whatever id the request carried
+    assert validation.parse_method_keys([mk.to_bytes()], 4) == [replace(mk, key_id=mk.commitment)]
+    assert validation.parse_method_keys([replace(mk, key_id="sm1_" + "0" * 32).to_bytes()], 4)[0].key_id == mk.commitment
     with pytest.raises(InvalidParameterError, match="repeats"):
         validation.parse_method_keys([mk.to_bytes()] * 2, 4)
     with pytest.raises(InvalidParameterError, match="limit of 1"):

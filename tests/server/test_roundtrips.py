@@ -18,12 +18,13 @@ POST_HOC = ("dwtdct", "dwtdctsvd", "rivagan")
 SEED = 32
 
 
-def _check(res, right, candidates, image):
-    """``right`` is identified among ``candidates`` (in request order), and the result is signed."""
+def _check(res, right, candidates, image, pinned):
+    """``right`` is identified among ``candidates`` (in request order), and the result is signed
+    with ``pinned`` (the server's key) for ``image``."""
     assert res.detected and res.identified_key_id == right.commitment
     assert [v.key_id for v in res.verdicts] == [k.commitment for k in candidates]
     assert [v.detected for v in res.verdicts] == [k.commitment == right.commitment for k in candidates]
-    verify_attestation(res, image=image)
+    verify_attestation(res, pinned, image=image)
 
 
 def _not_found(client, image, wrong):
@@ -32,11 +33,11 @@ def _not_found(client, image, wrong):
     assert all(not v.detected for v in res.verdicts)
 
 
-def test_ringid_round_trip(client_a, keys, embedded):
+def test_ringid_round_trip(client_a, server, keys, embedded):
     mks = [k.for_method("ringid") for k in keys]
     out = client_a.embed(keys[1], method="ringid", seed=SEED)
     assert out.method == "ringid" and out.key_id == keys[1].key_id_for("ringid") and out.to_array().shape == (256, 256, 3)
-    _check(client_a.verify(out.image, mks), mks[1], mks, out.image)
+    _check(client_a.verify(out.image, mks), mks[1], mks, out.image, server.signer.public_key_raw)
     _not_found(client_a, out.image, [mks[0], mks[2]])
     with pytest.raises(ServerError) as e:   # the ring is planted in the initial noise: no uploads
         client_a.embed(keys[1], method="ringid", image=embedded.image)
@@ -62,14 +63,14 @@ def test_post_hoc_round_trips(client_a, server, keys, photo, method):
 
     generated = client_a.embed(keys[0], method=method, seed=SEED)
     assert generated.method == method and generated.model_evals == 50   # 50 DDIM steps, then the bits
-    _check(client_a.verify(generated.image, mks), mks[0], mks, generated.image)
+    _check(client_a.verify(generated.image, mks), mks[0], mks, generated.image, server.signer.public_key_raw)
     _not_found(client_a, generated.image, mks[1:])
 
     uploaded = client_a.embed(keys[2], method=method, image=photo)
     assert uploaded.model_evals == 0                                     # no model: the bits go in directly
     marked = uploaded.to_array()
     assert 0 < np.abs(marked.astype(int) - photo).mean() < 3             # changed, but invisibly
-    _check(client_a.verify(uploaded.image, mks), mks[2], mks, uploaded.image)
+    _check(client_a.verify(uploaded.image, mks), mks[2], mks, uploaded.image, server.signer.public_key_raw)
     _not_found(client_a, uploaded.image, mks[:2])
 
     assert server.ledger.count("a") == ledger_before + 2

@@ -15,7 +15,7 @@ import pytest
 
 from shallowmark._proto.shallowmark.v1 import watermark_pb2 as pb
 from shallowmark._proto.shallowmark.v1 import watermark_pb2_grpc as pb_grpc
-from shallowmark.attestation import AttestationError, verify_attestation
+from shallowmark.attestation import UNCHECKED, AttestationError, AttestationUsageError, verify_attestation
 from shallowmark.client import Client, ServerError
 
 
@@ -85,7 +85,7 @@ def test_tree_ring_round_trip_and_embed_refusal(client_a, keys, embedded):
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "shallow-diffuse" in e.value.details
 
 
-def test_bits_method_and_mixed_methods_in_one_verify(client_a, keys):
+def test_bits_method_and_mixed_methods_in_one_verify(client_a, server, keys):
     from shallowmark.keys import payload_bits
 
     gs = keys[1].for_method("gaussian-shading")
@@ -97,7 +97,7 @@ def test_bits_method_and_mixed_methods_in_one_verify(client_a, keys):
     assert res.verdicts[1].p_value_corrected == pytest.approx(min(1.0, 3 * res.verdicts[1].p_value))
     assert res.num_bits == 256 and (res.bits == payload_bits(gs, 256)).mean() > 0.9
     assert 0.9 < res.method_score <= 1.0  # bit accuracy
-    verify_attestation(res, image=out.image)
+    verify_attestation(res, server.signer.public_key_raw, image=out.image)
 
 
 def test_info_lists_models_methods_limits(client_a):
@@ -112,23 +112,50 @@ def test_info_lists_models_methods_limits(client_a):
 # -- attestation -----------------------------------------------------------------------------------
 
 
-def test_attestation_verifies_and_tampering_fails(client_a, client_b, keys, embedded):
+def test_attestation_verifies_and_tampering_fails(client_a, client_b, server, keys, embedded):
     res = client_a.verify(embedded.image, keys[:2])
-    pinned = client_b.info().attestation_public_key
+    pinned = client_b.info().attestation_public_key   # stored earlier, e.g. at deployment
+    assert pinned == server.signer.public_key_raw
     payload = verify_attestation(res, pinned, image=embedded.image)
     assert payload["identified_key_id"] == keys[0].key_id_for("shallow-diffuse") and payload["image_sha256"] == embedded.image_sha256
 
     att = res.attestation
     forged = att.payload.replace(b'"detected":true', b'"detected":false', 1)
     with pytest.raises(AttestationError, match="signature"):
-        verify_attestation(dataclasses.replace(res, attestation=dataclasses.replace(att, payload=forged)), pinned)
+        verify_attestation(dataclasses.replace(res, attestation=dataclasses.replace(att, payload=forged)), pinned,
+                           image=embedded.image)
     flipped = dataclasses.replace(res, detected=False, identified_key_id=None)  # result changed, payload not
     with pytest.raises(AttestationError, match="does not match"):
-        verify_attestation(flipped, pinned)
+        verify_attestation(flipped, pinned, image=embedded.image)
     with pytest.raises(AttestationError, match="different key"):
-        verify_attestation(res, bytes(32 * [7]))
+        verify_attestation(res, bytes(32 * [7]), image=embedded.image)
     with pytest.raises(AttestationError, match="SHA-256"):
         verify_attestation(res, pinned, image=embedded.image + b"x")
+    assert res.attestation.payload_format == "shallowmark.verify.v2" and b'"format":"shallowmark.verify.v2"' in att.payload
+
+
+def test_attestation_needs_a_pinned_key_and_the_image(client_a, server, keys, embedded):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives import serialization
+
+    res = client_a.verify(embedded.image, keys[:1])
+    pinned = server.signer.public_key_raw
+    with pytest.raises(AttestationUsageError, match="trusted_public_key"):
+        verify_attestation(res, image=embedded.image)
+    with pytest.raises(AttestationUsageError, match="image"):
+        verify_attestation(res, pinned)
+    # opting out of the image check is explicit, and the rest is still checked
+    assert verify_attestation(res, pinned, image=UNCHECKED)["image_sha256"] == embedded.image_sha256
+    with pytest.raises(AttestationError, match="does not match"):
+        verify_attestation(dataclasses.replace(res, detected=not res.detected), pinned, image=UNCHECKED)
+    # a result re-signed by someone else, carrying their own key, fails against the pinned one
+    mallory = Ed25519PrivateKey.generate()
+    forged = res.attestation.payload.replace(b'"detected":true', b'"detected":false', 1)
+    resigned = dataclasses.replace(res, detected=False, attestation=dataclasses.replace(
+        res.attestation, payload=forged, signature=mallory.sign(forged),
+        public_key=mallory.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)))
+    with pytest.raises(AttestationError, match="different key"):
+        verify_attestation(resigned, pinned, image=embedded.image)
 
 
 # -- auth and tenants ------------------------------------------------------------------------------
