@@ -25,7 +25,8 @@ method key for you.
 Transport: plaintext unless you ask for TLS (``tls=True`` for the system roots, or
 ``root_certificates=`` for a private CA); add ``client_cert=`` and ``client_key=`` for mutual TLS.
 Sending a token in plaintext to a non-loopback address warns. Calls that fail with UNAVAILABLE
-(model loading, server restarting, connection refused) are retried with exponential backoff and
+(model loading, server restarting, connection refused), or with a RESOURCE_EXHAUSTED the server
+marks as passing (full, or the tenant over a limit; never an oversized message), are retried with exponential backoff and
 jitter, within the call's timeout; every retry of one call carries the same ``x-request-id``, so an
 ``Embed`` is recorded in the ledger once. Other failures raise :class:`ServerError` at once.
 """
@@ -322,6 +323,23 @@ def _is_loopback(address: str) -> bool:
     return is_loopback_host(host.split("///")[-1])
 
 
+def _retry_after(e) -> float | None:
+    """Seconds the server asked a RESOURCE_EXHAUSTED caller to wait (its ``retry-after-ms`` trailer),
+    or None when it sent none: then the refusal is not one a retry can pass (gRPC's own, for a
+    message over the size limit)."""
+    try:
+        trailers = e.trailing_metadata() or ()
+    except Exception:  # noqa: BLE001 - an RpcError raised before any response has none
+        return None
+    for k, v in trailers:
+        if k == "retry-after-ms":
+            try:
+                return max(0.0, float(v) / 1000.0)
+            except ValueError:
+                return None
+    return None
+
+
 def _health_status(raw: bytes) -> int:
     # grpc.health.v1.HealthCheckResponse has one field: status = 1 (varint). 1 = SERVING.
     return raw[1] if len(raw) >= 2 and raw[0] == 0x08 else 0
@@ -341,7 +359,8 @@ class Client:
         root_certificates: PEM of the CA that signed the server certificate (bytes or a path).
         client_cert, client_key: PEM certificate chain and private key for mutual TLS.
         timeout: default deadline per call in seconds, retries included.
-        retries: how many times to retry a call that failed with UNAVAILABLE.
+        retries: how many times to retry a call that failed with UNAVAILABLE, or with a
+            RESOURCE_EXHAUSTED carrying the server's ``retry-after-ms`` trailer (waiting at least that long).
         backoff: first retry delay in seconds; doubles per retry (with jitter), capped at ``max_backoff``.
         max_message_bytes: largest message sent or received.
 
@@ -408,8 +427,10 @@ class Client:
             except grpc.RpcError as e:
                 code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
                 details = (e.details() if hasattr(e, "details") else str(e)) or ""
-                if code in _RETRYABLE and attempt < self.retries:
+                wait = _retry_after(e) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else None
+                if (code in _RETRYABLE or wait is not None) and attempt < self.retries:
                     delay = min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
+                    delay = max(delay, wait or 0.0)
                     if time.monotonic() + delay < deadline:
                         attempt += 1
                         time.sleep(delay)

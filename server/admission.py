@@ -151,7 +151,8 @@ class Admission:
         wait = bucket.take(now)
         if wait:
             raise TenantRateLimited(f"tenant {name!r} is over its rate limit (tenant_limits rate = {lim.rate:g} "
-                                    f"requests/s, burst = {lim.bucket}); retry in {max(wait, 0.001):.3f} s")
+                                    f"requests/s, burst = {lim.bucket}); retry in {max(wait, 0.001):.3f} s",
+                                    retry_after_s=max(wait, 0.001))
 
 
 class _Garbage:

@@ -25,7 +25,12 @@ class ServerBusy(ShallowmarkError):
 
 class TenantRateLimited(ShallowmarkError):
     """The tenant's token bucket (``tenant_limits`` rate and burst) is empty. RESOURCE_EXHAUSTED:
-    retry after the time the message gives."""
+    retry after the time the message gives (``retry_after_s``, also sent as the ``retry-after-ms``
+    trailer)."""
+
+    def __init__(self, message: str, retry_after_s: float = 0.0):
+        super().__init__(message)
+        self.retry_after_s = float(retry_after_s)
 
 
 class TenantBusy(ShallowmarkError):

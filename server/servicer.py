@@ -380,6 +380,10 @@ def _time_one_eval(backend) -> float:
 
 # -- the servicer ----------------------------------------------------------------------------------
 
+#: trailer on a RESOURCE_EXHAUSTED that a retry can get past (the server was full, the tenant over
+#: a limit): milliseconds to wait, 0 for the client's own backoff (shallowmark.client retries these)
+RETRY_AFTER = "retry-after-ms"
+
 _INVALID = (InvalidImageError, InvalidParameterError, InvalidShapeError, UnknownNameError, KeyMaterialError,
             MalformedRequest)
 
@@ -473,6 +477,9 @@ def _rpc(fn):
             code, msg = grpc.StatusCode.PERMISSION_DENIED, str(e)
         except (QueueFull, ServerBusy, TenantRateLimited, TenantBusy) as e:
             code, msg = grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
+            # tells a client that this refusal (unlike gRPC's own for an oversized message) passes:
+            # retry after this long, or after its own backoff when it is 0
+            context.set_trailing_metadata(((RETRY_AFTER, str(round(1000 * getattr(e, "retry_after_s", 0.0)))),))
         except CallEnded as e:
             code = grpc.StatusCode.CANCELLED if e.cancelled else grpc.StatusCode.DEADLINE_EXCEEDED
             msg = str(e)

@@ -459,3 +459,52 @@ def test_stop_does_not_wait_forever_for_calls_that_never_end(tmp_path, loader, m
     t0 = time.monotonic()
     app.stop(0.1)
     assert time.monotonic() - t0 < 2.0
+
+
+def test_the_client_retries_a_refusal_the_server_marks_as_passing(tmp_path, loader, make_config):
+    """A tenant over its rate limit gets RESOURCE_EXHAUSTED with a ``retry-after-ms`` trailer; the
+    SDK client waits at least that long and retries (same request id), and with retries=0 it
+    raises. gRPC's own RESOURCE_EXHAUSTED for an oversized message has no trailer and is not retried."""
+    from shallowmark.client import Client, ServerError
+
+    app = _start(tmp_path, loader, make_config, workers=4, batching=False,
+                 tenant_limits={"a": {"rate": 2.0, "burst": 1}})
+    try:
+        channel = grpc.insecure_channel(app.address)
+        stub = pb_grpc.WatermarkStub(channel)
+        stub.GetInfo(pb.GetInfoRequest(), metadata=_md(), timeout=10)       # the one token
+        with pytest.raises(grpc.RpcError) as e:
+            stub.GetInfo(pb.GetInfoRequest(), metadata=_md(), timeout=10)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        wait_ms = int(dict(e.value.trailing_metadata())["retry-after-ms"])
+        assert 1 <= wait_ms <= 500
+        channel.close()
+        time.sleep(0.6)                                # a token again (2 per second, burst 1)
+        with Client(app.address, TOKEN_A, timeout=30, retries=0) as c:
+            c.info()
+            with pytest.raises(ServerError) as err:
+                c.info()
+            assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        time.sleep(0.6)
+        with Client(app.address, TOKEN_A, timeout=30, retries=3, backoff=0.01) as c:
+            t0 = time.monotonic()
+            assert c.info().tenant == "a" and c.info().tenant == "a"      # the second waits for a token
+            assert time.monotonic() - t0 >= 0.3
+    finally:
+        app.stop(1.0)
+
+
+def test_a_refusal_without_the_trailer_is_not_retried():
+    """gRPC's own RESOURCE_EXHAUSTED (a message over the size limit) carries no retry-after-ms."""
+    from shallowmark.client import _retry_after
+
+    class Refused(grpc.RpcError):
+        def __init__(self, trailers):
+            self._t = trailers
+
+        def trailing_metadata(self):
+            return self._t
+
+    assert _retry_after(Refused(())) is None
+    assert _retry_after(Refused((("retry-after-ms", "250"),))) == 0.25
+    assert _retry_after(Refused((("retry-after-ms", "soon"),))) is None
