@@ -176,8 +176,6 @@ def _report(cfg, method, settings, images, cache, ctx) -> dict:
                 rates = (pk <= a).mean(0) if len(p) else np.full(pk.shape[1], np.nan)
                 row[f"keys_mean@{a:g}"] = float(rates.mean())
                 row[f"keys_max@{a:g}"] = float(rates.max())
-                total = int((pk <= a).sum())
-                row[f"keys_upper95@{a:g}"] = _upper_bound(total, pk.size) if len(p) else float("nan")
             rows.append(row)
     return dict(config=dataclasses.asdict(cfg), method_params=_method_params(method), rows=rows,
                 n_images=len(images), sources={s: sum(1 for x, _, _ in images if x == s) for s in sources})
