@@ -24,11 +24,14 @@ waited in the same queue (9 to 11 s under load). So:
   thread) are active, so even a flood of refusals cannot queue without bound.
 
 Every refusal is RESOURCE_EXHAUSTED with a message naming the limit (:class:`ServerBusy`,
-:class:`TenantRateLimited`, :class:`TenantBusy`); clients retry with backoff.
+:class:`TenantRateLimited`, :class:`TenantBusy`); clients retry with backoff. Each limit counts its
+refusals by reason, under the lock that decided them (:meth:`Admission.refusals`,
+:attr:`StreamLimitInterceptor.refused`), for the server's metrics.
 """
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from contextlib import contextmanager
@@ -40,7 +43,12 @@ from shallowmark.server.config import ServerConfig, TenantLimits
 from shallowmark.server.errors import ServerBusy, TenantBusy, TenantRateLimited
 
 __all__ = ["Admission", "StreamLimitInterceptor", "handler_threads", "max_concurrent_rpcs", "SPARE_THREADS",
-           "STREAM_PREFIXES"]
+           "STREAM_PREFIXES", "REFUSAL_REASONS"]
+
+#: Why a call was refused with RESOURCE_EXHAUSTED, by the setting that refused it (the ``reason``
+#: label of ``shallowmark_refusals_total``): ``workers`` calls in flight, ``max_queue`` model jobs,
+#: the tenant's ``tenant_limits`` rate or max_in_flight, ``max_streams`` open streams.
+REFUSAL_REASONS = ("workers", "max_queue", "tenant_rate", "tenant_max_in_flight", "max_streams")
 
 #: Handler threads beyond the admitted calls and the streams: health checks, refusals and
 #: unauthenticated calls run there, each in well under a millisecond.
@@ -99,6 +107,7 @@ class Admission:
         self._in_flight = 0
         self._by_tenant: dict[str, int] = {}
         self._buckets: dict[str, _Bucket] = {}
+        self._refused: collections.Counter[str] = collections.Counter()
 
     @property
     def in_flight(self) -> int:
@@ -122,10 +131,12 @@ class Admission:
         with self._lock:
             mine = self._by_tenant.get(name, 0)
             if lim is not None and lim.max_in_flight and mine >= lim.max_in_flight:
+                self._refused["tenant_max_in_flight"] += 1
                 raise TenantBusy(f"tenant {name!r} already has {mine} calls in flight, its limit (tenant_limits "
                                  f"max_in_flight = {lim.max_in_flight}); wait for one to finish, or ask the "
                                  "operator for a higher limit")
             if self._in_flight >= self.config.workers:
+                self._refused["workers"] += 1
                 raise ServerBusy(f"the server is busy: {self._in_flight} calls in flight, its limit (workers = "
                                  f"{self.config.workers}); retry with backoff or on another replica")
             if lim is not None and lim.rate:
@@ -143,6 +154,11 @@ class Admission:
                 else:
                     del self._by_tenant[name]
 
+    def refusals(self) -> dict[str, int]:
+        """Calls refused so far, by reason (``workers``, ``tenant_rate``, ``tenant_max_in_flight``)."""
+        with self._lock:
+            return dict(self._refused)
+
     def _take(self, name: str, lim: TenantLimits) -> None:
         now = self._clock()
         bucket = self._buckets.get(name)
@@ -150,6 +166,7 @@ class Admission:
             bucket = self._buckets[name] = _Bucket(lim.rate, lim.bucket, now)
         wait = bucket.take(now)
         if wait:
+            self._refused["tenant_rate"] += 1
             raise TenantRateLimited(f"tenant {name!r} is over its rate limit (tenant_limits rate = {lim.rate:g} "
                                     f"requests/s, burst = {lim.bucket}); retry in {max(wait, 0.001):.3f} s",
                                     retry_after_s=max(wait, 0.001))
@@ -193,6 +210,8 @@ class StreamLimitInterceptor(grpc.ServerInterceptor):
         self.limit, self._prefixes = int(limit), prefixes
         self._lock = threading.Lock()
         self._open = 0
+        #: streams refused so far because ``limit`` were open
+        self.refused = 0
 
     @property
     def open_streams(self) -> int:
@@ -212,7 +231,9 @@ class StreamLimitInterceptor(grpc.ServerInterceptor):
         def bounded(request_or_iterator, context):
             with limiter._lock:
                 full = limiter._open >= limiter.limit
-                if not full:
+                if full:
+                    limiter.refused += 1
+                else:
                     limiter._open += 1
             if full:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,

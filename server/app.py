@@ -19,8 +19,16 @@ so health checks and refusals never wait behind model work, and ``maximum_concur
 gRPC itself refuse (RESOURCE_EXHAUSTED) what would otherwise queue without bound.
 
 Health (``grpc.health.v1.Health``, service names ``""`` and ``shallowmark.v1.Watermark``) and
-reflection need no token. ``grpc.max_receive_message_length`` and ``max_send_message_length``
+reflection need no token. The first call that meets a corrupt ledger (``LedgerIntegrityError``, answered
+DATA_LOSS) turns health ``NOT_SERVING`` for good, logged once at ERROR: a load balancer then stops sending
+here, while the calls that reach this server still get DATA_LOSS (not UNAVAILABLE, which clients retry)
+until the operator restores the ledger and restarts it. ``grpc.max_receive_message_length`` and ``max_send_message_length``
 are set to ``max_message_bytes``.
+
+Observability (:mod:`shallowmark.server.metrics`, :mod:`shallowmark.server.logs`): every call gets a
+request id and is counted and timed by the first interceptor; with ``metrics_port`` set, the
+server's own registry is served as ``GET /metrics`` on that port, bound at construction like the
+gRPC port (``metrics_port=0`` picks a free one: ``app.metrics_port``), closed by :meth:`stop`.
 """
 
 from __future__ import annotations
@@ -42,6 +50,8 @@ from shallowmark.server.attestation import Signer
 from shallowmark.server.auth import BearerAuthInterceptor
 from shallowmark.server.config import ServerConfig
 from shallowmark.server.ledger import open_ledger
+from shallowmark.server.logs import install_filter
+from shallowmark.server.metrics import Metrics, MetricsExporter
 from shallowmark.server.servicer import ModelPool, WatermarkServicer, add_to_server
 
 __all__ = ["ServerApp", "serve", "SERVICE_NAME"]
@@ -89,11 +99,16 @@ class ServerApp:
             ("grpc.so_reuseport", 0),  # two servers must not silently share a port
         ]
         self.streams = StreamLimitInterceptor(config.max_streams)
+        install_filter()
+        self.metrics = Metrics(config)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=handler_threads(config), thread_name_prefix="rpc"),
-            interceptors=[BearerAuthInterceptor(config.token_digests()), self.streams], options=options,
-            maximum_concurrent_rpcs=max_concurrent_rpcs(config))
-        self.servicer = WatermarkServicer(config, self.pool, self.ledger, self.signer)
+            # the observer first: it must see (count, log) the calls the token check refuses
+            interceptors=[self.metrics.interceptor, BearerAuthInterceptor(config.token_digests()), self.streams],
+            options=options, maximum_concurrent_rpcs=max_concurrent_rpcs(config))
+        self.servicer = WatermarkServicer(config, self.pool, self.metrics.counting(self.ledger), self.signer)
+        self.metrics.watch(pool=self.pool, admission=self.servicer.admission, streams=self.streams)
+        self.servicer.on_data_loss = self._ledger_corrupt
         add_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if config.reflection:
@@ -115,8 +130,13 @@ class ServerApp:
             raise InvalidParameterError(f"cannot listen on {config.address}: {e}") from None
         if not self.port:
             raise InvalidParameterError(f"cannot listen on {config.address} (in use, or not a local address)")
+        self.metrics_exporter = (None if config.metrics_port is None else
+                                 MetricsExporter(self.metrics.registry, config.metrics_host, config.metrics_port))
         self._loader_thread: threading.Thread | None = None
         self._stopped = threading.Event()
+        # the model loader's SERVING and a corrupt ledger's NOT_SERVING may race; the fault must win
+        self._health_lock = threading.Lock()
+        self.ledger_fault: str | None = None
 
     def _set_health(self, status) -> None:
         for name in ("", SERVICE_NAME):
@@ -132,10 +152,18 @@ class ServerApp:
             host = f"[{host}]"
         return f"{host}:{self.port}"
 
+    @property
+    def metrics_port(self) -> int | None:
+        """The metrics port actually bound (useful with ``metrics_port=0``); ``None`` when metrics are off."""
+        return self.metrics_exporter.port if self.metrics_exporter is not None else None
+
     def start(self, *, load_models: bool = True) -> "ServerApp":
         """Start serving (health NOT_SERVING); load the models in the background unless told not to."""
         self.server.start()
         log.info("listening on %s (%s)", self.address, "TLS" if self.config.tls else "plaintext")
+        if self.metrics_exporter is not None:
+            self.metrics_exporter.start()
+            log.info("metrics on %s", self.metrics_exporter.url)
         if self.config.plaintext_off_loopback:
             log.warning("serving plaintext on the non-loopback host %s (allow_insecure = true): tokens, keys and "
                         "images are unencrypted on the network unless a TLS proxy sits in front", self.config.host)
@@ -147,10 +175,24 @@ class ServerApp:
     def load_models(self) -> bool:
         """Load every model (blocking); health turns SERVING if all loaded. Returns that."""
         self.pool.load_all()
-        if self.pool.ready and not self._stopped.is_set():
-            self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        with self._health_lock:
+            ready = self.pool.ready and not self._stopped.is_set() and self.ledger_fault is None
+            if ready:
+                self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if ready:
             log.info("ready: serving %s", ", ".join(self.config.models))
         return self.pool.ready
+
+    def _ledger_corrupt(self, rpc: str, request_id: str, error: Exception) -> None:
+        """The servicer's ``on_data_loss``: NOT_SERVING and one ERROR line on the first, nothing after."""
+        with self._health_lock:
+            if self.ledger_fault is not None:
+                return
+            self.ledger_fault = str(error)
+            self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        log.error("the ledger failed its integrity check at run time (%s, request %s): %s. Health is now NOT_SERVING "
+                  "so that load balancers stop sending here; the calls that still come are answered DATA_LOSS. "
+                  "Restore the ledger from a backup and restart the server", rpc, request_id, error)
 
     def wait_until_ready(self, timeout: float | None = None) -> bool:
         """Block until the background model load finishes; True if every model loaded."""
@@ -173,6 +215,8 @@ class ServerApp:
             log.warning("stopped with calls still open %.0f s after the grace period; not waiting for them",
                         STOP_SLACK_S)
         self.pool.close()
+        if self.metrics_exporter is not None:
+            self.metrics_exporter.stop()
         self.ledger.close()
         log.info("stopped")
 

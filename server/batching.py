@@ -93,7 +93,9 @@ class BatchJob:
     """One request's share of model work.
 
     Attributes:
-        key: jobs with equal keys may run as one batch (e.g. ``("verify", "shallow-diffuse")``).
+        key: jobs with equal keys may run as one batch (e.g. ``("verify", "shallow-diffuse")``);
+            its first two items are the operation and the method, under which :class:`BatchStats`
+            counts the job's model evaluations.
         payload: what ``run`` needs for this job.
         run: ``run(payloads) -> results``, one result (or an ``Exception`` instance) per payload,
             in order. Jobs with the same key must pass the same ``run``.
@@ -109,19 +111,35 @@ class BatchJob:
 
 
 class BatchStats:
-    """Counters: jobs run, model calls (batches) made, and how many batches had each size."""
+    """Counters: jobs run, model calls (batches) made, how many batches had each size, and the model
+    evaluations spent per ``(operation, method)``.
+
+    These are what the server's metrics report (:mod:`shallowmark.server.metrics` reads them when
+    scraped), so every model job is counted here once, batched or not.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.jobs = 0
         self.batches = 0
         self.sizes: collections.Counter[int] = collections.Counter()
+        self.evals: collections.Counter[tuple[str, str]] = collections.Counter()
 
-    def add(self, size: int) -> None:
+    def add(self, size: int, key: Hashable = None, evals: int = 0) -> None:
+        """Count one model call of ``size`` jobs, each of ``evals`` evaluations, under the batch
+        ``key``: its first two items name the operation and the method (e.g. ``("verify",
+        "shallow-diffuse")``); without a key no evaluations are counted."""
         with self._lock:
             self.jobs += size
             self.batches += 1
             self.sizes[size] += 1
+            if isinstance(key, tuple) and len(key) >= 2 and evals:
+                self.evals[(str(key[0]), str(key[1]))] += int(evals) * size
+
+    def evals_snapshot(self) -> dict[tuple[str, str], int]:
+        """Model evaluations spent so far per ``(operation, method)``."""
+        with self._lock:
+            return dict(self.evals)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -330,7 +348,7 @@ class MicroBatcher:
             if job.evals > 0:
                 per = elapsed / (job.evals * len(batch))
                 lm.sec_per_eval = 0.7 * lm.sec_per_eval + 0.3 * per
-        self.stats.add(len(batch))
+        self.stats.add(len(batch), key, job.evals)
         log.debug("batch %s: %d jobs in %.3f s", key, len(batch), elapsed)
         for it, r in zip(batch, results):
             it.finish(r)

@@ -24,6 +24,9 @@ Example ``server.toml`` (every key is optional; the values shown are the default
     # ledger_url = "postgresql://shallowmark@db.internal:5432/shallowmark"  # PostgreSQL (replicas share it);
     #                                     password from PGPASSWORD or ~/.pgpass, so the file holds no secret
     attestation_key = "/var/lib/shallowmark/attestation.pem"      # default: <state_dir>/attestation_ed25519.pem
+    metrics_port = 9464             # Prometheus metrics on http://metrics_host:9464/metrics (default: off; 0: a free port)
+    metrics_host = "127.0.0.1"      # "0.0.0.0" for a scraper on another machine (plain HTTP, no token)
+    log_format = "text"             # or "json": one JSON object per line (shallowmark serve)
 
     [tls]                           # omit the table for plaintext: loopback only, unless allow_insecure
     cert = "/etc/shallowmark/server.crt"
@@ -173,6 +176,22 @@ class ServerConfig:
             PostgreSQL table that several replicas can share (see :mod:`shallowmark.server.ledger`).
         attestation_key: Ed25519 private key file (PEM); created with mode 0600 if missing.
         reflection: serve gRPC reflection (for grpcurl and friends).
+        metrics_port: serve Prometheus metrics (``GET /metrics``, plain HTTP) on this port;
+            ``None`` (the default; in TOML: leave the key out) serves none, ``0`` picks a free port
+            (read it back from ``ServerApp.metrics_port``), as ``port=0`` does for gRPC. The
+            metrics are counted either way (``ServerApp.metrics.registry``). They carry no tenant,
+            key, request id or image, only method names, status codes and counts; the endpoint
+            has no token and no TLS, so keep it where only the scraper reaches it.
+        metrics_host: where the metrics endpoint listens (default ``127.0.0.1``; ``0.0.0.0`` or
+            ``::`` for a scraper on another machine). Not bound by the loopback rule of ``host``:
+            nothing secret crosses it.
+        log_format: ``"text"`` (the default: ``time LEVEL logger: message``) or ``"json"`` (one
+            JSON object per line: time, level, logger, message, and request_id, rpc, tenant,
+            status, duration_ms where known). ``shallowmark serve`` sets up the process's logging
+            with it (:func:`shallowmark.server.logs.configure_logging`); a program that embeds
+            :class:`~shallowmark.server.app.ServerApp` keeps its own logging. Every call's request
+            id (the caller's sane ``x-request-id``, else a fresh one) is on each of its log lines
+            and comes back in the trailing metadata as ``x-request-id``.
     """
 
     host: str = "127.0.0.1"
@@ -201,10 +220,24 @@ class ServerConfig:
     ledger_url: str | None = None
     attestation_key: Path | None = None
     reflection: bool = True
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    log_format: str = "text"
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise InvalidParameterError(f"port must be an int in 0..65535; got {self.port!r}")
+        if self.metrics_port is not None and (isinstance(self.metrics_port, bool) or not isinstance(
+                self.metrics_port, int) or not 0 <= self.metrics_port <= 65535):
+            raise InvalidParameterError(f"metrics_port must be an int in 0..65535 (0: a free port; leave it out for "
+                                        f"no metrics endpoint); got {self.metrics_port!r}")
+        if self.metrics_port and self.metrics_port == self.port:
+            raise InvalidParameterError(f"metrics_port must differ from port (both {self.port}): the metrics are "
+                                        "served over plain HTTP on a port of their own")
+        if not isinstance(self.metrics_host, str) or not self.metrics_host.strip():
+            raise InvalidParameterError(f"metrics_host must be a host name or IP address; got {self.metrics_host!r}")
+        if self.log_format not in ("text", "json"):
+            raise InvalidParameterError(f"log_format must be \"text\" or \"json\"; got {self.log_format!r}")
         for name in ("max_message_bytes", "max_image_pixels", "max_decode_bytes", "max_batch",
                      "max_keys_per_verify", "max_queue", "workers", "max_streams"):
             check_int(name, getattr(self, name), 1)

@@ -47,7 +47,7 @@ import numpy as np
 
 from shallowmark.reports import markdown_table
 
-__all__ = ["LoadtestConfig", "run_loadtest"]
+__all__ = ["LoadtestConfig", "run_loadtest", "run_clients", "server_config", "write_markdown"]
 
 METHOD = "shallow-diffuse"
 GOAL_BATCHING_GAIN = 1.5
@@ -94,47 +94,73 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _level(address: str, token: str, image: bytes, keys, clients: int, total: int, min_seconds: float = 0.0) -> dict:
-    """At least ``total`` Verify calls from ``clients`` threads (one Client each), back to back; the
-    clients keep sending until ``min_seconds`` have passed too."""
+def run_clients(address: str, token: str, clients: int, body: Callable[[object, int], None]) -> tuple[float, float]:
+    """``body(client, index)`` on ``clients`` threads, each with its own SDK ``Client`` (its own
+    connection; no retries, so every failure is counted as the server answered it), all connected
+    before the clock starts. Returns the wall time and the process CPU time from the common start to
+    the end of the last thread. ``body`` should count the failures it meets; an exception out of it
+    (a bug) is raised here, after every thread has ended."""
     from shallowmark.client import Client
 
-    per = [total // clients + (1 if i < total % clients else 0) for i in range(clients)]
-    latencies: list[float] = []
-    errors: list[str] = []
-    lock = threading.Lock()
     start = threading.Barrier(clients + 1)
+    crashed: list[BaseException] = []
 
-    def worker(n: int) -> None:
-        with Client(address, token, timeout=600, retries=0) as c:
-            c.info()  # connect before the clock starts
-            start.wait()
-            begin, sent = time.perf_counter(), 0
-            while sent < n or time.perf_counter() - begin < min_seconds:
-                sent += 1
-                t0 = time.perf_counter()
-                try:
-                    res = c.verify(image, keys, method=METHOD)
-                    ok = res.detected
-                except Exception as e:  # noqa: BLE001 - counted and reported
-                    ok, msg = False, f"{type(e).__name__}: {e}"
-                else:
-                    msg = "" if ok else "watermark not detected"
-                dt = time.perf_counter() - t0
-                with lock:
-                    if ok:
-                        latencies.append(dt)
-                    else:
-                        errors.append(msg)
+    def worker(i: int) -> None:
+        try:
+            with Client(address, token, timeout=600, retries=0) as c:
+                c.info()  # connect before the clock starts
+                start.wait()
+                body(c, i)
+        except threading.BrokenBarrierError:
+            pass  # another thread could not connect; its error is the one raised
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            crashed.append(e)
+            start.abort()  # so that nobody waits forever for a thread that will not come
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in per]
+    threads = [threading.Thread(target=worker, args=(i,), name=f"client-{i}") for i in range(clients)]
     for t in threads:
         t.start()
-    start.wait()
+    try:
+        start.wait()
+    except threading.BrokenBarrierError:
+        pass
     t0, c0 = time.perf_counter(), _cpu_s()
     for t in threads:
         t.join()
     wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
+    if crashed:
+        raise crashed[0]
+    return wall, cpu
+
+
+def _level(address: str, token: str, image: bytes, keys, clients: int, total: int, min_seconds: float = 0.0) -> dict:
+    """At least ``total`` Verify calls from ``clients`` threads (one Client each), back to back; the
+    clients keep sending until ``min_seconds`` have passed too."""
+    per = [total // clients + (1 if i < total % clients else 0) for i in range(clients)]
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def body(c, i: int) -> None:
+        begin, sent = time.perf_counter(), 0
+        while sent < per[i] or time.perf_counter() - begin < min_seconds:
+            sent += 1
+            t0 = time.perf_counter()
+            try:
+                res = c.verify(image, keys, method=METHOD)
+                ok = res.detected
+            except Exception as e:  # noqa: BLE001 - counted and reported
+                ok, msg = False, f"{type(e).__name__}: {e}"
+            else:
+                msg = "" if ok else "watermark not detected"
+            dt = time.perf_counter() - t0
+            with lock:
+                if ok:
+                    latencies.append(dt)
+                else:
+                    errors.append(msg)
+
+    wall, cpu = run_clients(address, token, clients, body)
     return dict(rps=len(latencies) / wall, p50_ms=_percentile_ms(latencies, 50), p99_ms=_percentile_ms(latencies, 99),
                 requests=len(latencies) + len(errors), errors=len(errors), wall_s=wall, cpu_s=cpu,
                 first_error=errors[0] if errors else "")
@@ -157,19 +183,29 @@ def _size_diff(after: dict, before: dict) -> dict[str, int]:
     return {str(s): n for s, n in sorted(out.items()) if n}
 
 
+def server_config(token: str, state_dir: str | os.PathLike[str], *, clients: int, num_steps: int, device: str,
+                  max_batch: int, max_wait_ms: float, vae_batch: int, batching: bool = True):
+    """The ``ServerConfig`` of a load-test server: loopback, a free port, tenant ``load``, shallow-diffuse
+    at ``num_steps``, and room for every client's call (``workers`` above ``clients``), so that the
+    figures are the model's and not admission control's refusals."""
+    from shallowmark.server.config import ServerConfig
+
+    return ServerConfig(
+        host="127.0.0.1", port=0, tokens={token: "load"}, state_dir=Path(state_dir),
+        method_options={METHOD: {"num_steps": num_steps}}, device=device,
+        workers=clients + 4, max_queue=max(32, 2 * clients), max_batch=max_batch,
+        max_wait_ms=max_wait_ms, vae_batch=vae_batch, batching=batching, reflection=False, grace_s=5.0)
+
+
 def _start_servers(cfg: LoadtestConfig, backend, token: str, tmp: str) -> dict:
     """One server with batching and one without, on loopback, sharing the loaded backend."""
     from shallowmark.server.app import ServerApp
-    from shallowmark.server.config import ServerConfig
 
     apps = {}
     for batching in (True, False):
-        server_cfg = ServerConfig(
-            host="127.0.0.1", port=0, tokens={token: "load"}, state_dir=Path(tmp) / f"b{int(batching)}",
-            method_options={METHOD: {"num_steps": cfg.num_steps}}, device=cfg.device,
-            workers=max(cfg.clients) + 4, max_queue=max(32, 2 * max(cfg.clients)), max_batch=cfg.max_batch,
-            max_wait_ms=cfg.max_wait_ms, vae_batch=cfg.vae_batch, batching=batching, reflection=False,
-            grace_s=5.0)
+        server_cfg = server_config(token, Path(tmp) / f"b{int(batching)}", clients=max(cfg.clients),
+                                   num_steps=cfg.num_steps, device=cfg.device, max_batch=cfg.max_batch,
+                                   max_wait_ms=cfg.max_wait_ms, vae_batch=cfg.vae_batch, batching=batching)
         apps[batching] = ServerApp(server_cfg, backend_loader=lambda name, **o: backend).start()
         if not apps[batching].wait_until_ready(300):
             raise RuntimeError("the load-test server did not load its model")
@@ -273,11 +309,12 @@ def run_loadtest(out: str | os.PathLike[str], config: LoadtestConfig | None = No
     return report
 
 
-def write_markdown(out: Path, report: dict) -> None:
-    """``report.md`` from ``report``; a hand-written ``notes.md`` in the same folder (the analysis of
-    a committed run) is appended, so re-running the command keeps it."""
+def write_markdown(out: Path, report: dict, render: Callable[[dict], str] | None = None) -> None:
+    """``report.md`` from ``report`` (by ``render``, default the load test's); a hand-written
+    ``notes.md`` in the same folder (the analysis of a committed run) is appended, so re-running the
+    command keeps it."""
     notes = out / "notes.md"
-    text = _markdown(report)
+    text = (render or _markdown)(report)
     if notes.exists():
         text += "\n" + notes.read_text()
     (out / "report.md").write_text(text)

@@ -33,7 +33,9 @@ The service is registered with :func:`add_to_server`, not the generated
 INVALID_ARGUMENT instead of gRPC's INTERNAL "Exception deserializing request!".
 
 Logs carry the request id, tenant, RPC, method, model, key ids, duration and status; never key
-material, tokens, prompts or images.
+material, tokens, prompts or images. The request id is the one the call observer gave the call
+(:mod:`shallowmark.server.logs`); a caller's ``x-request-id`` that is not sane is refused here,
+because the ledger keys an Embed's retries on it.
 
 Model work goes through :meth:`ModelPool.run_jobs`: with ``batching`` on (the default),
 concurrent Verify calls and Embed-generate calls for the same model and method run as one batched
@@ -100,6 +102,7 @@ from shallowmark.server.errors import (
     TenantRateLimited,
 )
 from shallowmark.server.ledger import LedgerError, LedgerIntegrityError
+from shallowmark.server.logs import access_log, current_request_id
 
 __all__ = ["ModelPool", "WatermarkServicer", "add_to_server", "ModelNotReady", "QueueFull", "DeadlineTooShort",
            "PermissionDenied"]
@@ -147,6 +150,7 @@ class ModelPool:
         self._errors: dict[str, str] = {}
         self._state_lock = threading.Lock()
         self._pending = 0
+        self.queue_refusals = 0  # requests refused because max_queue jobs were waiting (for the metrics)
         self._batchers: dict[str, MicroBatcher] = {}
         self._closed = False
         self.batch_stats = BatchStats()
@@ -228,6 +232,11 @@ class ModelPool:
         return m
 
     # -- jobs ------------------------------------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        """Requests with model jobs waiting or running (what ``max_queue`` bounds)."""
+        return self._pending
+
     @contextmanager
     def _admitted(self):
         """Count one request against ``max_queue`` while it waits or runs."""
@@ -235,6 +244,7 @@ class ModelPool:
             if self._closed:
                 raise ModelNotReady("the server is shutting down; retry on another instance")
             if self._pending >= self.config.max_queue:
+                self.queue_refusals += 1
                 raise QueueFull(f"the server is busy ({self._pending} model jobs queued); retry with backoff")
             self._pending += 1
         try:
@@ -275,11 +285,12 @@ class ModelPool:
 
     @contextmanager
     def job(self, lm: LoadedModel, evals: int, what: str, time_left: Callable[[], float | None],
-            alive: Callable[[], bool] | None = None):
+            alive: Callable[[], bool] | None = None, key: tuple | None = None):
         """Admit one unbatched model job: queue bound, deadline check, one job at a time per model.
 
         ``alive()`` (e.g. the RPC context's ``is_active``) says whether the caller still waits; a job
-        whose caller left before it started is dropped.
+        whose caller left before it started is dropped. ``key`` (operation, method) names the job in
+        ``batch_stats``, which counts its evaluations under it.
 
         Raises:
             QueueFull: ``max_queue`` jobs are already waiting or running.
@@ -290,7 +301,7 @@ class ModelPool:
         time_left = normalise_time_left(time_left)
         with self._admitted(), self._locked(lm, evals, what, time_left, alive or _always):
             yield
-        self.batch_stats.add(1)
+        self.batch_stats.add(1, key, evals)
 
     def run_jobs(self, lm: LoadedModel, jobs: list[BatchJob], time_left: Callable[[], float | None],
                  call: Any = None) -> list:
@@ -317,7 +328,7 @@ class ModelPool:
                     results = []
                     for j in jobs:
                         results.append(run_isolated(j.run, [j.payload])[0])
-                        self.batch_stats.add(1)
+                        self.batch_stats.add(1, j.key, j.evals)
                 for r in results:
                     if isinstance(r, BaseException):
                         raise r
@@ -441,7 +452,7 @@ def _request_id(context) -> str:
     for k, v in context.invocation_metadata() or ():
         if k == "x-request-id":
             return validation.check_request_id(v)
-    return uuid.uuid4().hex
+    return current_request_id() or uuid.uuid4().hex  # the id the call observer sends back
 
 
 def _check_caller_waits(context) -> None:
@@ -460,7 +471,7 @@ def _rpc(fn):
     @functools.wraps(fn)
     def wrapper(self, request, context):
         t0 = time.monotonic()
-        rid, tenant, code, info = "-", current_tenant(), grpc.StatusCode.OK, {}
+        rid, tenant, code, info = current_request_id() or "-", current_tenant(), grpc.StatusCode.OK, {}
         try:
             rid = _request_id(context)
             _check_caller_waits(context)
@@ -485,6 +496,8 @@ def _rpc(fn):
             msg = str(e)
         except LedgerIntegrityError as e:  # before LedgerError, its base: retrying cannot help
             code, msg = grpc.StatusCode.DATA_LOSS, str(e)
+            if self.on_data_loss is not None:
+                self.on_data_loss(fn.__name__, rid, e)
         except (ModelNotReady, LedgerError) as e:
             code, msg = grpc.StatusCode.UNAVAILABLE, str(e)
         except DeadlineTooShort as e:
@@ -495,9 +508,7 @@ def _rpc(fn):
             log.exception("request %s (%s) failed", rid, fn.__name__)
             code, msg = grpc.StatusCode.INTERNAL, f"internal error; quote request id {rid} to the operator"
         finally:
-            log.info("rpc=%s request_id=%s tenant=%s status=%s ms=%.0f %s", fn.__name__, rid, tenant,
-                     code.name, 1000 * (time.monotonic() - t0),
-                     " ".join(f"{k}={v}" for k, v in info.items()))
+            access_log(fn.__name__, rid, tenant, code.name, 1000 * (time.monotonic() - t0), info)
         context.abort(code, _clip(msg))
 
     return wrapper
@@ -509,6 +520,9 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
     def __init__(self, config: ServerConfig, pool: ModelPool, ledger, signer: Signer):
         self.config, self.pool, self.ledger, self.signer = config, pool, ledger, signer
         self.admission = Admission(config)
+        #: ``f(rpc, request_id, error)`` for every LedgerIntegrityError a call meets (the app turns
+        #: health NOT_SERVING on the first one)
+        self.on_data_loss: Callable[[str, str, LedgerIntegrityError], None] | None = None
         # Recent Embed responses by (tenant, request id), so that a retry gets the very image that was
         # recorded. (A batched model call can differ from an unbatched one in the last bit of a few
         # pixels, so recomputing a retry could give another hash than the ledger holds.)
@@ -563,7 +577,8 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
                 method.resolve_output(output, img.pixels.shape[:2])
             notes += img.notes + validation.grid_notes(img, method, lm.image_size)
             evals = method.model_evals().embed
-            with self.pool.job(lm, evals, f"{method_name} embed", context.time_remaining, context.is_active):
+            with self.pool.job(lm, evals, f"{method_name} embed", context.time_remaining, context.is_active,
+                               key=("embed", method_name)):
                 out = method.embed([mk], img.pixels[None], **({"output": output} if output else {}))[0]
             if output:
                 info["output"] = output

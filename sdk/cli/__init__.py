@@ -6,7 +6,7 @@ imports it lazily, and a missing extra is reported with the pip command that ins
 One module per command group, each with the parsers of its subcommands and their functions:
 :mod:`.models` (models, train-default), :mod:`.bench` (bench, bench-core, bench-methods,
 bench-key-scan), :mod:`.photos` (fetch-photos), :mod:`.analyze` (analyze, edit), :mod:`.service`
-(serve, embed, verify, loadtest), :mod:`.keys` (keys), :mod:`.demo` (demo); :mod:`._common` holds
+(serve, embed, verify, loadtest, soak), :mod:`.keys` (keys), :mod:`.demo` (demo); :mod:`._common` holds
 what they share.
 """
 
@@ -21,7 +21,8 @@ from shallowmark.errors import ShallowmarkError
 
 # Who registers which subcommands, in the order `shallowmark --help` lists them.
 _REGISTER = (models.register, bench.register, photos.register, analyze.register, service.register_serve,
-             keys.register, service.register_client, service.register_loadtest, demo.register)
+             keys.register, service.register_client, service.register_loadtest,
+             service.register_soak, demo.register)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,6 +17,7 @@ def need(extra: str, feature: str):
         import diffusers  # noqa: F401
         if extra == "server":
             import grpc_health  # noqa: F401
+            import prometheus_client  # noqa: F401
     except ImportError as e:
         raise MissingDependencyError(feature, extra, e)
 

@@ -1,5 +1,6 @@
 """The service commands: ``serve`` (the gRPC server), ``embed`` and ``verify`` (clients of a server,
-with a keystore) and ``loadtest`` (throughput and latency of a local server)."""
+with a keystore), ``loadtest`` (throughput and latency of a local server) and ``soak`` (a long mixed run:
+errors, latency and server memory over time)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,11 @@ def register_serve(sub) -> None:
     s.add_argument("--max-batch", type=int, help="most requests run together as one model batch (default 8)")
     s.add_argument("--no-batching", action="store_true",
                    help="run every request on its own (micro-batching of concurrent calls is on by default)")
+    s.add_argument("--metrics-port", type=int,
+                   help="serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (default: off; 0 picks a free port)")
+    s.add_argument("--metrics-host", help="where the metrics endpoint listens (default 127.0.0.1)")
+    s.add_argument("--log-format", choices=("text", "json"),
+                   help="text (default) or json: one JSON object per line, with request ids")
     s.set_defaults(func=_cmd_serve)
 
 
@@ -39,12 +45,13 @@ def _cmd_serve(args) -> int:
     from shallowmark.client import is_loopback_host
     from shallowmark.server.app import serve
     from shallowmark.server.config import load_config
+    from shallowmark.server.logs import configure_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = dict(host=args.host, port=args.port, device=args.device,
                      models=tuple(args.model) if args.model else None,
                      state_dir=Path(args.state_dir) if args.state_dir else None, ledger_url=args.ledger_url,
-                     max_batch=args.max_batch, batching=False if args.no_batching else None)
+                     max_batch=args.max_batch, batching=False if args.no_batching else None,
+                     metrics_port=args.metrics_port, metrics_host=args.metrics_host, log_format=args.log_format)
     dev_token = None
     if args.config is None:
         # Development mode: loopback only, one fresh token per start, tiny-ldm unless --model says otherwise.
@@ -56,10 +63,13 @@ def _cmd_serve(args) -> int:
         dev_token = secrets.token_urlsafe(24)
         overrides["tokens"] = {dev_token: "dev"}
     cfg = load_config(args.config, **overrides)
+    configure_logging(cfg.log_format, level=logging.INFO)
 
     def ready(app):
         print(f"shallowmark server on {app.address} ({'TLS' if cfg.tls else 'plaintext'}); "
               f"models {', '.join(cfg.models)} loading in the background", flush=True)
+        if app.metrics_port is not None:
+            print(f"metrics on {app.metrics_exporter.url}", flush=True)
         print(f"attestation public key (pin it: shallowmark verify --trusted-key ...): "
               f"{app.signer.public_key_raw.hex()}", flush=True)
         if dev_token:
@@ -264,5 +274,37 @@ def _cmd_loadtest(args) -> int:
     kw = _loadtest_options(args)
     cfg = LoadtestConfig.quick_config(**kw) if args.quick else LoadtestConfig(**kw)
     run_loadtest(args.out, cfg, command=args.invocation, log=log)
+    print_report(args.out)
+    return 0
+
+
+# -- soak ------------------------------------------------------------------------------------------
+def register_soak(sub) -> None:
+    sk = sub.add_parser("soak", help="a long mixed Embed/Verify run against one local server (a subprocess): "
+                                     "errors by status, p50/p99 and server RSS over time; writes report.md and "
+                                     "report.json")
+    sk.add_argument("--duration", type=float, default=300.0, help="seconds of load (default 300)")
+    sk.add_argument("--clients", type=int, default=16, help="concurrent client threads (default 16)")
+    sk.add_argument("--out", default="docs/reliability/soak")
+    sk.add_argument("--steps", type=int, help="DDIM steps of shallow-diffuse (default 10)")
+    sk.add_argument("--threads", type=int, help="torch threads of the server (default 1)")
+    sk.add_argument("--device", help="torch device of the server (default cpu)")
+    sk.set_defaults(func=_cmd_soak)
+
+
+def _cmd_soak(args) -> int:
+    need("server", "soak")
+    from shallowmark.server.soak import SoakConfig, run_soak
+
+    if not args.duration > 0:
+        raise ShallowmarkError(f"--duration needs a number of seconds > 0; got {args.duration}")
+    for name in ("clients", "steps", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ShallowmarkError(f"--{name} needs a positive integer")
+    kw = dict(duration_s=args.duration, clients=args.clients)
+    for name, field in (("steps", "num_steps"), ("threads", "threads"), ("device", "device")):
+        if getattr(args, name) is not None:
+            kw[field] = getattr(args, name)
+    run_soak(args.out, SoakConfig(**kw), command=args.invocation, log=log)
     print_report(args.out)
     return 0

@@ -521,3 +521,47 @@ def test_corruption_at_run_time_is_data_loss_and_not_retried(tmp_path, make_conf
         assert "restore the ledger from the last good backup" in caplog.text   # the operator's part is logged
     finally:
         app.stop(1.0)
+
+
+def test_corruption_at_run_time_turns_health_not_serving_once(tmp_path, make_config, loader, caplog):
+    """A load balancer must stop sending to a replica whose ledger is corrupt: the first DATA_LOSS turns
+    both health names NOT_SERVING (one ERROR line), and the calls still answer DATA_LOSS, not UNAVAILABLE."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from shallowmark.client import Client, ServerError
+    from shallowmark.server.app import SERVICE_NAME, ServerApp
+
+    path = tmp_path / "ledger.sqlite3"
+    _filled(f"sqlite:///{path}", 42)
+    app = ServerApp(make_config(tmp_path), backend_loader=loader).start()
+    try:
+        assert app.wait_until_ready(120)
+        with grpc.insecure_channel(app.address) as channel, \
+                Client(app.address, "token-for-tenant-a", timeout=60, retries=6, backoff=0.1) as c:
+            stub = health_pb2_grpc.HealthStub(channel)
+
+            def health() -> set:
+                return {stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status
+                        for name in ("", SERVICE_NAME)}
+
+            assert health() == {health_pb2.HealthCheckResponse.SERVING}
+            # before any ledger read, so that SQLite has none of the table's pages cached: the damage is
+            # met the way a bad sector or a stray write under a running server is
+            _overwrite_page(path, _root_page(path))
+            with caplog.at_level("INFO", logger="shallowmark.server"):
+                for _ in range(3):
+                    with pytest.raises(ServerError) as e:
+                        list(c.list_embeds())
+                    assert e.value.code == grpc.StatusCode.DATA_LOSS   # every time, also after the flip
+                    assert health() == {health_pb2.HealthCheckResponse.NOT_SERVING}
+                assert c.info().tenant == "a"   # calls that need no ledger are still answered
+            assert caplog.text.count("rpc=ListEmbeds ") == 3   # DATA_LOSS is not retried by the SDK
+            flips = [r for r in caplog.records if "Health is now NOT_SERVING" in r.getMessage()]
+            assert len(flips) == 1 and flips[0].levelname == "ERROR"
+            assert "ListEmbeds" in flips[0].getMessage() and "malformed" in flips[0].getMessage()
+            assert app.ledger_fault and "corrupt" in app.ledger_fault
+            app.load_models()   # a model load that ends after the fault must not turn it SERVING again
+            assert health() == {health_pb2.HealthCheckResponse.NOT_SERVING}
+    finally:
+        app.stop(1.0)
