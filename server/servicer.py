@@ -81,6 +81,7 @@ from shallowmark.server.auth import current_tenant
 from shallowmark.server.batching import (
     BatchJob,
     BatchStats,
+    FairLock,
     MicroBatcher,
     VAEChunks,
     check_deadline,
@@ -121,14 +122,15 @@ _P_FLOOR = 1e-300
 
 @dataclass
 class LoadedModel:
-    """One backend and the methods built on it. ``lock`` serializes its jobs."""
+    """One backend and the methods built on it. ``lock`` serializes its jobs, batched or not, in the
+    order they asked for the model (a :class:`FairLock`: a plain lock let uploads starve)."""
 
     name: str
     backend: Any
     methods: dict[str, Any]
     available: tuple[str, ...]
     sec_per_eval: float
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: FairLock = field(default_factory=FairLock)
 
     @property
     def image_size(self) -> int:
@@ -259,17 +261,16 @@ class ModelPool:
         """Hold the model's lock for one unbatched job, checking the deadline before and after waiting,
         and dropping the job if its caller leaves while it waits (nobody would read the result)."""
         need = evals * lm.sec_per_eval
-        check_deadline(time_left(), need, evals, what, lm)
-        while True:
-            left = time_left()
-            if lm.lock.acquire(timeout=_POLL_S if left is None else min(_POLL_S, max(left, 0.0))):
-                break
+        left = time_left()
+        check_deadline(left, need, evals, what, lm)
+        # In line for the model behind the batches and jobs that asked first (FairLock: FIFO), checking
+        # every _POLL_S that the caller is still there; it leaves the line without running otherwise.
+        if not lm.lock.acquire(timeout=left, alive=alive, poll_s=_POLL_S):
             if not alive():
                 raise CallEnded(f"the caller cancelled this {what} while it waited for the model; dropped",
                                 cancelled=True)
-            if left is not None and left <= _POLL_S:
-                raise DeadlineTooShort(f"the deadline passed while this {what} waited for the model; "
-                                       "retry with a longer deadline")
+            raise DeadlineTooShort(f"the deadline passed while this {what} waited for the model; "
+                                   "retry with a longer deadline")
         try:
             if not alive():
                 raise CallEnded(f"the caller cancelled this {what} while it waited for the model; dropped",
@@ -659,8 +660,7 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
         payload = verify_payload(request_id=rid, image_sha256=img.sha256, model=lm.name, target_fpr=target_fpr,
                                  detected=detected, identified_key_id=identified, method_score=method_score,
                                  bits_packed=bits, num_bits=num_bits, verdicts=verdicts, tenant=tenant or "",
-                                 methods={name: config_sha256(self.config.method_options.get(name))
-                                          for name in groups},
+                                 methods={name: config_sha256(methods[name].config) for name in groups},
                                  nonce=nonce)
         data, sig = self.signer.sign(payload)
         info.update(detected=detected, identified=identified or "-")

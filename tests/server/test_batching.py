@@ -221,6 +221,114 @@ def test_close_fails_queued_jobs_with_unavailable():
         b.submit(BatchJob("k", 3, lambda ps: ps, evals=0, what="x"), lambda: None)
 
 
+# -- the model lock: first come, first served ------------------------------------------------------
+
+
+def _in_line(lock, n):
+    """Wait until ``n`` callers are in line for ``lock``."""
+    end = time.monotonic() + 5
+    while lock.waiting() != n:
+        assert time.monotonic() < end, f"{lock.waiting()} in line, expected {n}"
+        time.sleep(0.002)
+
+
+def test_the_model_lock_is_granted_in_arrival_order_and_a_waiter_that_gives_up_leaves_the_line():
+    from shallowmark.server.batching import FairLock
+
+    lock, ran, results = FairLock(), [], {}
+    gone = threading.Event()
+
+    def waiter(name, **kw):
+        results[name] = lock.acquire(**kw)
+        if results[name]:
+            ran.append(name)
+            lock.release()
+
+    assert lock.acquire()  # the model is busy
+    assert not lock.acquire(blocking=False) and not lock.acquire(timeout=0.01)
+    threads = []
+    for n, (name, kw) in enumerate([("a", {}), ("deadline", {"timeout": 0.3}),
+                                    ("cancelled", {"alive": lambda: not gone.is_set(), "poll_s": 0.01}),
+                                    ("b", {"timeout": 30})]):
+        threads.append(threading.Thread(target=waiter, args=(name,), kwargs=kw))
+        threads[-1].start()
+        _in_line(lock, n + 1)  # one at a time, so the arrival order is known
+    gone.set()  # the third caller's call ends; the second's deadline passes soon
+    _in_line(lock, 2)
+    assert results == {"deadline": False, "cancelled": False} and ran == []
+    lock.release()
+    for t in threads:
+        t.join(5)
+    assert ran == ["a", "b"] and not lock.locked() and lock.waiting() == 0
+    with pytest.raises(RuntimeError):
+        lock.release()
+
+
+def test_an_upload_gets_the_model_in_turn_while_batches_keep_coming():
+    """Eight closed-loop clients keep the batcher's queue full (each batch ends with a full batch
+    waiting); an unbatched job (an upload's Embed) asks for the model now and then. It must wait at
+    most for the batch running and the one already in line (with threading.Lock it could lose to
+    batch after batch: up to 42 s in a simulated soak of 40 s), and one whose deadline passes, or
+    whose caller leaves, while it waits never runs and leaves the line."""
+    from shallowmark.server.config import ServerConfig
+    from shallowmark.server.errors import CallEnded
+    from shallowmark.server.servicer import LoadedModel, ModelPool
+
+    pool = ModelPool(ServerConfig(max_queue=64, max_batch=4, max_wait_ms=0.0))
+    lm = LoadedModel(name="fake", backend=None, methods={}, available=(), sec_per_eval=1e-4)
+    started, stop = [0], threading.Event()
+
+    def batch(payloads):
+        started[0] += 1
+        time.sleep(0.05)
+        return payloads
+
+    def client():
+        while not stop.is_set():
+            pool.run_jobs(lm, [BatchJob("verify", 1, batch, evals=0, what="verify")], lambda: None)
+
+    clients = [threading.Thread(target=client) for _ in range(8)]
+    for t in clients:
+        t.start()
+    try:
+        time.sleep(0.2)
+        assert pool.stats()["batches"] >= 2
+        waits = []
+        for _ in range(10):
+            asked, t0 = started[0], time.monotonic()
+            with pool.job(lm, 0, "upload embed", lambda: 5.0 - (time.monotonic() - t0)):
+                waits.append(started[0] - asked)
+            time.sleep(0.06)
+        # at most the batch already in line when the upload asked (the one running was counted
+        # before); threading.Lock let one or two more go first in most rounds
+        assert max(waits) <= 1, f"batches started while an upload waited, per round: {waits}"
+
+        # a job that cannot get the model before its deadline, or whose caller leaves: refused,
+        # never run, out of the line (the batches go on)
+        ran, calls = [], started[0]
+        lm.lock.acquire()
+        try:
+            end = time.monotonic() + 0.2
+            with pytest.raises(DeadlineTooShort, match="waited for the model"):
+                with pool.job(lm, 0, "upload embed", lambda: end - time.monotonic()):
+                    ran.append("deadline")
+            gone = threading.Event()
+            threading.Timer(0.1, gone.set).start()
+            with pytest.raises(CallEnded, match="cancelled"):
+                with pool.job(lm, 0, "upload embed", lambda: None, alive=lambda: not gone.is_set()):
+                    ran.append("cancelled")
+            assert lm.lock.waiting() <= 1  # at most the batcher, in line all along
+        finally:
+            lm.lock.release()
+        time.sleep(0.15)
+        assert ran == [] and started[0] > calls
+    finally:
+        stop.set()
+        for t in clients:
+            t.join(10)
+        pool.close()
+
+
 # -- through the service ---------------------------------------------------------------------------
 
 
