@@ -56,6 +56,8 @@ __all__ = [
     "WatermarkKey",
     "MethodKey",
     "ring_seed",
+    "ring_variant_choice",
+    "ring_variants_seed",
     "chacha20_key_nonce",
     "payload_bits",
     "method_seed",
@@ -311,6 +313,34 @@ def ring_seed(mk: MethodKey) -> int:
     """
     material = _material_for(mk, "ring_seed")
     return struct.unpack(">Q", _expand(material, _info(mk, "ring-seed"), 8))[0]
+
+
+def ring_variants_seed(mk: MethodKey) -> int:
+    """64-bit seed of the orthonormal basis Shallow Diffuse's per-image key variants are drawn from
+    (per-image key diversity: each image carries one of several patterns derived from the key, so
+    that averaging many watermarked images does not converge on one pattern).
+
+    Raises:
+        KeyMaterialError: ``mk`` was derived for another method, or is malformed.
+    """
+    material = _material_for(mk, "ring_seed")
+    return struct.unpack(">Q", _expand(material, _info(mk, "ring-seed/variants"), 8))[0]
+
+
+def ring_variant_choice(mk: MethodKey, token: bytes, n_variants: int) -> int:
+    """Which of ``n_variants`` ring variants an image carries: a keyed hash (HMAC-SHA256 under a
+    key derived from the material) of ``token`` (what identifies the image: its seed, or a hash of
+    its pixels), so the choice is reproducible for the key's holder and unpredictable without it.
+
+    Raises:
+        KeyMaterialError: ``mk`` was derived for another method, or is malformed.
+        InvalidParameterError: ``n_variants`` < 1.
+    """
+    if int(n_variants) < 1:
+        raise InvalidParameterError(f"the number of ring variants must be >= 1; got {n_variants}")
+    mac_key = _expand(_material_for(mk, "ring_seed"), _info(mk, "ring-variant-choice"), 32)
+    digest = hmac.new(mac_key, bytes(token), "sha256").digest()
+    return int.from_bytes(digest[:8], "big") % int(n_variants)
 
 
 def chacha20_key_nonce(mk: MethodKey) -> tuple[bytes, bytes]:

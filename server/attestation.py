@@ -11,6 +11,7 @@ by :func:`verify_payload` and signed by :meth:`Signer.sign`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -95,10 +96,12 @@ class Signer:
         return data, self._key.sign(data)
 
 
-def config_sha256(options: Any) -> str:
-    """Hex SHA-256 of a method's server configuration (its ``method_options``), so an attestation
-    says which settings produced the verdict; options a config file cannot hold as JSON count by repr."""
-    data = json.dumps(dict(options or {}), sort_keys=True, separators=(",", ":"), default=repr)
+def config_sha256(config: Any) -> str:
+    """Hex SHA-256 of a method's effective configuration (its config dataclass, defaults included,
+    or a mapping), so an attestation says which settings produced the verdict, and a change of a
+    built-in default changes it too; values JSON cannot hold count by repr."""
+    options = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config or {})
+    data = json.dumps(options, sort_keys=True, separators=(",", ":"), default=repr)
     return hashlib.sha256(data.encode("utf-8")).hexdigest()
 
 

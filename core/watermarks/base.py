@@ -304,7 +304,12 @@ class LatentMethod(WatermarkMethod):
         with torch.no_grad():
             cond = self.backend.encode_prompt(prompts, len(images)) if prompts is not None else None
             z0 = self.backend.encode(to_tensor(images).to(self.backend.device))
-            return ddim.invert(self.backend, z0, self.grid, 0, self.inversion_position, cond=cond)
+            return self.from_inversion(z0, ddim.invert(self.backend, z0, self.grid, 0, self.inversion_position, cond=cond))
+
+    def from_inversion(self, z0, x):
+        """What :meth:`score` reads, from the encoded images ``z0`` and their inversion ``x`` at
+        :attr:`inversion_position`: ``x`` itself unless a method says otherwise."""
+        return x
 
     def generate(self, keys: Sequence[MethodKey], seeds: Sequence[int], prompts=None) -> np.ndarray:
         import torch
@@ -355,12 +360,12 @@ def invert_shared(methods: dict, images: np.ndarray) -> dict:
         first = methods[names[0]]
         backend = first.backend
         with torch.no_grad():
-            x = backend.encode(to_tensor(inputs[which]).to(backend.device))
+            x = z0 = backend.encode(to_tensor(inputs[which]).to(backend.device))
         cur, at = 0, {}
         for pos in sorted({methods[n].inversion.position for n in names}):
             with torch.no_grad():
                 x = ddim.invert(backend, x, first.grid, cur, pos)
             at[pos], cur = x, pos
         for n in names:
-            out[n] = at[methods[n].inversion.position]
+            out[n] = methods[n].from_inversion(z0, at[methods[n].inversion.position])
     return out

@@ -36,11 +36,19 @@ from shallowmark.core.sync import SyncTemplate
 from shallowmark.core.watermarks import rings
 from shallowmark.core.watermarks.base import LatentMethod, ModelEvals
 from shallowmark.errors import InvalidParameterError, check_choice
-from shallowmark.keys import MethodKey
+from shallowmark.keys import MethodKey, ring_variant_choice, ring_variants_seed
 
 # how an existing image comes back: through the decoder, or its own pixels plus the decoded change
 OUTPUT_MODES = ("decode", "residual")
 GEOMETRIC_SEARCHES = ("dihedral", "none")
+
+
+def _pixels_token(image: np.ndarray) -> bytes:
+    """What identifies an uploaded image for its key variant: a hash of its shape and pixels."""
+    import hashlib
+
+    a = np.ascontiguousarray(image)
+    return b"image:" + hashlib.sha256(repr(a.shape).encode() + a.tobytes()).digest()
 
 
 def dihedral(x: torch.Tensor) -> list[torch.Tensor]:
@@ -126,6 +134,22 @@ class ShallowDiffuseConfig:
     # over keys, because an unwatermarked latent's inner rings vary several times more than its
     # outer ones at t*.
     whiten: bool = True
+    # Per-image key diversity, against forgery and removal by averaging (docs/reliability/forgery):
+    # each image carries one of this many variants of the key's ring values, mutually orthogonal
+    # directions drawn from the key (rings.orthogonal_key_values, keys.ring_variants_seed), chosen
+    # by a keyed hash of its seed or of its pixels (keys.ring_variant_choice). An average of many
+    # watermarked images then holds many patterns, each weakly. Verification scores every variant
+    # (no model cost) and pays ×key_variants in the p-value; the best variant's index is a
+    # log2(key_variants)-bit per-image payload. At most the statistic's dimensions (18 by default).
+    # 1: every image carries the key's own values (the paper's).
+    key_variants: int = 1
+    # Score the ring statistic on x_t* − √ᾱ(t*)·z0, the part of the inverted latent that the encoded
+    # image z0 does not explain (the inversion's noise estimate, scaled), instead of on x_t* itself.
+    # An unwatermarked image's own content gives its x_t* a ring profile of its own, and that
+    # profile is shared by images alike (generations of one model, photos of one kind), so some keys
+    # fired on several times their target FPR while others never did; the key, written at t* where
+    # the denoiser treats those rings as noise, stays mostly out of z0 and so in the residual.
+    noise_residual: bool = True
 
     def validate(self, latent_shape) -> None:
         if latent_shape is None:
@@ -146,6 +170,10 @@ class ShallowDiffuseConfig:
         if not 0 <= self.shift_window <= latent_shape[-1] // 4:
             raise InvalidParameterError(f"shift_window must be in [0, {latent_shape[-1] // 4}]; got {self.shift_window}")
         self.sync_template().validate()
+        dims = (self.radius - max(self.inner_radius, 1) + 1) * (2 if self.complex_key else 1)
+        if not 1 <= self.key_variants <= dims:
+            raise InvalidParameterError(f"key_variants must be in [1, {dims}] (the variants are orthogonal directions "
+                                        f"of the ring statistic's {dims} dimensions); got {self.key_variants}")
         if self.embed_strength is not None and self.embed_strength <= 0:
             raise InvalidParameterError(f"embed_strength must be > 0 or None; got {self.embed_strength}")
 
@@ -177,11 +205,17 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
     def inversion_position(self) -> int:
         return self.k_star
 
+    def from_inversion(self, z0, x):
+        """x_t*, or with ``noise_residual`` x_t* − √ᾱ(t*)·z0 (see the config)."""
+        if not self.config.noise_residual:
+            return x
+        return x - float(self.grid.alphas[self.k_star]) ** 0.5 * z0.to(x)
+
     def _score(self, x: torch.Tensor, keys, target_fpr: float) -> list:
         """The ring statistic, searched over the dihedral transforms of x_t* and, when configured,
         over its circular shifts (:func:`geometric_p_values`). The score is −log10 of the p-value, so
         ROC curves rank images the way the verdict does."""
-        if self.config.geometric_search == "none" and self.config.shift_window == 0:
+        if self.config.geometric_search == "none" and self.config.shift_window == 0 and self.config.key_variants == 1:
             return super()._score(x, keys, target_fpr)
         from shallowmark.core.watermarks.base import verdict
 
@@ -191,7 +225,15 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         return [verdict(self.name, p[i], score[i].tolist(), keys, target_fpr, evals) for i in range(len(p))]
 
     def geometric_p_values(self, x: torch.Tensor, keys) -> np.ndarray:
-        """(batch, keys) p-values, valid under "not watermarked with this key" whatever was searched.
+        """(batch, keys) p-values, valid under "not watermarked with this key" whatever was searched
+        (:meth:`variant_p_values` without the variants)."""
+        return self.variant_p_values(x, keys)[0]
+
+    def variant_p_values(self, x: torch.Tensor, keys) -> tuple[np.ndarray, np.ndarray]:
+        """((batch, keys) p-values, (batch, keys) index of each key's best-matching variant).
+
+        Every variant of every key (``key_variants`` of them, :meth:`variant_values`) is scored, and
+        a key's p-value is its best variant's times the number of variants (Bonferroni).
 
         Hypotheses: the 8 flips and right-angle rotations of x_t* ("dihedral"; 1 with "none"), each
         as is and under every circular shift within ``shift_window``. The unshifted hypotheses get
@@ -199,17 +241,39 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         min(2·h₀·p₀, 2·h_s·p_s), p₀ and p_s the smallest p-values of each family, h₀ and h_s their
         sizes. Without shifts it is the plain Bonferroni bound h₀·p₀."""
         views = dihedral(x) if self.config.geometric_search == "dihedral" else [x]
-        values, dims, w = self._values(keys), self.geom.dims, self.config.shift_window
+        n_var = self.config.key_variants
+        values = torch.cat([self.variant_values(k) for k in keys])       # (keys·variants, n_values)
+        dims, w = self.geom.dims, self.config.shift_window
         wh = self.whitened
         c0 = torch.stack([rings.cosines(v.contiguous(), self.config.channel, values, self.geom, wh)
                           for v in views]).max(0).values
-        p0 = rings.p_values(c0, dims) * len(views)
-        if w == 0:
-            return np.minimum(1.0, p0)
-        cs = torch.stack([rings.shifted_cosines(v.contiguous(), self.config.channel, values, self.geom, w, wh)
-                          for v in views]).max(0).values
-        ps = rings.p_values(cs, dims) * len(views) * (2 * w + 1) ** 2
-        return np.minimum(1.0, 2.0 * np.minimum(p0, ps))
+        p = rings.p_values(c0, dims) * len(views)
+        if w:
+            cs = torch.stack([rings.shifted_cosines(v.contiguous(), self.config.channel, values, self.geom, w, wh)
+                              for v in views]).max(0).values
+            ps = rings.p_values(cs, dims) * len(views) * (2 * w + 1) ** 2
+            p = 2.0 * np.minimum(p, ps)
+        p = p.reshape(p.shape[0], len(keys), n_var)
+        return np.minimum(1.0, p.min(axis=2) * n_var), p.argmin(axis=2)
+
+    def variant_values(self, key: MethodKey) -> torch.Tensor:
+        """The ring values of each of the key's variants: (key_variants, n_values). With one
+        variant, the key's own values."""
+        if self.config.key_variants == 1:
+            return self.ring_values(key)[None]
+        return rings.orthogonal_key_values(ring_variants_seed(key), self.geom, self.config.key_variants,
+                                           self.config.strength)
+
+    def variant_for(self, key: MethodKey, token: bytes) -> int:
+        """The variant an image identified by ``token`` carries (0 with one variant)."""
+        n = self.config.key_variants
+        return 0 if n == 1 else ring_variant_choice(key, token, n)
+
+    def _variant_values(self, keys: Sequence[MethodKey], variants: Sequence[int] | None) -> torch.Tensor:
+        if self.config.key_variants == 1:
+            return self._values(keys)
+        variants = [0] * len(keys) if variants is None else variants
+        return torch.stack([self.variant_values(k)[int(j)] for k, j in zip(keys, variants)])
 
     def model_evals(self) -> ModelEvals:
         # generate: T → t*, then t* → 0 on the watermarked and the reference path (one batched call
@@ -218,11 +282,16 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         return ModelEvals(generate=n + k, embed=3 * k, verify=k)
 
     # -- the injection at t* ------------------------------------------------------------------------
-    def inject(self, x_star: torch.Tensor, keys: Sequence[MethodKey], scale: float = 1.0) -> torch.Tensor:
+    def inject(self, x_star: torch.Tensor, keys: Sequence[MethodKey], scale: float = 1.0,
+               variants: Sequence[int] | None = None) -> torch.Tensor:
+        """x_t* with each image's key written in; ``variants``: each image's key variant (None: the
+        first, which with one variant is the key's own values)."""
+        values = scale * self._variant_values(keys, variants)
         if self.config.ring_write == "replace":
-            marked = rings.inject(x_star, self.config.channel, scale * self._patterns(keys), self.geom)
+            marked = rings.inject(x_star, self.config.channel, torch.stack([rings.pattern(self.geom, v) for v in values]),
+                                  self.geom)
         else:
-            marked = rings.set_ring_means(x_star, self.config.channel, scale * self._values(keys), self.geom)
+            marked = rings.set_ring_means(x_star, self.config.channel, values, self.geom)
         if self.config.injection == "plain":
             return marked
         from shallowmark.core import jacobian
@@ -236,14 +305,14 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
             out.append(x_star[i:i + 1] + delta)
         return torch.cat(out)
 
-    def _finish(self, x_star, keys, scale: float = 1.0):
+    def _finish(self, x_star, keys, scale: float = 1.0, variants=None):
         """Inject at t*, denoise both paths to 0, average channels. Returns (z_wm, z_ref).
 
         From t* to 0 both paths are denoised without the prompt (no classifier-free guidance), as
         the reference code does: the layout is fixed by t*, guidance there would double the UNet
         work, and the verifier inverts without the prompt, so the unguided model is the one whose
         steps it retraces (the nullspace projection uses the same model's Jacobian)."""
-        x_wm = self.inject(x_star, keys, scale)
+        x_wm = self.inject(x_star, keys, scale, variants)
         both = ddim.denoise(self.backend, torch.cat([x_wm, x_star]), self.grid, self.k_star, 0, cond=None)
         z_wm, z_ref = both.chunk(2)
         if self.config.channel_averaging:
@@ -260,7 +329,8 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         cond = self.backend.encode_prompt(prompts, len(seeds)) if prompts is not None else None
         x_star = ddim.denoise(self.backend, self.backend.randn_latents(seeds), self.grid,
                               self.grid.num_steps, self.k_star, cond=cond)
-        z_wm, _ = self._finish(x_star, keys)
+        variants = [self.variant_for(k, b"seed:%d" % int(s)) for k, s in zip(keys, seeds)]
+        z_wm, _ = self._finish(x_star, keys, variants=variants)
         return z_wm
 
     def with_template(self, decoded: torch.Tensor) -> torch.Tensor:
@@ -316,7 +386,8 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         z0 = self.backend.encode(to_tensor(grid_images).to(self.backend.device))
         x_star = ddim.invert(self.backend, z0, self.grid, 0, self.k_star, cond=cond)
         scale = (self.config.embed_strength or self.config.strength) / self.config.strength
-        z_wm, z_ref = self._finish(x_star, keys, scale)
+        variants = [self.variant_for(k, _pixels_token(im)) for k, im in zip(keys, images)]
+        z_wm, z_ref = self._finish(x_star, keys, scale, variants)
         if output == "decode":
             return to_uint8(self.with_template(self.backend.decode(z_wm)))
         # only the watermark's change: the key's and the template's

@@ -279,3 +279,64 @@ def test_whitened_ring_profile_keeps_a_key_on_high_variance_rings_calibrated():
     assert 0.005 <= rate[True] <= 0.016        # 1 % within sampling error of 4000 latents
     shifted = rings.p_values(rings.shifted_cosines(noise[:500], 3, values[None], g, 2, True), g.dims) * 25
     assert float((shifted <= 0.01).mean()) <= 0.016  # the shift search, Bonferroni-paid, stays within it
+
+
+def test_shallow_diffuse_key_variants_are_found_and_paid_for(tiny_ldm):
+    """With 8 variants each image carries the one its seed (or its pixels) selects; verification
+    finds it at no model cost, and the p-value is 8x the variant's own."""
+    m = ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(num_steps=20, key_variants=8))
+    key = _keys("shallow-diffuse", 1)[0]
+    seeds = [21, 22, 23]
+    want = [m.variant_for(key, b"seed:%d" % s) for s in seeds]
+    inverted = m.invert(m.generate([key] * 3, seeds))
+    p, found = m.variant_p_values(inverted, [key])
+    assert found[:, 0].tolist() == want
+    assert (p[:, 0] < 1e-6).all()
+    # the same search done by hand for the right variant alone: 8x cheaper
+    alone = ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(num_steps=20))
+    alone.ring_values = lambda k, j=None: m.variant_values(k)[want[0]]
+    assert p[0, 0] == pytest.approx(min(1.0, 8 * alone.geometric_p_values(inverted[:1], [key])[0, 0]), rel=1e-9)
+    # an upload's variant comes from its pixels: the same image gets the same variant
+    photo = m.reference([24])
+    assert m.variant_for(key, b"x") == m.variant_for(key, b"x")
+    det = m.detect(m.embed([key], photo), [key])[0]
+    assert det.detected and det.p_value < 1e-6
+    assert not m.detect(photo, [key])[0].detected
+    with pytest.raises(InvalidParameterError, match="key_variants must be in \\[1, 18\\]"):
+        ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(key_variants=0))
+
+
+def test_orthogonal_key_values_are_orthogonal_random_directions():
+    g = rings.RingGeometry(64, 16, "dc", 8, True)
+    v = rings.key_vector(g, rings.orthogonal_key_values(3, g, 8, 0.8))
+    assert torch.allclose(v @ v.T, torch.eye(8, dtype=torch.float64) * 0.8 ** 2 * g.dims, atol=1e-9)
+    # over seeds, a variant's direction is uniform: its first coordinate's square averages 1/dims
+    first = torch.stack([rings.key_vector(g, rings.orthogonal_key_values(s, g, 1))[0] for s in range(2000)])
+    assert float((first[:, 0] ** 2).mean()) / g.dims == pytest.approx(1 / g.dims, rel=0.15)
+    real = rings.RingGeometry(64, 10, "dc")        # ring 0 is not scored: it stays 0
+    assert rings.orthogonal_key_values(1, real, 2)[:, 0].abs().max() == 0
+    with pytest.raises(InvalidParameterError, match="at most 18 orthogonal ring keys"):
+        rings.orthogonal_key_values(1, g, 19)
+
+
+def test_noise_residual_removes_a_ring_profile_that_images_share(tiny_ldm):
+    """Unwatermarked latents whose encoded images share a ring profile (as generations of one model,
+    or photos alike, do) and a key aligned with it: x_t* fires for that key far above its target,
+    x_t* - sqrt(abar)·z0 at it."""
+    g = rings.RingGeometry(64, 16, "dc", 8, True)
+    gen = torch.Generator().manual_seed(1)
+    n, abar = 3000, 0.62
+    key = rings.key_values_from_seed(7, g)
+    shared = rings.set_ring_means(torch.zeros(1, 4, 64, 64, dtype=torch.float64), 3, 0.35 * key[None], g)
+    z0 = torch.randn(n, 4, 64, 64, generator=gen, dtype=torch.float64) + shared
+    x = abar ** 0.5 * z0 + (1 - abar) ** 0.5 * torch.randn(n, 4, 64, 64, generator=gen, dtype=torch.float64)
+    rate = {}
+    for name, lat in (("x_t*", x), ("residual", x - abar ** 0.5 * z0)):
+        rate[name] = float((rings.p_values(rings.cosines(lat, 3, key[None], g, True), g.dims) <= 0.01).mean())
+    assert rate["x_t*"] > 0.05                  # 5x its target and more
+    assert 0.005 <= rate["residual"] <= 0.016   # 1 % within sampling error of 3000 latents
+    m = ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(num_steps=20))
+    a = float(m.grid.alphas[m.k_star])
+    assert torch.allclose(m.from_inversion(z0[:2], x[:2]), x[:2] - a ** 0.5 * z0[:2])
+    off = ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(num_steps=20, noise_residual=False))
+    assert off.from_inversion(z0[:2], x[:2]) is x[:2] or torch.equal(off.from_inversion(z0[:2], x[:2]), x[:2])

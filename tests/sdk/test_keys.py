@@ -14,7 +14,8 @@ import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from shallowmark.errors import InvalidParameterError, KeyMaterialError, UnknownNameError
-from shallowmark.keys import METHODS, MethodKey, WatermarkKey, chacha20_key_nonce, method_seed, payload_bits, ring_seed
+from shallowmark.keys import (METHODS, MethodKey, WatermarkKey, chacha20_key_nonce, method_seed, payload_bits, ring_seed,
+                              ring_variant_choice, ring_variants_seed)
 
 CREATED = "2025-01-01T00:00:00+00:00"
 ZERO = WatermarkKey(secret=bytes(32), created=CREATED)
@@ -144,6 +145,23 @@ def test_derivations_are_distinct_and_deterministic():
     # Length is in the label: 32 bits are not a prefix of 256 bits.
     assert payload_bits(mk, 32).tolist() != payload_bits(mk, 256)[:32].tolist()
     assert len({ZERO.for_method(m).material for m in METHODS}) == len(METHODS)
+
+
+def test_ring_variants_are_distinct_per_key_and_the_choice_is_keyed_and_spread():
+    a, b = ZERO.for_method("shallow-diffuse"), COUNT.for_method("shallow-diffuse")
+    assert ring_variants_seed(a) == ring_variants_seed(ZERO.for_method("shallow-diffuse")) != ring_variants_seed(b)
+    assert ring_variants_seed(a) != ring_seed(a)
+    choices = [ring_variant_choice(a, b"seed:%d" % i, 8) for i in range(4000)]
+    assert set(choices) == set(range(8))
+    assert max(np.bincount(choices)) < 4000 / 8 * 1.2       # each variant about as often
+    # another key's holder cannot predict which variant an image carries
+    other = [ring_variant_choice(b, b"seed:%d" % i, 8) for i in range(4000)]
+    assert 0.09 < np.mean(np.array(choices) == np.array(other)) < 0.16
+    assert ring_variant_choice(a, b"x", 1) == 0
+    with pytest.raises(InvalidParameterError, match="number of ring variants must be >= 1"):
+        ring_variant_choice(a, b"x", 0)
+    with pytest.raises(KeyMaterialError, match="cannot be used for ring_seed"):
+        ring_variants_seed(ZERO.for_method("gaussian-shading"))
 
 
 @pytest.mark.parametrize("method", ["tree-ring", "shallow-diffuse", "dwtdct", "rivagan", "ringid"])
