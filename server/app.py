@@ -88,7 +88,7 @@ class ServerApp:
     def __init__(self, config: ServerConfig, *, backend_loader: Callable[..., Any] | None = None,
                  signer: Signer | None = None):
         self.config = config
-        self.ledger = open_ledger(config.resolved_ledger_url())
+        self.ledger = open_ledger(config.resolved_ledger_url(), head_file=config.resolved_ledger_head_file())
         self.signer = signer or Signer.load_or_create(config.resolved_attestation_key())
         self.pool = ModelPool(config, backend_loader)
         self.health = health.HealthServicer()

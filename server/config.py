@@ -23,6 +23,9 @@ Example ``server.toml`` (every key is optional; the values shown are the default
     ledger_url = "sqlite:////var/lib/shallowmark/ledger.sqlite3"  # or a plain path; default: <state_dir>/ledger.sqlite3
     # ledger_url = "postgresql://shallowmark@db.internal:5432/shallowmark"  # PostgreSQL (replicas share it);
     #                                     password from PGPASSWORD or ~/.pgpass, so the file holds no secret
+    # ledger_head_file = "/var/lib/shallowmark/ledger-pg.head"  # PostgreSQL only: this replica's record of the
+    #                                     newest acknowledged chain head (detects a restore of an older backup);
+    #                                     default: <state_dir>/ledger-pg-<dbname>-<hash of host, port, dbname>.head
     attestation_key = "/var/lib/shallowmark/attestation.pem"      # default: <state_dir>/attestation_ed25519.pem
     metrics_port = 9464             # Prometheus metrics on http://metrics_host:9464/metrics (default: off; 0: a free port)
     metrics_host = "127.0.0.1"      # "0.0.0.0" for a scraper on another machine (plain HTTP, no token)
@@ -174,6 +177,19 @@ class ServerConfig:
         ledger_url: ``sqlite:////abs/path``, ``sqlite:///rel/path`` or a plain path (one SQLite
             file), or a libpq URL ``postgresql://user@host:port/dbname`` (or ``postgres://``) for a
             PostgreSQL table that several replicas can share (see :mod:`shallowmark.server.ledger`).
+        ledger_head_file: PostgreSQL ledger only: this server's local head file, where it keeps
+            the newest head of the ledger's hash chain (record count and last link) it has seen
+            acknowledged, written (0600, fsynced, atomic rename, in a folder created 0700) after
+            each insert commits and before the Embed is answered. At start the database must hold
+            that head; a database restored to an older state is refused
+            (``LedgerIntegrityError``), one that other replicas moved ahead is fine. ``None`` (the
+            default): ``<state_dir>/ledger-pg-<dbname>-<12 hex>.head``, the hex a hash of the URL's
+            host, port and database name, so two ledgers never share one
+            (:func:`shallowmark.server.ledger.pg_head_file`). A missing file is written from the
+            database as it is (first start, a new replica); deleting it is how the operator accepts
+            a database that was rolled back. Each replica needs its own: do not share the state
+            folder between replicas. Setting it with a SQLite ledger is an error: that one's head is
+            always ``<ledger file>.head``.
         attestation_key: Ed25519 private key file (PEM); created with mode 0600 if missing.
         reflection: serve gRPC reflection (for grpcurl and friends).
         metrics_port: serve Prometheus metrics (``GET /metrics``, plain HTTP) on this port;
@@ -218,6 +234,7 @@ class ServerConfig:
     grace_s: float = 30.0
     state_dir: Path = field(default_factory=lambda: Path("~/.local/state/shallowmark").expanduser())
     ledger_url: str | None = None
+    ledger_head_file: Path | None = None
     attestation_key: Path | None = None
     reflection: bool = True
     metrics_port: int | None = None
@@ -261,6 +278,13 @@ class ServerConfig:
                 raise InvalidParameterError("a hashed token must be 'sha256:' followed by 64 hex digits")
         object.__setattr__(self, "tenant_limits", self._checked_tenant_limits())
         object.__setattr__(self, "state_dir", Path(self.state_dir).expanduser())
+        if self.ledger_head_file is not None:
+            object.__setattr__(self, "ledger_head_file", Path(self.ledger_head_file).expanduser())
+            if not _is_postgres(self.resolved_ledger_url()):
+                # a SQLite ledger's head is always beside it; a file set here would be ignored silently
+                raise InvalidParameterError(
+                    "ledger_head_file applies to a PostgreSQL ledger only (ledger_url = \"postgresql://...\"); a "
+                    "SQLite ledger keeps its head beside the file, in <ledger file>.head")
         if not isinstance(self.host, str) or not self.host.strip():
             raise InvalidParameterError(f"host must be a host name or IP address; got {self.host!r}")
         if not isinstance(self.allow_insecure, bool):
@@ -320,6 +344,22 @@ class ServerConfig:
     def resolved_ledger_url(self) -> str:
         return self.ledger_url or f"sqlite:///{self.state_dir / 'ledger.sqlite3'}"
 
+    def resolved_ledger_head_file(self) -> Path | None:
+        """The PostgreSQL ledger's local head file (``ledger_head_file``, else one in ``state_dir``
+        named after the database); ``None`` for a SQLite ledger.
+
+        Raises:
+            InvalidParameterError: ``ledger_url`` is not a valid PostgreSQL URL.
+        """
+        url = self.resolved_ledger_url()
+        if not _is_postgres(url):
+            return None
+        if self.ledger_head_file is not None:
+            return self.ledger_head_file
+        from shallowmark.server.ledger import pg_head_file  # psycopg parses the URL
+
+        return pg_head_file(url, self.state_dir)
+
     def resolved_attestation_key(self) -> Path:
         return Path(self.attestation_key) if self.attestation_key else self.state_dir / "attestation_ed25519.pem"
 
@@ -331,6 +371,10 @@ class ServerConfig:
     def with_overrides(self, **overrides: Any) -> "ServerConfig":
         """A copy with the given fields replaced; ``None`` values are ignored (unset flags)."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _is_postgres(url: str) -> bool:
+    return url.startswith(("postgres://", "postgresql://"))
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -382,7 +426,7 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) ->
                 data["method_options"] = {str(m): dict(o) for m, o in v.items()}
             elif k == "model":
                 data["model_options"] = {str(m): dict(o) for m, o in v.items()}
-            elif k in ("state_dir", "attestation_key"):
+            elif k in ("state_dir", "attestation_key", "ledger_head_file"):
                 data[k] = rel(v)
             elif k == "ledger_url" and "://" not in str(v):
                 data[k] = f"sqlite:///{rel(v)}"

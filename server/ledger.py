@@ -34,7 +34,18 @@ database does not lose it too:
   SHA-256; written to a temporary file, fsynced, renamed over the old one and the folder fsynced)
   after each committed insert and before the Embed is acknowledged;
 - PostgreSQL: in the one-row table ``shallowmark_ledger_head``, updated in the insert's
-  transaction (its row lock also orders the inserts of several replicas).
+  transaction (its row lock also orders the inserts of several replicas). That row is restored
+  with the database, so each server also keeps its own *local head file* (the server passes
+  ``ServerConfig.resolved_ledger_head_file()``, by default a file in its state folder named after
+  the database): the newest ``(count, head)`` it has seen acknowledged, in the same format and
+  written the same way as SQLite's sidecar, after the insert's commit and before the Embed is
+  acknowledged. At start the database's chain must contain that head (its record number
+  ``count`` has that link); a database restored to an older state (behind, or diverged from, what
+  this replica saw) is refused. A database that is ahead (other replicas appended) is fine and the
+  file moves up to it; a missing file (first start, a new replica) is written from the database as
+  it is, and deleting it is how the operator accepts a rolled-back database. While serving, an
+  insert into a database whose head row counts fewer records than this process has seen is
+  refused (:class:`LedgerIntegrityError`) and nothing is appended.
 
 Opening a ledger checks it before serving from it: SQLite's ``PRAGMA integrity_check`` (on a
 read-only connection, so a refused ledger and its ``-wal`` file are left exactly as found), then the
@@ -69,7 +80,7 @@ from shallowmark.client import LedgerEntry
 from shallowmark.errors import InvalidParameterError, ShallowmarkError, shown
 
 __all__ = ["LedgerEntry", "LedgerError", "LedgerIntegrityError", "SQLiteLedger", "PostgresLedger",
-           "open_ledger"]
+           "open_ledger", "pg_head_file"]
 
 log = logging.getLogger("shallowmark.server")
 
@@ -306,8 +317,9 @@ def _head_digest(count: int, head: str) -> str:
     return hashlib.sha256(f"{_HEAD_FORMAT}\n{count}\n{head}".encode()).hexdigest()
 
 
-def _read_head(path: Path) -> tuple[int, str] | None:
-    """``(count, head)`` from the sidecar; None if there is none."""
+def _read_head(path: Path, ledger: str | None = None) -> tuple[int, str] | None:
+    """``(count, head)`` from the sidecar (or a PostgreSQL replica's local head file, whose ledger is
+    ``ledger``: not the file's name without ``.head``); None if there is none."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -325,8 +337,8 @@ def _read_head(path: Path) -> tuple[int, str] | None:
         raise LedgerIntegrityError(
             f"the ledger's head record {path} is damaged ({len(raw)} bytes that are not a valid head record), so "
             f"it cannot tell how many records were acknowledged. The server was not started. Restore {path.name} "
-            f"together with its ledger from a backup; or, if the ledger {path.with_suffix('')} is known to be "
-            "complete, move the head record away and start again: the ledger is then adopted as it is")
+            f"together with its ledger from a backup; or, if the ledger {ledger or path.with_suffix('')} is known to "
+            "be complete, move the head record away and start again: the ledger is then adopted as it is")
     return count, head
 
 
@@ -632,6 +644,42 @@ def describe_pg_url(url: str) -> str:
     return f"postgresql://{user}{host}{port}/{d.get('dbname') or ''}"
 
 
+def pg_head_file(url: str, state_dir: str | os.PathLike[str]) -> Path:
+    """The default local head file of the PostgreSQL ledger at ``url``:
+    ``<state_dir>/ledger-pg-<dbname>-<12 hex>.head``.
+
+    The hex is a SHA-256 of the URL's host, port and database name, so two ledgers (two databases,
+    or one name on two servers) never share a file. Neither the password (a file name is no place
+    for it, even hashed) nor the user takes part: the same database reached as another role is the
+    same ledger.
+
+    Raises:
+        InvalidParameterError: ``url`` is not a valid libpq URL.
+        LedgerError: ``psycopg`` is missing.
+    """
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        raise LedgerError("a PostgreSQL ledger needs psycopg: pip install 'shallowmark[server]'") from None
+    try:
+        d = conninfo_to_dict(url)
+    except Exception as e:  # noqa: BLE001 - psycopg.ProgrammingError; the URL may hold a password
+        raise InvalidParameterError(f"ledger_url is not a valid PostgreSQL URL: {_pg_message(e)}") from None
+    dbname = str(d.get("dbname") or d.get("user") or "")   # libpq's default database is the user's name
+    ident = json.dumps([str(d.get("host") or ""), str(d.get("port") or ""), dbname])
+    label = re.sub(r"[^A-Za-z0-9_.-]", "_", dbname)[:40] or "default"
+    return Path(state_dir) / f"ledger-pg-{label}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}.head"
+
+
+def _rolled_back(remedy_file: Path) -> str:
+    """What the operator can do about a database older than this replica's local head file."""
+    return ("Restore a newer backup of the database, one that holds those records (or fix ledger_url if it "
+            "points at the wrong database). To accept the database as it is instead, so that the acknowledged "
+            "records it lacks stay lost (that is your decision to take, on purpose), delete this replica's "
+            f"local head file {remedy_file} and start again: the replica then adopts the database's current head. "
+            "Every other replica that refuses to start the same way has a local head file of its own to delete")
+
+
 class PostgresLedger:
     """Ledger in a PostgreSQL table (``shallowmark_embeds``), same behaviour as :class:`SQLiteLedger`.
 
@@ -642,22 +690,28 @@ class PostgresLedger:
 
     The chain's head is the one row of ``shallowmark_ledger_head``: each insert locks it (``FOR
     UPDATE``, which also orders the inserts of several replicas), links the record to it and moves
-    it, in one transaction. A role that only runs the ledger needs SELECT and INSERT on
-    ``shallowmark_embeds`` and SELECT and UPDATE on ``shallowmark_ledger_head``; creating the tables,
-    or adding the chain to a table an older version made, needs a role that may (the owner).
+    it, in one transaction. With ``head_file``, the newest head this process has seen acknowledged
+    is also kept in that local file (see the module docstring): it catches a restore of the whole
+    database to an older state, which restores the head row too. A role that only runs the ledger
+    needs SELECT and INSERT on ``shallowmark_embeds`` and SELECT and UPDATE on
+    ``shallowmark_ledger_head``; creating the tables, or adding the chain to a table an older
+    version made, needs a role that may (the owner).
 
     Args:
         url: a libpq URL, ``postgresql://[user[:password]@][host][:port][/dbname][?param=value...]``.
             ``connect_timeout`` defaults to 10 s when the URL does not set it.
+        head_file: this replica's local head file (the server's default: :func:`pg_head_file`);
+            ``None``: none, so a rollback of the whole database is not detected.
 
     Raises:
         InvalidParameterError: ``url`` is not a valid libpq URL.
-        LedgerIntegrityError: records are missing, changed or deleted (see the module docstring).
+        LedgerIntegrityError: records are missing, changed or deleted, or the database is older
+            than (or diverged from) what ``head_file`` says was acknowledged (see the module docstring).
         LedgerError: ``psycopg`` is missing, the database cannot be reached, or the tables cannot be
             created or used by this role.
     """
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, head_file: str | os.PathLike[str] | None = None):
         try:
             import psycopg
         except ImportError:
@@ -667,17 +721,54 @@ class PostgresLedger:
         self.where = describe_pg_url(url)
         self._lock = threading.Lock()
         self._db = None
+        self._head_file = Path(head_file) if head_file is not None else None
+        self._dir_fd: int | None = None
+        # (count, head): the newest acknowledged head this process knows of, and the one in the local
+        # file (they differ only after a failed write of the file); None without a head file
+        self._seen: tuple[int, str] | None = None
+        self._written: tuple[int, str] | None = None
+        local = _read_head(self._head_file, self.where) if self._head_file is not None else None
         with self._lock:
             self._db = self._connect()
             try:
-                self._prepare()
-                self._check()
+                self._prepare(local)
+                head = self._check(local)
+                if self._head_file is not None:
+                    self._open_head_file(local, head)
             except psycopg.Error as e:
-                self._db.close()
+                self._abort()
                 raise LedgerError(f"cannot open the ledger tables in {self.where}: {_pg_message(e)}") from None
+            except OSError as e:
+                self._abort()
+                raise LedgerError(f"cannot write this replica's local head file {self._head_file} of the ledger "
+                                  f"{self.where}: {e}") from None
             except BaseException:
-                self._db.close()
+                self._abort()
                 raise
+
+    def _abort(self) -> None:
+        """Close what ``__init__`` opened (it holds the lock, so not :meth:`close`)."""
+        self._db.close()
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
+
+    def _open_head_file(self, local: tuple[int, str] | None, head: tuple[int, str]) -> None:
+        """Move the local head file up to the database's checked head (the same, or ahead of it)."""
+        hf = self._head_file
+        hf.parent.mkdir(parents=True, exist_ok=True, mode=0o700)   # as the SQLite ledger's folder
+        if hasattr(os, "O_DIRECTORY"):
+            self._dir_fd = os.open(hf.parent, os.O_RDONLY | os.O_DIRECTORY)
+        if local != head:
+            _write_head(hf, head[0], head[1], self._dir_fd)
+        if local is None:
+            log.info("ledger %s: this replica has no local head file %s yet (first start, or a new replica): "
+                     "adopted the database's head as it is (%d records); from now on a restore of the database to "
+                     "an older state is detected at start", self.where, hf, head[0])
+        elif head[0] > local[0]:
+            log.info("ledger %s: %d records appended since this replica last saw the head (by other replicas); "
+                     "local head file %s moved up", self.where, head[0] - local[0], hf)
+        self._seen = self._written = head
 
     def _state(self) -> tuple[bool, bool, bool]:
         """Whether the embeds table, its link column and the head row exist."""
@@ -697,7 +788,7 @@ class PostgresLedger:
         row = head is not None and db.execute(f"SELECT 1 FROM {_PG_HEAD} WHERE id = 1").fetchone() is not None
         return table is not None, link, row
 
-    def _prepare(self) -> None:
+    def _prepare(self, local: tuple[int, str] | None = None) -> None:
         """Create the tables, or add the chain to a ledger an older version made (adoption).
 
         An existing, complete ledger is used as it is: CREATE ... IF NOT EXISTS would still need the
@@ -705,6 +796,11 @@ class PostgresLedger:
         table, link, row = self._state()
         if table and link and row:
             return
+        if not table and local and local[0]:
+            # a database restored to before the ledger existed (or another one): do not create an empty
+            # ledger in it, which would then be "ahead" of nothing and look fine to a new replica
+            raise _short(self.where, 0, local[0], f"this replica's local head file {self._head_file} says so",
+                         f"has no {_PG_TABLE} table", _rolled_back(self._head_file))
         db = self._db
         try:
             with db.transaction():
@@ -758,13 +854,19 @@ class PostgresLedger:
             yield rows
             after = rows[-1][0]
 
-    def _check(self) -> None:
-        """Verify the chain against the head row, in one snapshot."""
+    def _check(self, local: tuple[int, str] | None = None) -> tuple[int, str]:
+        """Verify the chain against the head row, and that it holds this replica's ``local`` head, in one
+        snapshot. Returns the head row's ``(count, head)``."""
         db = self._db
         with db.transaction():
             db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             count, head = db.execute(f"SELECT records, head FROM {_PG_HEAD} WHERE id = 1").fetchone()
             chain = _walk(self._batches(db, "link"), self.where, _iso, mark=count)
+            at_local = None
+            if local and local[0] and chain.count >= local[0]:
+                # record number local[0] of the chain (the walk above has verified its link)
+                at_local = db.execute(f"SELECT id, link FROM {_PG_TABLE} WHERE link IS NOT NULL ORDER BY id "
+                                      "OFFSET %s LIMIT 1", (local[0] - 1,)).fetchone()
         head_at = f"the head row in {_PG_HEAD} says so"
         if chain.count < count:
             raise _short(self.where, chain.count, count, head_at,
@@ -782,6 +884,28 @@ class PostgresLedger:
             log.warning("ledger %s: %d records have no hash-chain link (written by an older shallowmark version); "
                         "they are kept but not covered by the integrity check", self.where,
                         chain.unlinked + chain.trailing)
+        if local:
+            self._check_local(local, chain.count, at_local)
+        return count, head
+
+    def _check_local(self, local: tuple[int, str], count: int, at_local: tuple[int, str] | None) -> None:
+        """The database (whose chain, of ``count`` records, is verified) must hold the ``local`` head: it
+        may be ahead of it (other replicas appended), never behind or beside it."""
+        hf, (n, head) = self._head_file, local
+        if count < n:
+            raise _short(self.where, count, n, f"this replica's local head file {hf} says so, the last with chain "
+                         f"hash {head}", f"holds {count} hash-chained record{'s' if count != 1 else ''}",
+                         "The database was restored to an older state (an older backup?), or ledger_url points at "
+                         f"another database. {_rolled_back(hf)}")
+        if n and (at_local is None or at_local[1] != head):
+            rid, found = at_local or ("?", "none")
+            raise LedgerIntegrityError(
+                f"the ledger {self.where} has diverged from what this replica has seen: its record number {n} of "
+                f"the hash chain (id {rid}) has chain hash {found}, but this replica's local head file {hf} says "
+                f"record number {n} was acknowledged with chain hash {head}. So the database's records up to there "
+                "are not the acknowledged ones: it was restored to an older state and written to since, or "
+                "ledger_url points at another database. The server was not started on it, so nothing was "
+                f"written to it. {_rolled_back(hf)}")
 
     def _connect(self):
         psycopg = self._psycopg
@@ -830,11 +954,19 @@ class PostgresLedger:
 
         def write(db):
             with db.transaction():
-                head = db.execute(f"SELECT head FROM {_PG_HEAD} WHERE id = 1 FOR UPDATE").fetchone()
+                head = db.execute(f"SELECT records, head FROM {_PG_HEAD} WHERE id = 1 FOR UPDATE").fetchone()
                 if head is None:
                     log.error("the ledger %s has lost its head row (%s)", self.where, _PG_HEAD)
                     raise LedgerIntegrityError(_RUNTIME_CORRUPT.format("its hash-chain head is gone"))
-                link = _link(head[0], content)
+                if self._seen is not None and head[0] < self._seen[0]:
+                    # restored to an older state while this server runs (the reconnect after the restore
+                    # got here): append nothing to it; the head file keeps the newer head for the next start
+                    log.error("the ledger %s went back to an older state while serving: its head row says %d "
+                              "records, this replica has seen %d acknowledged (local head file %s)",
+                              self.where, head[0], self._seen[0], self._head_file)
+                    raise LedgerIntegrityError(_RUNTIME_CORRUPT.format(
+                        "it holds fewer records than this server has seen acknowledged"))
+                link = _link(head[1], content)
                 cur = db.execute(
                     f"INSERT INTO {_PG_TABLE} (tenant, key_id, method, model, image_sha256, created_at, request_id, "
                     "source, link) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (tenant, request_id) DO "
@@ -842,9 +974,26 @@ class PostgresLedger:
                                              link))
                 if cur.fetchone() is not None:
                     db.execute(f"UPDATE {_PG_HEAD} SET records = records + 1, head = %s WHERE id = 1", (link,))
-                    return None
-                return db.execute(f"SELECT key_id, method, model, image_sha256, source FROM {_PG_TABLE} "
-                                  "WHERE tenant = %s AND request_id = %s", (tenant, request_id)).fetchone()
+                    old, new = None, (head[0] + 1, link)
+                else:
+                    new = None
+                    old = db.execute(f"SELECT key_id, method, model, image_sha256, source FROM {_PG_TABLE} "
+                                     "WHERE tenant = %s AND request_id = %s", (tenant, request_id)).fetchone()
+            if self._seen is None:
+                return old
+            # committed (only now: a failed commit must not move it); the local head file goes after the commit
+            # and before the Embed is acknowledged, as SQLite's sidecar does (a retry after a failed write,
+            # inserting nothing, completes it)
+            if new is not None:
+                self._seen = new
+            if self._seen != self._written:
+                try:
+                    _write_head(self._head_file, self._seen[0], self._seen[1], self._dir_fd)
+                except OSError as e:
+                    raise LedgerError(f"the embed was written to the ledger but this replica's local head file "
+                                      f"{self._head_file} cannot be updated ({e}); it is not acknowledged") from None
+                self._written = self._seen
+            return old
 
         old = self._run("write to", write)
         if old is None:
@@ -871,6 +1020,9 @@ class PostgresLedger:
         with self._lock:
             if self._db is not None:
                 self._db.close()
+            if self._dir_fd is not None:
+                os.close(self._dir_fd)
+                self._dir_fd = None
 
 
 def _pg_message(e: Exception) -> str:
@@ -878,8 +1030,10 @@ def _pg_message(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def open_ledger(url: str) -> SQLiteLedger | PostgresLedger:
-    """Open the ledger named by ``url`` (see the module docstring).
+def open_ledger(url: str, *, head_file: str | os.PathLike[str] | None = None) -> SQLiteLedger | PostgresLedger:
+    """Open the ledger named by ``url`` (see the module docstring). ``head_file``: a PostgreSQL
+    ledger's local head file (see :class:`PostgresLedger`); a SQLite ledger ignores it, its head is
+    always ``<ledger file>.head``.
 
     Raises:
         InvalidParameterError: an unknown scheme, or a malformed PostgreSQL URL.
@@ -890,7 +1044,7 @@ def open_ledger(url: str) -> SQLiteLedger | PostgresLedger:
     if url == "sqlite://" or url == ":memory:":
         return SQLiteLedger(":memory:")
     if url.startswith(("postgres://", "postgresql://")):
-        return PostgresLedger(url)
+        return PostgresLedger(url, head_file)
     if "://" not in url:
         return SQLiteLedger(url)
     raise InvalidParameterError(f"unknown ledger URL scheme in {url.split('://')[0]!r}; "

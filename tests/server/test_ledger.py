@@ -565,3 +565,195 @@ def test_corruption_at_run_time_turns_health_not_serving_once(tmp_path, make_con
             assert health() == {health_pb2.HealthCheckResponse.NOT_SERVING}
     finally:
         app.stop(1.0)
+
+
+# -- PostgreSQL: a restore of the whole database to an older state (each replica's local head file) ------
+
+
+def _dbname(url: str) -> str:
+    return url.split("/")[3].split("?")[0]
+
+
+def _admin(pg_cluster, *statements: str) -> None:
+    """Statements run on the cluster's maintenance database, as the operator's backup tooling would."""
+    import psycopg
+
+    with psycopg.connect(pg_cluster.url(), autocommit=True) as db:
+        for sql in statements:
+            db.execute(sql)
+
+
+def _backup(pg_cluster, url: str) -> str:
+    """A full copy of the ledger's database as it is now (a file-level copy, as a physical backup is)."""
+    db = _dbname(url)
+    _admin(pg_cluster, f"CREATE DATABASE {db}_backup TEMPLATE {db}")
+    return f"{db}_backup"
+
+
+def _restore(pg_cluster, url: str, backup: str) -> None:
+    """Replace the ledger's database by ``backup``, whole: records and head row alike. FORCE ends the
+    connections a running server still holds on it, as a restore would."""
+    db = _dbname(url)
+    _admin(pg_cluster, f"DROP DATABASE {db} WITH (FORCE)", f"CREATE DATABASE {db} TEMPLATE {backup}")
+
+
+def _pg_state(url: str) -> tuple[list[tuple], tuple]:
+    """Every record and the head row, read straight from the database."""
+    import psycopg
+
+    with psycopg.connect(url) as db:
+        return (db.execute("SELECT * FROM shallowmark_embeds ORDER BY id").fetchall(),
+                db.execute("SELECT records, head FROM shallowmark_ledger_head").fetchone())
+
+
+def test_a_database_restored_from_an_older_backup_is_refused(pg_cluster, pg_url, tmp_path, make_config):
+    from shallowmark.server.app import ServerApp
+    from shallowmark.server.ledger import LedgerIntegrityError
+
+    cfg = make_config(tmp_path, ledger_url=pg_url)
+    hf = cfg.resolved_ledger_head_file()   # the server's default: in its state folder, named after the database
+    assert hf.parent == tmp_path and hf.name.startswith(f"ledger-pg-{_dbname(pg_url)}-")
+    led = open_ledger(pg_url, head_file=hf)
+    for i in range(5):
+        assert _rec(led, "a", i)
+    led.close()
+    backup = _backup(pg_cluster, pg_url)   # last night's backup: 5 records
+    led = open_ledger(pg_url, head_file=hf)
+    for i in range(5, 8):
+        assert _rec(led, "a", i)
+    assert '"count": 8' in hf.read_text() and oct(hf.stat().st_mode & 0o777) == "0o600"
+    _restore(pg_cluster, pg_url, backup)   # the database is put back to last night, head row and all
+    # the replica still running meets it at its next Embed (after reconnecting): nothing is appended to it
+    with pytest.raises(LedgerIntegrityError, match="fewer records than this server has seen acknowledged"):
+        _rec(led, "a", 8)
+    led.close()
+    before, head_file = _pg_state(pg_url), hf.read_text()
+    assert len(before[0]) == 5 and before[1][0] == 5
+    with pytest.raises(LedgerIntegrityError) as e:
+        ServerApp(cfg, backend_loader=_no_models)   # and it does not start on it
+    msg = str(e.value)
+    assert "holds 5 hash-chained records, but 8 records were acknowledged" in msg
+    assert f"this replica's local head file {hf} says so" in msg and "3 acknowledged records are missing" in msg
+    assert "restored to an older state" in msg and "Restore a newer backup" in msg
+    assert f"delete this replica's local head file {hf} and start again" in msg   # the operator's explicit way out
+    assert _pg_state(pg_url) == before and hf.read_text() == head_file   # neither the ledger nor the file touched
+    with pytest.raises(LedgerIntegrityError, match="8 records were acknowledged"):
+        open_ledger(pg_url, head_file=hf)   # refused on every start, not just once
+    hf.unlink()   # the operator accepts the database as it is
+    led = open_ledger(pg_url, head_file=hf)
+    assert led.count() == 5 and '"count": 5' in hf.read_text()
+    assert _rec(led, "a", 5)
+    led.close()
+
+
+def test_a_restored_database_written_to_since_is_refused_as_diverged(pg_cluster, pg_url, tmp_path):
+    from shallowmark.server.ledger import LedgerIntegrityError
+
+    first = tmp_path / "one" / "ledger.head"
+    led = open_ledger(pg_url, head_file=first)
+    for i in range(4):
+        _rec(led, "a", i)
+    led.close()
+    backup = _backup(pg_cluster, pg_url)
+    led = open_ledger(pg_url, head_file=first)
+    for i in range(4, 6):
+        _rec(led, "a", i)
+    led.close()
+    _restore(pg_cluster, pg_url, backup)
+    # a new replica (no head file of its own) adopts the restored database and appends past the first's head
+    led = open_ledger(pg_url, head_file=tmp_path / "new" / "ledger.head")
+    for i in range(100, 104):
+        _rec(led, "b", i)
+    led.close()
+    before = _pg_state(pg_url)
+    assert before[1][0] == 8   # more records than the first replica saw: a count alone would not tell
+    with pytest.raises(LedgerIntegrityError) as e:
+        open_ledger(pg_url, head_file=first)
+    msg = str(e.value)
+    assert "has diverged from what this replica has seen: its record number 6 of the hash chain (id 6)" in msg
+    assert f"but this replica's local head file {first} says record number 6 was acknowledged" in msg
+    assert f"delete this replica's local head file {first}" in msg
+    assert _pg_state(pg_url) == before
+
+
+def test_a_database_ahead_of_the_local_head_starts(pg_url, tmp_path, caplog):
+    one_hf, two_hf = tmp_path / "one" / "ledger.head", tmp_path / "two" / "ledger.head"
+    one = open_ledger(pg_url, head_file=one_hf)
+    two = open_ledger(pg_url, head_file=two_hf)
+    for i in range(3):
+        _rec(one, "a", i)
+    one.close()
+    for i in range(3, 10):   # the other replica goes on appending
+        _rec(two, "a", i)
+    three = open_ledger(pg_url, head_file=tmp_path / "three" / "ledger.head")
+    writers = [threading.Thread(target=lambda led=led, t=t: [_rec(led, "c", 100 * t + i) for i in range(10)])
+               for t, led in ((1, two), (2, three))]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    two.close()
+    three.close()
+    assert '"count": 3' in one_hf.read_text()
+    with caplog.at_level("INFO", logger="shallowmark.server"):
+        one = open_ledger(pg_url, head_file=one_hf)   # the database is ahead of what it saw: fine
+    assert one.count() == 30 and "27 records appended since this replica last saw the head" in caplog.text
+    assert '"count": 30' in one_hf.read_text()   # and its head file moved up to what it has now seen
+    assert _rec(one, "a", 10)
+    one.close()
+    open_ledger(pg_url, head_file=two_hf).close()   # the other replica restarts fine too
+
+
+def test_a_missing_local_head_file_is_adopted_and_a_damaged_one_refused(pg_url, tmp_path, caplog):
+    from shallowmark.server.ledger import LedgerIntegrityError
+
+    _filled(pg_url, 4)   # written by a replica that kept no head file
+    hf = tmp_path / "state" / "sub" / "ledger.head"
+    with caplog.at_level("INFO", logger="shallowmark.server"):
+        led = open_ledger(pg_url, head_file=hf)
+    assert led.count() == 4 and "no local head file" in caplog.text and "adopted" in caplog.text
+    led.close()
+    assert '"count": 4' in hf.read_text() and oct(hf.stat().st_mode & 0o777) == "0o600"
+    assert oct(hf.parent.stat().st_mode & 0o777) == "0o700"
+    hf.write_text('{"format": "shallowmark-ledger-head/1", "count": 1}')
+    with pytest.raises(LedgerIntegrityError, match=f"head record {hf} is damaged.* if the ledger postgresql://"):
+        open_ledger(pg_url, head_file=hf)
+
+
+def test_a_database_restored_to_before_the_ledger_existed_is_refused(pg_cluster, pg_url, tmp_path):
+    from shallowmark.server.ledger import LedgerIntegrityError
+
+    empty = _backup(pg_cluster, pg_url)   # the database before the first start
+    hf = tmp_path / "ledger.head"
+    _filled(pg_url, 0)
+    led = open_ledger(pg_url, head_file=hf)
+    _rec(led, "a", 1)
+    led.close()
+    _restore(pg_cluster, pg_url, empty)
+    with pytest.raises(LedgerIntegrityError, match=f"has no shallowmark_embeds table, but 1 record were "
+                                                   f"acknowledged .this replica's local head file {hf}"):
+        open_ledger(pg_url, head_file=hf)
+    import psycopg
+
+    with psycopg.connect(pg_url) as db:   # no empty ledger was created in its place
+        assert db.execute("SELECT to_regclass('shallowmark_embeds')").fetchone()[0] is None
+
+
+def test_the_local_head_file_config(tmp_path):
+    from shallowmark.server.config import ServerConfig, load_config
+
+    url = "postgresql://shallowmark@db.internal:5432/ledger"
+    cfg = ServerConfig(state_dir=tmp_path, ledger_url=url)
+    hf = cfg.resolved_ledger_head_file()
+    assert hf.parent == tmp_path and hf.name.startswith("ledger-pg-ledger-") and hf.suffix == ".head"
+    # the same database (another role, a password) shares it; another database or server does not
+    assert ServerConfig(state_dir=tmp_path, ledger_url="postgresql://other:pw@db.internal:5432/ledger"
+                        ).resolved_ledger_head_file() == hf
+    for other in ("postgresql://shallowmark@db.internal:5432/ledger2", "postgresql://shallowmark@db2:5432/ledger"):
+        assert ServerConfig(state_dir=tmp_path, ledger_url=other).resolved_ledger_head_file() != hf
+    assert "pw" not in hf.name
+    assert ServerConfig(state_dir=tmp_path).resolved_ledger_head_file() is None   # SQLite: its own .head
+    with pytest.raises(InvalidParameterError, match="ledger_head_file applies to a PostgreSQL ledger only"):
+        ServerConfig(state_dir=tmp_path, ledger_head_file=tmp_path / "x.head")
+    (tmp_path / "server.toml").write_text(f'ledger_url = "{url}"\nledger_head_file = "heads/ledger.head"\n')
+    assert load_config(tmp_path / "server.toml").resolved_ledger_head_file() == tmp_path / "heads" / "ledger.head"
