@@ -406,13 +406,19 @@ def test_the_same_material_twice_is_one_key_whatever_its_labels(client_a, keys, 
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "repeats key" in e.value.details
 
 
-def test_attestation_binds_tenant_methods_and_the_callers_nonce(client_a, keys, embedded):
+def test_attestation_binds_tenant_methods_and_the_callers_nonce(server, client_a, keys, embedded):
     res = client_a.verify(embedded.image, keys[:2])
     pinned = client_a.info().attestation_public_key
     payload = verify_attestation(res, pinned, image=embedded.image)
     assert len(res.nonce) == 16 and payload["nonce"] == res.nonce.hex() and payload["tenant"] == "a"
     assert [m["name"] for m in payload["methods"]] == ["shallow-diffuse"]
-    assert len(payload["methods"][0]["config_sha256"]) == 64
+    # the method's effective configuration, built-in defaults included: a change of a default shows
+    from shallowmark.core.watermarks.shallow_diffuse import ShallowDiffuseConfig
+    from shallowmark.server.attestation import config_sha256
+
+    effective = ShallowDiffuseConfig(**dict(server.config.method_options.get("shallow-diffuse", {})))
+    assert payload["methods"][0]["config_sha256"] == config_sha256(effective)
+    assert config_sha256(dataclasses.replace(effective, key_variants=2)) != config_sha256(effective)
     assert {v["key_id"] for v in payload["verdicts"]} == {k.key_id_for("shallow-diffuse") for k in keys[:2]}
     other = client_a.verify(embedded.image, keys[:2])
     with pytest.raises(AttestationError, match="'nonce' differs"):   # a replayed attestation of another call
