@@ -122,22 +122,28 @@ def orthogonal_key_values(seed: int, geom: RingGeometry, count: int, strength: f
     mutually orthogonal, of the norm a Gaussian key's has on average (strength·√dims): the columns of
     a Haar-random orthogonal matrix drawn from ``seed``. Each one alone is a uniformly random
     direction, as a Gaussian key is, so the p-value stays exact for every one of them; orthogonal,
-    an average over images carrying different ones is as far from each as it can be (with random
-    directions in so few dimensions, two of them correlate by ±0.24 on average).
+    an average over images carrying different ones is as far from each as it can be (random
+    directions in 18 dimensions correlate with a standard deviation of 1/√18 ≈ 0.24).
 
     Raises:
         InvalidParameterError: ``count`` is not in [1, dims].
     """
     if not 1 <= count <= geom.dims:
         raise InvalidParameterError(f"at most {geom.dims} orthogonal ring keys fit in {geom.dims} dimensions; got {count}")
-    g = torch.Generator().manual_seed(int(seed) % (2 ** 63))
+    return _orthogonal_key_values(int(seed) % (2 ** 63), geom, int(count), float(strength)).clone()
+
+
+@lru_cache(maxsize=64)
+def _orthogonal_key_values(seed: int, geom: RingGeometry, count: int, strength: float) -> torch.Tensor:
+    # cached: embedding and every verification ask for a key's variants again, and each is a QR
+    g = torch.Generator().manual_seed(seed)
     q, r = torch.linalg.qr(torch.randn(geom.dims, geom.dims, generator=g, dtype=torch.float64))
     q = q * torch.sign(torch.diagonal(r))[None, :]      # the sign fix that makes QR's Q Haar-distributed
     vecs = strength * geom.dims ** 0.5 * q[:, :count].T   # (count, dims)
     nr = geom.radius - geom.first_scored + 1
-    scored = torch.complex(vecs[:, :nr], vecs[:, nr:]) if geom.complex_values else vecs.to(torch.complex128)
-    out = torch.zeros(count, geom.n_values, dtype=torch.complex128 if geom.complex_values else torch.float64)
-    out[:, geom.first_scored - geom.inner:] = scored if geom.complex_values else scored.real
+    scored = torch.complex(vecs[:, :nr], vecs[:, nr:]) if geom.complex_values else vecs
+    out = torch.zeros(count, geom.n_values, dtype=scored.dtype)
+    out[:, geom.first_scored - geom.inner:] = scored
     return out
 
 

@@ -170,7 +170,8 @@ class ShallowDiffuseConfig:
         if not 0 <= self.shift_window <= latent_shape[-1] // 4:
             raise InvalidParameterError(f"shift_window must be in [0, {latent_shape[-1] // 4}]; got {self.shift_window}")
         self.sync_template().validate()
-        dims = (self.radius - max(self.inner_radius, 1) + 1) * (2 if self.complex_key else 1)
+        dims = rings.RingGeometry(latent_shape[-1], self.radius, self.ring_centre, self.inner_radius,
+                                  self.complex_key).dims
         if not 1 <= self.key_variants <= dims:
             raise InvalidParameterError(f"key_variants must be in [1, {dims}] (the variants are orthogonal directions "
                                         f"of the ring statistic's {dims} dimensions); got {self.key_variants}")

@@ -6,6 +6,8 @@ The backend is the session's ``tiny_ldm`` fixture (loaded once), handed to the s
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 TOKEN_A = "token-for-tenant-a"
@@ -45,13 +47,28 @@ def loader(tiny_ldm):
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory, loader):
-    from shallowmark.server.app import ServerApp
+def running_server(loader):
+    """``running_server(tmp_path, **overrides)``: a context manager around a real server on a free
+    port (:func:`make_config`), ready to serve, stopped on exit."""
 
-    app = ServerApp(make_config(tmp_path_factory.mktemp("server")), backend_loader=loader).start()
-    assert app.wait_until_ready(120)
-    yield app
-    app.stop(1.0)
+    @contextlib.contextmanager
+    def run(tmp_path, **overrides):
+        from shallowmark.server.app import ServerApp
+
+        app = ServerApp(make_config(tmp_path, **overrides), backend_loader=loader).start()
+        try:
+            assert app.wait_until_ready(120)
+            yield app
+        finally:
+            app.stop(1.0)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, running_server):
+    with running_server(tmp_path_factory.mktemp("server")) as app:
+        yield app
 
 
 @pytest.fixture(scope="session")

@@ -165,13 +165,9 @@ def test_decode_image_report():
 # -- a real server (one for the whole module) --------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def fuzz_server(tmp_path_factory, loader, make_config):
-    from shallowmark.server.app import ServerApp
-
-    app = ServerApp(make_config(tmp_path_factory.mktemp("fuzz-server")), backend_loader=loader).start()
-    assert app.wait_until_ready(120)
-    yield app
-    app.stop(1.0)
+def fuzz_server(tmp_path_factory, running_server):
+    with running_server(tmp_path_factory.mktemp("fuzz-server")) as app:
+        yield app
 
 
 @pytest.fixture(scope="module")

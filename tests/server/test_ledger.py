@@ -18,6 +18,16 @@ COLUMNS = {"id", "tenant", "key_id", "method", "model", "image_sha256", "created
            "link"}
 
 
+def _write_at_once(ledgers, n: int) -> None:
+    """Each ledger records ``n`` embeds of tenant "c" from a thread of its own, all at once."""
+    writers = [threading.Thread(target=lambda led=led, t=t: [_rec(led, "c", 100 * t + i) for i in range(n)])
+               for t, led in enumerate(ledgers, 1)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+
+
 def _rec(ledger, tenant, i, key=KEY_A, **kw):
     args = dict(tenant=tenant, key_id=key, method="shallow-diffuse", model="tiny-ldm", image_sha256=f"{i:064x}",
                 request_id=f"r{i}", source="generate", created_at=datetime(2025, 1, 1, tzinfo=timezone.utc))
@@ -173,12 +183,7 @@ def test_two_replicas_share_one_database(pg_url):
     assert _rec(two, "a", 2)
     assert [e.request_id for e in one.list("a")[0]] == ["r2", "r1"] and one.count() == 2
     # both writing at once: the head row's lock orders their inserts, so the one chain still verifies
-    writers = [threading.Thread(target=lambda led=led, t=t: [_rec(led, "c", 100 * t + i) for i in range(25)])
-               for t, led in ((1, one), (2, two))]
-    for w in writers:
-        w.start()
-    for w in writers:
-        w.join()
+    _write_at_once((one, two), 25)
     one.close()
     two.close()
     again = open_ledger(pg_url)
@@ -686,12 +691,7 @@ def test_a_database_ahead_of_the_local_head_starts(pg_url, tmp_path, caplog):
     for i in range(3, 10):   # the other replica goes on appending
         _rec(two, "a", i)
     three = open_ledger(pg_url, head_file=tmp_path / "three" / "ledger.head")
-    writers = [threading.Thread(target=lambda led=led, t=t: [_rec(led, "c", 100 * t + i) for i in range(10)])
-               for t, led in ((1, two), (2, three))]
-    for w in writers:
-        w.start()
-    for w in writers:
-        w.join()
+    _write_at_once((two, three), 10)
     two.close()
     three.close()
     assert '"count": 3' in one_hf.read_text()

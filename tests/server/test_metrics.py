@@ -50,14 +50,10 @@ def requests(service=WM, method="Verify", code="OK") -> dict:
 
 
 @pytest.fixture(scope="module")
-def msrv(tmp_path_factory, loader, make_config):
+def msrv(tmp_path_factory, running_server):
     """A server with metrics on a free port (batching on, the default)."""
-    from shallowmark.server.app import ServerApp
-
-    app = ServerApp(make_config(tmp_path_factory.mktemp("metrics"), metrics_port=0), backend_loader=loader).start()
-    assert app.wait_until_ready(120)
-    yield app
-    app.stop(1.0)
+    with running_server(tmp_path_factory.mktemp("metrics"), metrics_port=0) as app:
+        yield app
 
 
 @pytest.fixture(scope="module")
