@@ -16,7 +16,10 @@ their own energy), with amplitude ``amplitude`` grey levels each. A linear map `
 estimator whitens the magnitude spectrum (log spectrum minus its local median, so the image's own
 1/f fall-off does not count) and scores every hypothesis ``f' = M·f`` on a grid of rotations,
 scales, aspect changes and mirror images by the whitened magnitude at the template's predicted
-peaks; ``z`` is the best hypothesis's robust z-score against all of them.
+peaks; ``z`` is the best hypothesis's robust z-score against all of them. Where the template is
+found, each peak is then located off the bins and M refitted to them, and once M is undone the
+cosines' phases give the translation (a crop's offset) to a fraction of a pixel
+(:func:`estimate_shift`), which the magnitudes cannot see.
 
 On by default (``ShallowDiffuseConfig.sync_amplitude``; 0 turns it off). The template is the same for every key (a service constant, ``seed``): where an image's template
 points decides only which geometry the latent is read in, never the key test itself, and the key's
@@ -34,7 +37,8 @@ import numpy as np
 
 from shallowmark.errors import InvalidParameterError
 
-__all__ = ["SyncTemplate", "SyncEstimate", "pattern", "estimate", "undo", "synchronise"]
+__all__ = ["SyncTemplate", "SyncEstimate", "ShiftEstimate", "pattern", "estimate", "estimate_shift", "undo",
+           "synchronise"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,27 @@ class SyncTemplate:
     min_scale: float = 0.8
     max_scale: float = 1.7
     max_aspect: float = 1.33
+    # translation from the cosines' phases (:func:`estimate_shift`), searched within ``max_shift``
+    # pixels of the grid (40: a 15 % translation of the 256 grid; a crop to 75 % of the area moves
+    # the centre by 17-27 pixels. Larger shifts are left to the verifier's shift search, which
+    # reaches 8 latent pixels, 64 here: on weak templates (photos) random phases align anywhere in
+    # the box, and at ±64 one did at 62 pixels on a photo turned by 180°); acted upon
+    # when the phases agree to ``min_coherence`` (1: all K aligned), the best shift beats every
+    # other one (2 pixels or more away) by ``min_margin``, and it is at least ``min_shift`` pixels.
+    # Why these bars: the template's own strongest alias within ±64 pixels, (−19.5, −34.25)
+    # pixels, aligns its K cosines to 0.947 of the true shift, so an exact estimate wins by 0.053
+    # at most. Phase noise of σ radians (coherence ≈ 1 − σ²/2) moves the two sums apart by about
+    # 0.13·σ, so at coherence 0.985 (σ 0.17) the true shift still wins by more than 2 standard
+    # deviations, and a margin of 0.02 leaves out the closest calls. Coherence alone is no
+    # evidence that the template is there (K phases and a 2-D search over 10⁵ shifts align to
+    # 0.98-0.998 on photos without it): that comes from the magnitude search (``found``). On a busy
+    # photo, untouched, the alias won at coherence 0.979 and margin 0.012, and the wrong shift cost
+    # 8 decades of p-value; below the bars the image is left to the shift search, as without it.
+    # The same margin decides a half turn (the phases fit −φ better than φ by ``min_margin``).
+    max_shift: float = 40.0
+    min_coherence: float = 0.985
+    min_margin: float = 0.02
+    min_shift: float = 0.5
 
     def validate(self) -> None:
         if self.peaks < 3:
@@ -92,6 +117,9 @@ class SyncTemplate:
             raise InvalidParameterError(f"sync template amplitude must be >= 0; got {self.amplitude}")
         if not 0 < self.min_scale < 1 < self.max_scale or self.max_aspect < 1:
             raise InvalidParameterError("sync search needs min_scale < 1 < max_scale and max_aspect >= 1")
+        if self.max_shift < 0 or not 0 < self.min_coherence <= 1:
+            raise InvalidParameterError(f"sync shift search needs max_shift >= 0 and 0 < min_coherence <= 1; got "
+                                        f"{self.max_shift}, {self.min_coherence}")
 
 
 @dataclass(frozen=True)
@@ -100,8 +128,11 @@ class SyncEstimate:
     (f' = M·f); ``rotation`` (degrees, modulo 180: a magnitude spectrum cannot tell θ from θ+180°,
     the verifier's dihedral search can), ``scale``, ``aspect`` and ``mirrored`` describe it; ``z``
     is its robust z-score, ``support`` its second-weakest peak (whitened log magnitude), ``gain`` how far (same units) it beats the identity, ``found`` whether it
-    reached ``min_z``; ``undone`` whether the image was resampled (found, ahead of the identity by
-    ``min_gain`` and not itself close to the identity)."""
+    reached ``min_z``; ``undone`` whether the image was resampled (found, and ahead of the identity
+    by ``min_gain`` and not itself close to it, or shifted). ``shift`` (dx, dy) is the translation
+    of the content, in pixels of the grid, that the cosines' phases show once the linear part is
+    undone (:func:`estimate_shift`; (0, 0) where it was not estimated or not acted upon), and
+    ``coherence`` how well those phases agree with it."""
 
     matrix: tuple
     rotation: float
@@ -113,6 +144,9 @@ class SyncEstimate:
     support: float
     found: bool
     undone: bool = False
+    shift: tuple = (0.0, 0.0)
+    coherence: float = 0.0
+    margin: float = 0.0
 
 
 @lru_cache(maxsize=8)
@@ -210,9 +244,122 @@ def estimate(image: np.ndarray, template: SyncTemplate) -> SyncEstimate:
     z = float((best - med) / mad)
     gain = float((best - _scores(spec, np.eye(2)[None], freqs)[0]) / mad)
     support = float(peaks[1])
+    found = z >= template.min_z and support >= template.min_peak
+    if found:
+        mat = _refine(_windowed(image), mat, freqs)
+        t, s, a, m = _describe(mat)
     return SyncEstimate(matrix=tuple(map(tuple, mat.tolist())), rotation=float(np.rad2deg(t)),
                         scale=float(s), aspect=float(a), mirrored=bool(m < 0), z=z, gain=gain, support=support,
-                        found=z >= template.min_z and support >= template.min_peak)
+                        found=found)
+
+
+def _windowed(image: np.ndarray) -> np.ndarray:
+    """The luminance minus its mean, times a Hann window (what the phases and the refined
+    frequencies are measured on)."""
+    g = np.asarray(image, dtype=np.float64).mean(-1)
+    return (g - g.mean()) * np.outer(np.hanning(g.shape[0]), np.hanning(g.shape[1]))
+
+
+def _dtft(gw: np.ndarray, fx: np.ndarray, fy: np.ndarray) -> np.ndarray:
+    """Σ g·e^{−2πi(fx·x + fy·y)} about the centre, for every pair of ``fy`` (rows) and ``fx``
+    (columns): separable, one matrix product per axis."""
+    h, w = gw.shape
+    ex = np.exp(-2j * np.pi * np.outer(np.arange(w) - (w - 1) / 2, fx))
+    ey = np.exp(-2j * np.pi * np.outer(np.arange(h) - (h - 1) / 2, fy))
+    return ey.T @ gw @ ex
+
+
+def _refine(gw: np.ndarray, mat: np.ndarray, freqs: np.ndarray) -> np.ndarray:
+    """M refitted to where each predicted peak really is: the hypothesis grid is 0.25° and 0.5 %
+    apart, and a magnitude spectrum resolves a peak to a bin (0.8° of rotation at these radii), so
+    each peak is looked for off the bins, within 1.5 bins of its prediction at 0.05 of a bin, and
+    M is the least-squares fit of f' = M·f to the K peaks found. Why: the phases that give the
+    translation (:func:`estimate_shift`) lose their agreement when the linear part is off by a
+    few tenths of a degree or per cent across a 256-pixel image."""
+    h, w = gw.shape
+    d = np.linspace(-1.5, 1.5, 61)
+    found = []
+    for fx, fy in freqs @ np.asarray(mat).T:
+        c = np.abs(_dtft(gw, fx + d / w, fy + d / h))
+        r, q = np.unravel_index(int(np.argmax(c)), c.shape)
+        found.append((fx + d[q] / w, fy + d[r] / h))
+    return np.linalg.lstsq(freqs, np.array(found), rcond=None)[0].T
+
+
+def _describe(mat: np.ndarray) -> tuple[float, float, float, float]:
+    """(θ, scale, aspect, mirror ±1) of M = R(θ)·diag(±1/sx, 1/sy) (:func:`_matrices`), θ in
+    (−90°, 90°]: a magnitude spectrum cannot tell θ from θ + 180° (:func:`estimate_shift` can)."""
+    mat = np.asarray(mat)
+    sy = 1 / np.hypot(mat[0, 1], mat[1, 1])
+    sx = 1 / np.hypot(mat[0, 0], mat[1, 0])
+    t = np.arctan2(-mat[0, 1], mat[1, 1])
+    if t > np.pi / 2:
+        t -= np.pi
+    elif t <= -np.pi / 2:
+        t += np.pi
+    return float(t), float(np.sqrt(sx * sy)), float(sx / sy), -1.0 if np.linalg.det(mat) < 0 else 1.0
+
+
+def _phase_offsets(image: np.ndarray, template: SyncTemplate) -> tuple[np.ndarray, np.ndarray]:
+    """(weights (K,), phases (K,)): each template cosine's windowed correlation with the
+    luminance, its magnitude and its phase."""
+    gw = _windowed(image)
+    c = np.array([_dtft(gw, f[:1], f[1:])[0, 0] for f in _peaks(template)[0]])
+    return np.abs(c), np.angle(c)
+
+
+@dataclass(frozen=True)
+class ShiftEstimate:
+    """What the template's phases show (:func:`estimate_shift`): ``shift`` (dx, dy), the content's
+    translation in pixels of the grid; ``coherence`` how well the K phases agree with it (1: all
+    aligned); ``margin`` how far it beats the best shift 2 pixels or more away; ``turned``
+    whether the phases fit the image turned by 180° better (a magnitude spectrum cannot tell)."""
+
+    shift: tuple = (0.0, 0.0)
+    coherence: float = 0.0
+    margin: float = 0.0
+    turned: bool = False
+
+
+def estimate_shift(image: np.ndarray, template: SyncTemplate) -> ShiftEstimate:
+    """The translation d of the content (J(x) = I(x − d)) of an image whose template is at its own
+    frequencies (the linear part already undone), from the K cosines' phases.
+
+    Why: the shift search on x_t* finds a translation only to a whole latent pixel (8 pixels here)
+    and pays for (2w+1)² hypotheses; a crop's offset is rarely a whole latent pixel, and half a
+    latent pixel off turns a ring of radius r by up to π·r/n in phase. A cosine moved by d changes
+    its phase φ_k by −2π f_k·d, so the d that best explains the measured phases ψ_k,
+    Σ_k |c_k|·cos(ψ_k − φ_k + 2π f_k·d) maximised over |d| ≤ ``max_shift`` (0.25-pixel grid, then
+    refined), gives it to a fraction of a pixel. Turned by 180°, the image shows −φ_k instead of
+    φ_k; both are tried, and the half turn is taken where it fits by ``min_margin`` better. The K frequencies are not commensurate, so other d that align all K at
+    once are rare (:attr:`SyncTemplate.min_margin`); one that wins is a wrong shift, which the
+    verifier's shift search (around the corrected position) still covers."""
+    wts, psi = _phase_offsets(image, template)
+    freqs, phases = _peaks(template)
+    if template.max_shift <= 0 or wts.sum() <= 0:
+        return ShiftEstimate()
+
+    def coherence(off, dx, dy):
+        ph = off[:, None] + 2 * np.pi * (np.outer(freqs[:, 0], dx) + np.outer(freqs[:, 1], dy))
+        return (wts[:, None] * np.cos(ph)).sum(0) / wts.sum()
+
+    step = 0.25
+    axis = np.arange(-template.max_shift, template.max_shift + 1e-9, step)
+    dx, dy = (v.ravel() for v in np.meshgrid(axis, axis))
+    fits = []
+    for turned, off in ((False, psi - phases), (True, psi + phases)):
+        sc = coherence(off, dx, dy)
+        i = int(np.argmax(sc))
+        # the runner-up away from the best peak's main lobe (about 2 pixels wide here)
+        fits.append((sc[i], i, turned, off, float(sc[np.hypot(dx - dx[i], dy - dy[i]) > 2.0].max(initial=-1.0))))
+    # upright unless the half turn fits clearly better: random phases align almost as well
+    upright, half = fits
+    _, i, turned, off, runner_up = half if half[0] - upright[0] >= template.min_margin else upright
+    fine = np.linspace(-step, step, 11)
+    fx, fy = (v.ravel() for v in np.meshgrid(dx[i] + fine, dy[i] + fine))
+    fs = coherence(off, fx, fy)
+    j = int(np.argmax(fs))
+    return ShiftEstimate((float(fx[j]), float(fy[j])), float(fs[j]), float(fs[j]) - runner_up, turned)
 
 
 def is_identity(est: SyncEstimate) -> bool:
@@ -223,17 +370,19 @@ def is_identity(est: SyncEstimate) -> bool:
 
 
 def undo(image: np.ndarray, est: SyncEstimate) -> np.ndarray:
-    """The image with the estimated transform undone (about the centre, bicubic; what falls outside
-    is filled by reflection, which disturbs the latent's spectrum less than black borders: on 8
-    rotated copies the key's p-values were 1-3 orders smaller than with black)."""
+    """The image with the estimated transform undone (about the centre, then ``est.shift``; one
+    bicubic resampling; what falls outside is filled by reflection, which disturbs the latent's
+    spectrum less than black borders: on 8 rotated copies the key's p-values were 1-3 orders
+    smaller than with black)."""
     from scipy import ndimage
 
     img = np.asarray(image)
-    # f' = M·f means the image was mapped by S = M⁻ᵀ; the output J(x) = I'(S·x) undoes it
+    # f' = M·f means the image was mapped by S = M⁻ᵀ; the output J(x) = I'(S·x) undoes it, and
+    # J(x + d) then undoes the shift d that the linearly undone image shows
     s = np.linalg.inv(np.asarray(est.matrix)).T
     rc = np.array([[s[1, 1], s[1, 0]], [s[0, 1], s[0, 0]]])   # (row, col) order
     centre = (np.array(img.shape[:2], dtype=np.float64) - 1) / 2
-    offset = centre - rc @ centre
+    offset = centre - rc @ centre + rc @ np.array([est.shift[1], est.shift[0]], dtype=np.float64)
     out = np.stack([ndimage.affine_transform(img[..., ch].astype(np.float64), rc, offset=offset, order=3,
                                              mode="reflect") for ch in range(img.shape[-1])], -1)
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
@@ -241,14 +390,33 @@ def undo(image: np.ndarray, est: SyncEstimate) -> np.ndarray:
 
 def synchronise(images: np.ndarray, template: SyncTemplate) -> tuple[np.ndarray, list[SyncEstimate]]:
     """Each image (uint8 N×H×W×3, on the model's grid) with the template's transform undone where
-    it was found and is not the identity, and every estimate."""
+    it was found: the linear part where it is not the identity, then the translation (and a half
+    turn) that the cosines' phases show where they clear the bars (:func:`estimate_shift`), in one
+    resampling; and every estimate."""
     from dataclasses import replace
 
     out, ests = [], []
     for im in np.asarray(images):
         est = estimate(im, template)
-        if est.found and est.gain >= template.min_gain and not is_identity(est):
-            im, est = undo(im, est), replace(est, undone=True)
+        if not est.found:
+            out.append(im)
+            ests.append(est)
+            continue
+        linear = est.gain >= template.min_gain and not is_identity(est)
+        # what is undone: the linear part where it is acted upon, then the shift its result shows
+        applied = est if linear else replace(est, matrix=((1.0, 0.0), (0.0, 1.0)))
+        sh = estimate_shift(undo(im, applied) if linear else im, template)
+        if sh.turned and sh.coherence >= template.min_coherence:
+            # the phases say the linear part is half a turn off: take −M and measure again
+            applied = replace(applied, matrix=tuple(tuple(-v for v in row) for row in applied.matrix))
+            linear = True
+            sh = estimate_shift(undo(im, applied), template)
+        moved = (not sh.turned and sh.coherence >= template.min_coherence and sh.margin >= template.min_margin
+                 and np.hypot(*sh.shift) >= template.min_shift)
+        applied = replace(applied, shift=sh.shift if moved else (0.0, 0.0))
+        est = replace(est, coherence=sh.coherence, margin=sh.margin, shift=applied.shift, undone=linear or moved)
+        if est.undone:
+            im = undo(im, applied)
         out.append(im)
         ests.append(est)
     return np.stack(out), ests

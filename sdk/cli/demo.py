@@ -231,11 +231,11 @@ def _print_verdicts(rows: list, cases: list, v: _Verified, fidelity: dict, targe
     log(f"\nverified {len(cases)} images against {len(v.keys)} keys at target FPR {target_fpr:g} in "
         f"{timings['verify_s']:.1f} s ({v.batches} batched model calls); {v.attested}/{len(cases)} attestations "
         "check out\n")
-    log(f"{'image':<22}{'attack':<8}{'detected':<10}{'p-value':>10}  key_id")
+    log(f"{'image':<22}{'attack':<10}{'detected':<10}{'p-value':>10}  key_id")
     for r in rows:
         mark = "yes" if r["detected"] else "no"
         ok = "" if r["correct"] else "   (expected " + (r["expected_key_id"] or "none") + ")"
-        log(f"{r['image']:<22}{r['attack']:<8}{mark:<10}{r['p_value']:>10.2e}  {r['key_id'] or '-'}{ok}")
+        log(f"{r['image']:<22}{r['attack']:<10}{mark:<10}{r['p_value']:>10.2e}  {r['key_id'] or '-'}{ok}")
     for what, db in fidelity.items():
         log(f"PSNR {what}: {db:.1f} dB")
 
