@@ -329,10 +329,11 @@ def estimate_shift(image: np.ndarray, template: SyncTemplate) -> ShiftEstimate:
     and pays for (2w+1)² hypotheses; a crop's offset is rarely a whole latent pixel, and half a
     latent pixel off turns a ring of radius r by up to π·r/n in phase. A cosine moved by d changes
     its phase φ_k by −2π f_k·d, so the d that best explains the measured phases ψ_k,
-    Σ_k |c_k|·cos(ψ_k − φ_k + 2π f_k·d) maximised over |d| ≤ ``max_shift`` (0.25-pixel grid, then
-    refined), gives it to a fraction of a pixel. Turned by 180°, the image shows −φ_k instead of
-    φ_k; both are tried, and the half turn is taken where it fits by ``min_margin`` better. The K frequencies are not commensurate, so other d that align all K at
-    once are rare (:attr:`SyncTemplate.min_margin`); one that wins is a wrong shift, which the
+    Σ_k |c_k|·cos(ψ_k − φ_k + 2π f_k·d) maximised over d within ±``max_shift`` on each axis
+    (0.25-pixel grid, then refined), gives it to a fraction of a pixel. Turned by 180°, the image
+    shows −φ_k instead of φ_k; both are tried, and the half turn is taken where it fits better by
+    ``min_margin``. The K frequencies are not commensurate, so other d that align all K at once
+    are rare (:attr:`SyncTemplate.min_margin`); one that wins is a wrong shift, which the
     verifier's shift search (around the corrected position) still covers."""
     wts, psi = _phase_offsets(image, template)
     freqs, phases = _peaks(template)
