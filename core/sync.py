@@ -173,14 +173,12 @@ def pattern(template: SyncTemplate, size: int) -> np.ndarray:
     return template.amplitude * out
 
 
-def _whitened_spectrum(image: np.ndarray) -> np.ndarray:
-    """log|FFT| of the windowed luminance minus its 9×9 local median, fft-shifted, then a 3×3 local
-    maximum so that a hypothesis a bin off still finds its peak."""
+def _whitened_spectrum(gw: np.ndarray) -> np.ndarray:
+    """log|FFT| of the windowed luminance (:func:`_windowed`) minus its 9×9 local median,
+    fft-shifted, then a 3×3 local maximum so that a hypothesis a bin off still finds its peak."""
     from scipy import ndimage
 
-    g = np.asarray(image, dtype=np.float64).mean(-1)
-    win = np.outer(np.hanning(g.shape[0]), np.hanning(g.shape[1]))
-    spec = np.log(np.abs(np.fft.fftshift(np.fft.fft2((g - g.mean()) * win))) + 1e-6)
+    spec = np.log(np.abs(np.fft.fftshift(np.fft.fft2(gw))) + 1e-6)
     return ndimage.maximum_filter(spec - ndimage.median_filter(spec, size=9), size=3)
 
 
@@ -220,7 +218,8 @@ def _grid(theta, scale, aspect, mirror):
 def estimate(image: np.ndarray, template: SyncTemplate) -> SyncEstimate:
     """Where ``template`` is in a uint8 H×W×3 image on the model's grid: a coarse search over
     rotations (1°), scales (2.5 %), aspect changes and mirror images, refined around the best."""
-    spec = _whitened_spectrum(image)
+    gw = _windowed(image)
+    spec = _whitened_spectrum(gw)
     freqs = _peaks(template)[0]
     span = np.log(template.max_aspect)
     coarse = _grid(np.deg2rad(np.arange(0.0, 180.0, 1.0)),
@@ -246,7 +245,7 @@ def estimate(image: np.ndarray, template: SyncTemplate) -> SyncEstimate:
     support = float(peaks[1])
     found = z >= template.min_z and support >= template.min_peak
     if found:
-        mat = _refine(_windowed(image), mat, freqs)
+        mat = _refine(gw, mat, freqs)
         t, s, a, m = _describe(mat)
     return SyncEstimate(matrix=tuple(map(tuple, mat.tolist())), rotation=float(np.rad2deg(t)),
                         scale=float(s), aspect=float(a), mirrored=bool(m < 0), z=z, gain=gain, support=support,
