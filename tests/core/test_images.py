@@ -34,7 +34,7 @@ def test_an_all_black_image_is_returned_as_is():
     np.testing.assert_array_equal(fill_black_borders(img), img)
 
 
-def test_the_fill_is_off_by_default():
+def test_the_fill_is_on_by_default():
     from shallowmark.core.watermarks.shallow_diffuse import ShallowDiffuseConfig
 
-    assert ShallowDiffuseConfig().fill_borders is False
+    assert ShallowDiffuseConfig().fill_borders is True
