@@ -52,6 +52,13 @@ def _pixels_token(image: np.ndarray) -> bytes:
     return b"image:" + hashlib.sha256(repr(a.shape).encode() + a.tobytes()).digest()
 
 
+def variant_bits(index: int, n_variants: int) -> np.ndarray:
+    """A variant index as its ``ceil(log2 n_variants)`` bits, most significant first: the payload
+    that ``key_variants`` variants carry per image (4 bits at 16)."""
+    n_bits = max(1, int(np.ceil(np.log2(n_variants))))
+    return np.array([(index >> (n_bits - 1 - b)) & 1 for b in range(n_bits)], dtype=np.uint8)
+
+
 def dihedral(x: torch.Tensor) -> list[torch.Tensor]:
     """The 8 flips and right-angle rotations of latents (…, H, W): rotations by 0, 90, 180 and 270
     degrees, each also mirrored left-right."""
@@ -234,12 +241,19 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         ROC curves rank images the way the verdict does."""
         if self.config.geometric_search == "none" and self.config.shift_window == 0 and self.config.key_variants == 1:
             return super()._score(x, keys, target_fpr)
-        from shallowmark.core.watermarks.base import verdict
+        from shallowmark.core.watermarks.base import best_key, verdict
 
-        p = self.geometric_p_values(x, keys)
+        p, found = self.variant_p_values(x, keys)
         score = -np.log10(np.clip(p, 1e-300, 1.0))
         evals = self.model_evals().verify
-        return [verdict(self.name, p[i], score[i].tolist(), keys, target_fpr, evals) for i in range(len(p))]
+        out = []
+        for i in range(len(p)):
+            # With several variants, the best key's variant index is the image's payload (its bits,
+            # most significant first); which variant an image got is not secret from its key holder.
+            bits = None if self.config.key_variants == 1 else \
+                variant_bits(int(found[i, best_key(p[i], score[i])]), self.config.key_variants)
+            out.append(verdict(self.name, p[i], score[i].tolist(), keys, target_fpr, evals, bits=bits))
+        return out
 
     def geometric_p_values(self, x: torch.Tensor, keys) -> np.ndarray:
         """(batch, keys) p-values, valid under "not watermarked with this key" whatever was searched

@@ -7,7 +7,7 @@ import torch
 from shallowmark import WatermarkKey
 from shallowmark.core.watermarks import load_method, method_names
 from shallowmark.core.watermarks import rings
-from shallowmark.core.watermarks.shallow_diffuse import ShallowDiffuse, ShallowDiffuseConfig
+from shallowmark.core.watermarks.shallow_diffuse import ShallowDiffuse, ShallowDiffuseConfig, variant_bits
 from shallowmark.errors import InvalidImageError, InvalidParameterError, InvalidShapeError, KeyMaterialError, UnknownNameError
 
 
@@ -192,7 +192,7 @@ def test_set_ring_means_gives_the_key_profile_with_a_smaller_change_than_overwri
 def test_shallow_diffuse_finds_flipped_and_right_angle_rotated_copies_at_no_model_cost(tiny_ldm):
     """The dihedral search scores x_t* under the 8 flips and right-angle rotations and pays for them
     in the p-value (x 8): copies are found, another key's images are not, and the cost is unchanged."""
-    from shallowmark.core.watermarks.shallow_diffuse import ShallowDiffuse, ShallowDiffuseConfig
+    from shallowmark.core.watermarks.shallow_diffuse import ShallowDiffuse, ShallowDiffuseConfig, variant_bits
 
     m = ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(num_steps=20, shift_window=0))
     plain = ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(num_steps=20, geometric_search="none", shift_window=0,
@@ -219,7 +219,7 @@ def test_shallow_diffuse_undoes_rotation_crop_shift_and_aspect_change_at_no_mode
     shift search a translation after it; both are paid for in the p-value (weighted Bonferroni)."""
     from shallowmark.attacks import apply_attack
     from shallowmark.core.watermarks import rings
-    from shallowmark.core.watermarks.shallow_diffuse import ShallowDiffuse, ShallowDiffuseConfig, dihedral
+    from shallowmark.core.watermarks.shallow_diffuse import ShallowDiffuse, ShallowDiffuseConfig, variant_bits, dihedral
 
     m = ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(num_steps=20, sync_amplitude=0.8, shift_window=8))
     key, other = _keys("shallow-diffuse", 2)
@@ -301,6 +301,11 @@ def test_shallow_diffuse_key_variants_are_found_and_paid_for(tiny_ldm):
     assert m.variant_for(key, b"x") == m.variant_for(key, b"x")
     det = m.detect(m.embed([key], photo), [key])[0]
     assert det.detected and det.p_value < 1e-6
+    # the variant found is the image's payload: 3 bits at 8 variants, most significant first
+    assert m.detect(m.generate([key], [21]), [key])[0].bits.tolist() == [(want[0] >> 2) & 1, (want[0] >> 1) & 1,
+                                                                           want[0] & 1]
+    assert variant_bits(5, 16).tolist() == [0, 1, 0, 1] and variant_bits(1, 2).tolist() == [1]
+    assert m.detect(photo, [key])[0].bits.shape == (3,)   # reported whatever the verdict
     assert not m.detect(photo, [key])[0].detected
     with pytest.raises(InvalidParameterError, match="key_variants must be in \\[1, 18\\]"):
         ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(key_variants=0))
