@@ -34,6 +34,7 @@ jitter, within the call's timeout; every retry of one call carries the same ``x-
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import secrets
@@ -43,7 +44,7 @@ import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import grpc
 import numpy as np
@@ -57,7 +58,7 @@ from shallowmark.imaging import check_rgb, decode_rgb, encode_png
 
 __all__ = [
     "Client", "ServerError", "EmbedResult", "VerifyResult", "KeyVerdict", "Attestation",
-    "ServerInfo", "ModelInfo", "MethodInfo", "Limits", "LedgerEntry", "DEFAULT_METHOD",
+    "ServerInfo", "ModelInfo", "MethodInfo", "Limits", "LedgerEntry", "DEFAULT_METHOD", "replica_target",
 ]
 
 #: The method used when a :class:`WatermarkKey` is given without ``method=``.
@@ -319,6 +320,8 @@ def is_loopback_host(host: str) -> bool:
 def _is_loopback(address: str) -> bool:
     if address.startswith("unix:"):
         return True
+    if address.startswith(("ipv4:", "ipv6:")):   # a replica list: loopback if every replica is
+        return all(_is_loopback(a) for a in address[5:].split(","))
     host = address.rsplit(":", 1)[0] if ":" in address else address
     return is_loopback_host(host.split("///")[-1])
 
@@ -345,6 +348,49 @@ def _health_status(raw: bytes) -> int:
     return raw[1] if len(raw) >= 2 and raw[0] == 0x08 else 0
 
 
+#: The service whose health gRPC's client-side health checking asks each replica for.
+HEALTH_SERVICE = "shallowmark.v1.Watermark"
+
+
+def _service_config() -> str:
+    # round_robin: each call goes to the next ready replica (pick_first would pin every call to
+    # one). healthCheckConfig: a replica counts as ready only while its health service says SERVING,
+    # so one that is loading its models, draining on SIGTERM or has found its ledger corrupt gets
+    # no calls, while its connection stays up.
+    return json.dumps({"loadBalancingConfig": [{"round_robin": {}}],
+                       "healthCheckConfig": {"serviceName": HEALTH_SERVICE}})
+
+
+def replica_target(addresses: Sequence[str]) -> str:
+    """One gRPC target naming every replica: ``ipv4:a:p,b:p`` (or ``ipv6:[a]:p,...``), which
+    round_robin balances over.
+
+    Raises:
+        InvalidParameterError: no address, one that is not ``IP:port``, or IPv4 and IPv6 mixed.
+    """
+    import ipaddress
+
+    if not addresses:
+        raise InvalidParameterError("give at least one replica address (host:port)")
+    families = set()
+    for a in addresses:
+        host, sep, port = str(a).rpartition(":")
+        try:
+            ip = ipaddress.ip_address(host[1:-1] if host.startswith("[") and host.endswith("]") else host)
+            ok = bool(sep) and port.isdigit() and 0 < int(port) < 65536
+        except ValueError:
+            ok = False
+        if not ok:
+            raise InvalidParameterError(
+                f"replica address {a!r} is not IP:port; give each replica's IP address and port (e.g. "
+                f"10.0.0.5:50051 or [fd00::5]:50051), or one DNS name that resolves to every replica "
+                f"(dns:///wm.internal:50051)")
+        families.add(ip.version)
+    if len(families) > 1:
+        raise InvalidParameterError("replica addresses mix IPv4 and IPv6; gRPC takes one family per target")
+    return f"ipv{families.pop()}:" + ",".join(str(a) for a in addresses)
+
+
 # -- the client ------------------------------------------------------------------------------------
 
 
@@ -352,7 +398,13 @@ class Client:
     """A connection to one shallowmark server. Thread-safe; reuse one per process.
 
     Args:
-        address: ``host:port`` (or any gRPC target, e.g. ``dns:///wm.internal:443``).
+        address: ``host:port`` (or any gRPC target, e.g. ``dns:///wm.internal:443``), or a list of
+            replicas' ``IP:port``. With a list, or a ``dns:`` name (which may resolve to several
+            replicas), calls are spread over the replicas with gRPC's ``round_robin`` policy and
+            go only to those whose health says SERVING; a call that fails because its replica
+            went away is retried on another (see ``retries``). Retrying an Embed is safe: the
+            retry carries the same request id, and the ledger records one embed per tenant and
+            request id across replicas.
         token: bearer token for the ``authorization`` header (the server maps it to your tenant).
         tls: ``True`` for TLS with the system's root certificates; ``None`` (default) means TLS
             exactly when ``root_certificates`` or a client certificate is given.
@@ -368,7 +420,7 @@ class Client:
         InvalidParameterError: unreadable certificate files, or a client certificate without its key.
     """
 
-    def __init__(self, address: str, token: str | None = None, *, tls: bool | None = None,
+    def __init__(self, address: str | Sequence[str], token: str | None = None, *, tls: bool | None = None,
                  root_certificates: bytes | str | os.PathLike[str] | None = None,
                  client_cert: bytes | str | os.PathLike[str] | None = None,
                  client_key: bytes | str | os.PathLike[str] | None = None,
@@ -378,6 +430,8 @@ class Client:
             raise InvalidParameterError("mutual TLS needs both client_cert and client_key")
         if timeout <= 0 or retries < 0 or backoff < 0:
             raise InvalidParameterError("timeout must be > 0, retries and backoff >= 0")
+        if not isinstance(address, str):
+            address = replica_target(list(address))
         self.address, self.timeout = address, float(timeout)
         self.retries, self.backoff, self.max_backoff = int(retries), float(backoff), float(max_backoff)
         self._token = token
@@ -389,6 +443,8 @@ class Client:
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.primary_user_agent", f"shallowmark-python/{__version__}")]
+        if address.startswith(("ipv4:", "ipv6:", "dns:")):
+            options.append(("grpc.service_config", _service_config()))
         if tls:
             creds = grpc.ssl_channel_credentials(root_certificates=root, private_key=key, certificate_chain=cert)
             self._channel = grpc.secure_channel(address, creds, options=options)
