@@ -158,11 +158,7 @@ class InProcessExecutor:
         self._grad = torch.is_grad_enabled()
         torch.set_grad_enabled(False)  # this thread only; restored by close()
         self.fingerprint = _model_fingerprint(self.backend, config.model, dict(config.model_options))
-        self.methods = {}
-        for name in grid.method_names:
-            kw = {"num_steps": int(config.num_steps)} if config.num_steps is not None and _kind(name) == LATENT else {}
-            kw.update(dict(config.method_config).get(name, {}))
-            self.methods[name] = load_method(name, self.backend, **kw)
+        self.methods = {name: load_method(name, self.backend, **_method_kwargs(config, name)) for name in grid.method_names}
         self.params = {n: _method_params(m) for n, m in self.methods.items()}
         self.attack_context = self.backend
         latent = [m for m in grid.method_names if self.methods[m].kind == LATENT]
@@ -262,6 +258,16 @@ class InProcessExecutor:
         torch.set_grad_enabled(getattr(self, "_grad", True))
 
 
+def _method_kwargs(config: BenchConfig, name: str) -> dict:
+    """The options method ``name`` is loaded with in a run of ``config``: its step count (latent
+    methods) and its ``method_config`` entry."""
+    from shallowmark.methods import LATENT
+
+    kw = {"num_steps": int(config.num_steps)} if config.num_steps is not None and _kind(name) == LATENT else {}
+    kw.update(dict(config.method_config).get(name, {}))
+    return kw
+
+
 def _score_row(d) -> tuple:
     """A :class:`Detection` as the cache stores it."""
     return (float(d.score), float(d.p_value), int(d.detected), None if d.bit_accuracy is None else float(d.bit_accuracy),
@@ -305,7 +311,13 @@ def run_bench(config: BenchConfig, progress: bool = True, backend=None, log=None
     if client is not None:
         raise InvalidParameterError("client= needs config.server, the address that client talks to")
     method_names, attacks = validate_config(config)
-    return run_grid(Grid.build(config, method_names, attacks), InProcessExecutor(config, backend), progress, log)
+    if config.executor == "dask":
+        from .bench_dask import DaskExecutor
+
+        ex = DaskExecutor(config, backend, workers=config.workers, address=config.dask_address)
+    else:
+        ex = InProcessExecutor(config, backend)
+    return run_grid(Grid.build(config, method_names, attacks), ex, progress, log)
 
 
 def _machine(backend) -> dict:

@@ -146,6 +146,10 @@ def _default_cache_dir() -> Path:
     return Path(base) / "shallowmark" / "bench"
 
 
+#: Who does a run's work (``BenchConfig.executor``).
+EXECUTORS = ("local", "dask")
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     """Everything a benchmark run depends on (all of it is written to ``report.json``).
@@ -177,6 +181,10 @@ class BenchConfig:
         negatives: server mode: a folder of PNG/JPEG files to use as the unwatermarked images (the
             first ``n`` by name, centre-cropped to the model's size); default: crops of the photos
             bundled with scikit-image, scikit-learn and matplotlib.
+        executor: ``"local"`` (this process) or ``"dask"``: the verification on Dask workers
+            (:mod:`shallowmark.attacks.bench_dask`), a :class:`distributed.LocalCluster` of
+            ``workers`` processes on loopback, or the scheduler at ``dask_address``. In-process only;
+            the scores are the same either way, and so is the cache.
         quick: marks the small grid of :meth:`quick_config` (for tests and smoke runs).
         command: the command line, recorded in the report.
     """
@@ -197,6 +205,9 @@ class BenchConfig:
     server: Optional[str] = None
     positives: str = "generate"
     negatives: Any = None
+    executor: str = "local"
+    workers: int = 2
+    dask_address: Optional[str] = None
     quick: bool = False
     command: str = ""
 
@@ -245,6 +256,16 @@ def validate_config(config: BenchConfig) -> tuple[list[str], list[AttackSetting]
     if not isinstance(config, BenchConfig):
         raise InvalidParameterError(f"run_bench takes a BenchConfig, got {type(config).__name__}")
     server_mode = config.server is not None
+    check_choice("executor", config.executor, EXECUTORS)
+    if config.executor != "local" and server_mode:
+        raise InvalidParameterError("executor applies to in-process runs; a server run's work is the server's")
+    if config.executor == "dask":
+        check_int("workers", config.workers, 1, 1024)
+        try:
+            import distributed  # noqa: F401
+        except ImportError:
+            raise MissingDependencyError("executor 'dask' needs the distributed package: pip install 'shallowmark[dask]'") \
+                from None
     all_methods = _all_methods()
     methods = [config.methods] if isinstance(config.methods, str) else list(config.methods)
     if not methods:

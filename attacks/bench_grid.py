@@ -33,7 +33,8 @@ from .bench_config import _SCHEMA_VERSION, AttackSetting, BenchConfig, bench_key
 from .bench_report import _sanitize, detection_results, write_reports
 from .registry import get_attack
 
-__all__ = ["Executor", "Grid", "run_grid", "keyed_images", "apply_setting", "chunks", "pair_fidelity", "verify_cost"]
+__all__ = ["Executor", "Grid", "run_grid", "keyed_images", "apply_setting", "chunks", "pair_fidelity", "verify_cost",
+           "sequential_stream"]
 
 #: One detection as the cache stores it: (score, p-value, detected, bit accuracy or None, model
 #: evaluations, best key id).
@@ -176,36 +177,53 @@ def verify_cost(grid: Grid, cache: BenchCache, ctx_of: Callable, name: str) -> t
 def _score_attacks(grid: Grid, ex: Executor, cache: BenchCache, bar, negatives: dict, positives: dict,
                    ctx_of: Callable) -> None:
     """Every attack: the negatives once (every method scores the copies it still needs), then each
-    method's positives; scores go to the cache as they come, so an interrupted run resumes."""
+    method's positives; scores go to the cache as they come, so an interrupted run resumes.
+
+    The work is a stream of jobs, one chunk of ``batch`` images each, made lazily and handed to
+    the executor's ``detect_stream`` where it has one (a distributed executor keeps several in
+    flight on its workers) or to ``detect`` one after another. Either way the chunks, and so the
+    model's batches, are the same, which keeps the scores the same."""
 
     def rows(name, setting, kind, seeds, scores):
         ctx = ctx_of(name, setting, kind)
         return [(ctx, int(s), name, setting.label, kind, *sc) for s, sc in zip(seeds, scores)]
 
-    for setting in grid.attacks:
-        bar.set_postfix_str(setting.label)
+    def jobs(setting):
+        # (what to record, wanted indices per method, attacked images)
         need = {m: set(grid.seeds) - set(cache.scored(ctx_of(m, setting, "neg"))) for m in grid.method_names}
         bar.update(sum(grid.n - len(v) for v in need.values()))
         for chunk in chunks(sorted(set().union(*need.values())), grid.batch):
-            attacked = apply_setting(setting, [negatives[s] for s in chunk], chunk, "neg", "", ex.attack_context)
             wanted = {m: [i for i, s in enumerate(chunk) if s in need[m]] for m in grid.method_names}
             wanted = {m: idx for m, idx in wanted.items() if idx}
-            found = ex.detect(wanted, attacked, grid)
-            cache.put_scores([r for m, idx in wanted.items()
-                              for r in rows(m, setting, "neg", [chunk[i] for i in idx], found[m])])
-            bar.update(sum(len(idx) for idx in wanted.values()))
+            yield ("neg", chunk), wanted, apply_setting(setting, [negatives[s] for s in chunk], chunk, "neg", "",
+                                                        ex.attack_context)
         for name in grid.method_names:
-            ctx = ctx_of(name, setting, "pos")
-            missing = [s for s in grid.seeds if s not in cache.scored(ctx)]
+            missing = [s for s in grid.seeds if s not in cache.scored(ctx_of(name, setting, "pos"))]
             bar.update(grid.n - len(missing))
             for chunk in chunks(missing, grid.batch):
-                attacked = apply_setting(setting, [positives[name][s] for s in chunk], chunk, "pos", name,
-                                         ex.attack_context)
-                t0 = time.perf_counter()
-                found = ex.detect({name: list(range(len(chunk)))}, attacked, grid)[name]
-                cache.put_timings("verify", ctx, chunk, (time.perf_counter() - t0) / len(chunk))
-                cache.put_scores(rows(name, setting, "pos", chunk, found))
-                bar.update(len(chunk))
+                yield ("pos", chunk), {name: list(range(len(chunk)))}, apply_setting(
+                    setting, [positives[name][s] for s in chunk], chunk, "pos", name, ex.attack_context)
+
+    stream = getattr(ex, "detect_stream", None) or (lambda js, g: sequential_stream(ex, js, g))
+    for setting in grid.attacks:
+        bar.set_postfix_str(setting.label)
+        for ((kind, chunk), wanted), found, seconds in stream(((m, w, ims) for m, w, ims in jobs(setting)), grid):
+            if kind == "pos":
+                (name,) = wanted
+                ctx = ctx_of(name, setting, "pos")
+                cache.put_timings("verify", ctx, chunk, seconds / len(chunk))
+            cache.put_scores([r for m, idx in wanted.items()
+                              for r in rows(m, setting, kind, [chunk[i] for i in idx], found[m])])
+            bar.update(sum(len(idx) for idx in wanted.values()))
+
+
+def sequential_stream(ex: Executor, jobs, grid: Grid):
+    """``detect_stream`` for an executor without one: each job in turn, in this process. Yields
+    ((what, wanted), scores by method, seconds the job took)."""
+    for what, wanted, images in jobs:
+        t0 = time.perf_counter()
+        found = ex.detect(wanted, images, grid)
+        yield (what, wanted), found, time.perf_counter() - t0
 
 
 def run_grid(grid: Grid, ex: Executor, progress: bool = True, log=None) -> dict:

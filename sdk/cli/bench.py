@@ -79,6 +79,11 @@ def _register_bench(sub) -> None:
                                     "an interrupted run resumes from it")
     be.add_argument("--quick", action="store_true",
                     help="small grid: shallow-diffuse,tree-ring × clean,jpeg,blur, n=4, 10 steps (options still apply)")
+    be.add_argument("--executor", choices=("local", "dask"),
+                    help="who verifies: this process (local, the default) or Dask workers (dask: a LocalCluster on "
+                         "loopback, or the scheduler at --dask-address); same scores either way")
+    be.add_argument("--workers", type=int, help="--executor dask without --dask-address: worker processes (default 2)")
+    be.add_argument("--dask-address", metavar="ADDR", help="--executor dask: a running Dask scheduler (tcp://host:8786)")
     be.add_argument("--server", metavar="ADDR",
                     help="run through the SDK against a shallowmark server at ADDR (host:port), as an auditor without "
                          "model access: the server embeds with test keys and verifies, the attacks run here, the "
@@ -179,7 +184,7 @@ def _bench_options(args, parse_attacks) -> dict:
         kw["n_keys"] = args.keys
     if args.steps is not None:
         kw["num_steps"] = args.steps
-    for name in ("model", "positives", "negatives"):
+    for name in ("model", "positives", "negatives", "executor", "workers", "dask_address"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     kw.update(out_dir=args.out, cache_dir=args.cache, server=args.server, command=args.invocation)
