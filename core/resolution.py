@@ -8,13 +8,12 @@ centre square and added to the original pixels there (the route TrustMark takes)
 keeps all of its own detail; the borders outside the square are left as they were.
 
 Chosen by measurement against squashing the whole image onto the grid and reflect-padding it to a
-square (``shallowmark bench-sizes``, docs/benchmarks/sizes): on the held-out photo at 300×800,
-512×384, 1024×768 and 1920×1080 the centre square kept PSNR 39.9-42.3 dB against the original
-(squash 36.5-37.8, pad 37.3-38.3) and was detected clean, after a resize to a 1080 px long side
-with JPEG 80 and after a crop to 1:1 with p < 1e-13 at every size; squash lost the 1:1 crop
-(p 0.06-0.99) and pad was weaker everywhere. A crop to 4:5 of a landscape image defeats the
-centre square (p 0.90-0.94) and leaves squash weak (6e-4 at 16:9, 0.99 at 4:3): that is geometric
-robustness, beyond what a size mapping can give.
+square (``shallowmark bench-sizes``, docs/benchmarks/sizes, with the default synchronisation
+template): on the held-out photo at 300×800, 512×384, 1024×768 and 1920×1080 the centre square
+kept PSNR 39.2-41.6 dB against the original (squash 36.0-37.1, pad 36.7-37.6) and was detected
+clean, after a resize to a 1080 px long side with JPEG 80 and after a crop to 1:1 with p < 1e-10
+at every size, and after a crop to 4:5 with JPEG 80 with p 2e-11 to 9e-5 (the template undoes the
+rescale that crop implies); squash lost the 1:1 crop (p 0.015-1) and pad was weaker everywhere.
 
 Limits (:func:`check_shape`): at least :data:`MIN_SIDE` pixels on the short side and an aspect
 ratio of at most :data:`MAX_ASPECT`:1 either way; the pixel count is the caller's (the server's
