@@ -184,7 +184,7 @@ class BenchConfig:
         executor: ``"local"`` (this process) or ``"dask"``: the verification on Dask workers
             (:mod:`shallowmark.attacks.bench_dask`), a :class:`distributed.LocalCluster` of
             ``workers`` processes on loopback, or the scheduler at ``dask_address``. In-process only;
-            the scores are the same either way, and so is the cache.
+            the scores equal a local run's with one torch thread, and the cache is shared.
         quick: marks the small grid of :meth:`quick_config` (for tests and smoke runs).
         command: the command line, recorded in the report.
     """

@@ -7,8 +7,11 @@ executor a stream of jobs of ``batch`` images each (:func:`~shallowmark.attacks.
 _score_attacks`); this executor keeps up to ``2 × workers`` of them on the cluster and gives the
 scores back in order, so the cache is written as they come and an interrupted run resumes. Each
 worker process loads the model and the methods once, with one torch thread, from the same
-parameters the driver uses, and scores the same chunks the driver would: the scores are the
-in-process run's (``tests/attacks/test_bench_dask.py`` compares the reports).
+parameters the driver uses, and scores the same chunks the driver would: the scores are those of
+an in-process run with one torch thread (``tests/attacks/test_bench_dask.py`` compares the
+reports). Against an in-process run with more threads they can differ in the last digits, as any
+two torch thread counts can (reductions are split differently), and a verdict near its threshold
+can then flip.
 
 The watermarked and unwatermarked images are made (or read from the cache) in the driver, as in
 a local run: they are made once and cached, while the attacks are scored many times over.
