@@ -119,6 +119,13 @@ def _detect_batch(methods: dict, keys: dict, images: np.ndarray, target_fpr: flo
     return {name: m.score(inverted[name], keys[name], target_fpr) for name, m in methods.items()}
 
 
+def detect_rows(methods: dict, keys: dict, wanted: dict, images, target_fpr: float) -> dict:
+    """The cache rows of one batch: for each method in ``wanted``, its scores of the images at
+    the indices it wants (one shared inversion per batch, :func:`_detect_batch`)."""
+    dets = _detect_batch({n: methods[n] for n in wanted}, keys, images, target_fpr)
+    return {n: [_score_row(dets[n][i]) for i in idx] for n, idx in wanted.items()}
+
+
 def _same_image(a: np.ndarray, b: np.ndarray) -> bool:
     """Equal up to float rounding: the same sampling run in another batch may flip a few pixels by 1."""
     if a.shape != b.shape:
@@ -226,8 +233,7 @@ class InProcessExecutor:
         return negatives, positives
 
     def detect(self, wanted: dict, images: np.ndarray, grid) -> dict:
-        dets = _detect_batch({n: self.methods[n] for n in wanted}, grid.keys, images, grid.target_fpr)
-        return {n: [_score_row(dets[n][i]) for i in idx] for n, idx in wanted.items()}
+        return detect_rows(self.methods, grid.keys, wanted, images, grid.target_fpr)
 
     def fidelity(self, grid, negatives: dict, positives: dict) -> list[dict]:
         out = []

@@ -32,7 +32,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from .bench import InProcessExecutor, _detect_batch, _method_kwargs, _score_row
+from .bench import InProcessExecutor, _method_kwargs, detect_rows
 
 __all__ = ["DaskExecutor"]
 
@@ -63,8 +63,8 @@ def _worker_detect(spec: tuple, wanted: dict, images, keys: dict, target_fpr: fl
     methods = _worker_methods(spec)
     t0 = time.perf_counter()
     with torch.no_grad():
-        dets = _detect_batch({n: methods[n] for n in wanted}, keys, images, target_fpr)
-    return {n: [_score_row(dets[n][i]) for i in idx] for n, idx in wanted.items()}, time.perf_counter() - t0
+        rows = detect_rows(methods, keys, wanted, images, target_fpr)
+    return rows, time.perf_counter() - t0
 
 
 def _frozen(value):

@@ -207,7 +207,7 @@ def _score_attacks(grid: Grid, ex: Executor, cache: BenchCache, bar, negatives: 
     stream = getattr(ex, "detect_stream", None) or (lambda js, g: sequential_stream(ex, js, g))
     for setting in grid.attacks:
         bar.set_postfix_str(setting.label)
-        for ((kind, chunk), wanted), found, seconds in stream(((m, w, ims) for m, w, ims in jobs(setting)), grid):
+        for ((kind, chunk), wanted), found, seconds in stream(jobs(setting), grid):
             if kind == "pos":
                 (name,) = wanted
                 ctx = ctx_of(name, setting, "pos")
