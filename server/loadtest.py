@@ -94,15 +94,16 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_clients(address: str, token: str, clients: int, body: Callable[[object, int], None]) -> tuple[float, float]:
+def run_clients(address: str, token: str, clients: int, body: Callable[[object, int], None],
+                on_start: Callable[[], None] | None = None) -> tuple[float, float]:
     """``body(client, index)`` on ``clients`` threads, each with its own SDK ``Client`` (its own
     connection; no retries, so every failure is counted as the server answered it), all connected
     before the clock starts. Returns the wall time and the process CPU time from the common start to
-    the end of the last thread. ``body`` should count the failures it meets; an exception out of it
+    the end of the last thread. ``on_start`` runs at that common start, before any ``body``: a caller
+    whose bodies run until a deadline sets the deadline there, so that connecting does not eat into it. ``body`` should count the failures it meets; an exception out of it
     (a bug) is raised here, after every thread has ended."""
     from shallowmark.client import Client
 
-    start = threading.Barrier(clients + 1)
     crashed: list[BaseException] = []
 
     def worker(i: int) -> None:
@@ -117,6 +118,8 @@ def run_clients(address: str, token: str, clients: int, body: Callable[[object, 
             crashed.append(e)
             start.abort()  # so that nobody waits forever for a thread that will not come
 
+    # the barrier's action runs once every party has arrived and before any of them is released
+    start = threading.Barrier(clients + 1, action=on_start)
     threads = [threading.Thread(target=worker, args=(i,), name=f"client-{i}") for i in range(clients)]
     for t in threads:
         t.start()
