@@ -23,7 +23,11 @@ no whitespace, floats in Python's shortest round-trip form::
      "model": str, "bits": hex of the packed bits, "num_bits": int, "request_id": str,
      "target_fpr": float, "tenant": str, "nonce": hex (empty: none sent),
      "methods": [{"name", "config_sha256"}, ...] (each method that ran, sorted by name),
+     "identified_member": int (the identified key family member's index; -1: none),
      "verdicts": [{"detected", "key_id", "method", "p_value", "p_value_corrected", "score"}, ...]}
+
+A key family's verdict also carries ``family_size``, ``member`` (its best member's index) and
+``member_key_id``; a single key's carries none of the three.
 
 v2 added ``tenant``, ``methods`` and ``nonce`` to v1 and names keys by their commitment; v1
 payloads are refused.
@@ -49,6 +53,12 @@ __all__ = ["AttestationError", "AttestationUsageError", "PAYLOAD_FORMAT", "UNCHE
 
 PAYLOAD_FORMAT = "shallowmark.verify.v2"
 _VERDICT_FIELDS = ("key_id", "method", "score", "p_value", "p_value_corrected", "detected")
+#: Signed only in a key family's verdict (the result's verdict then has them non-empty).
+_FAMILY_FIELDS = ("family_size", "member", "member_key_id")
+
+
+def _member_or_none(member) -> int:
+    return -1 if member is None else int(member)
 
 
 class AttestationError(ShallowmarkError):
@@ -190,6 +200,7 @@ def verify_attestation(result: Any, trusted_public_key: Any = None, *, image: An
         "target_fpr": getattr(result, "target_fpr", None),
         "detected": getattr(result, "detected", None),
         "identified_key_id": getattr(result, "identified_key_id", None) or "",
+        "identified_member": _member_or_none(getattr(result, "identified_member", None)),
         "method_score": getattr(result, "method_score", None),
         "num_bits": getattr(result, "num_bits", None),
         "bits": (getattr(result, "bits_packed", b"") or b"").hex(),
@@ -207,6 +218,10 @@ def verify_attestation(result: Any, trusted_public_key: Any = None, *, image: An
     for i, (s, v) in enumerate(zip(signed, verdicts)):
         for f in _VERDICT_FIELDS:
             if not isinstance(s, dict) or f not in s or not _same(s[f], getattr(v, f, None)):
+                raise AttestationError(f"the signed payload does not match the result: verdicts[{i}].{f} differs")
+        family = bool(getattr(v, "family_size", 0))
+        for f in _FAMILY_FIELDS:   # a family's verdict must have them signed; a single key's must not
+            if (f in s) != family or (family and not _same(s[f], getattr(v, f, None))):
                 raise AttestationError(f"the signed payload does not match the result: verdicts[{i}].{f} differs")
     if image is not UNCHECKED and hashlib.sha256(bytes(image)).hexdigest() != payload["image_sha256"]:
         raise AttestationError("the image given is not the one whose verification was signed (SHA-256 differs)")

@@ -97,6 +97,9 @@ class KeyVerdict:
         p_value: probability of this much evidence in an image *not* watermarked with this key.
         p_value_corrected: ``min(1, p_value x keys searched)``.
         detected: ``p_value_corrected <= target_fpr``.
+        family_size: for a :class:`~shallowmark.keys.KeyFamily`, its size (``key_id`` is then the
+            family's id and the p-values are its best member's); 0 for a single key.
+        member, member_key_id: that best member's index and id (0 and "" for a single key).
     """
 
     key_id: str
@@ -105,6 +108,9 @@ class KeyVerdict:
     p_value: float
     p_value_corrected: float
     detected: bool
+    family_size: int = 0
+    member: int = 0
+    member_key_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -124,7 +130,9 @@ class VerifyResult:
 
     Attributes:
         detected: True if any candidate key is detected at ``target_fpr``.
-        identified_key_id: the detected key with the smallest p-value, or ``None``.
+        identified_key_id: the detected key with the smallest p-value, or ``None``; for a key family's
+            member, the member's id (:meth:`~shallowmark.keys.KeyFamily.member_id`).
+        identified_member: that member's index in its family, or ``None`` (no family member identified).
         verdicts: one :class:`KeyVerdict` per candidate key, in the order given.
         method_score: the detector's own statistic for the best key (not comparable across methods).
         bits_packed, num_bits: payload bits decoded with the best key (bit-carrying methods only).
@@ -150,6 +158,7 @@ class VerifyResult:
     model_evals: int
     attestation: Attestation | None
     nonce: bytes = b""
+    identified_member: int | None = None
 
     @property
     def best(self) -> KeyVerdict:
@@ -167,7 +176,8 @@ class VerifyResult:
         """A JSON-friendly summary: what ``shallowmark verify --json`` prints for each image, between
         the file name and ``"attested": true``."""
         best = self.best
-        return {"detected": self.detected, "key_id": self.identified_key_id, "p_value": best.p_value,
+        return {"detected": self.detected, "key_id": self.identified_key_id, "member": self.identified_member,
+                "p_value": best.p_value,
                 "p_value_corrected": best.p_value_corrected, "method": best.method, "score": best.score,
                 "model": self.model, "image_sha256": self.image_sha256, "request_id": self.request_id}
 
@@ -501,8 +511,9 @@ class Client:
         """Watermark an image: generate one from ``seed`` (and ``prompt``), or mark ``image``.
 
         Args:
-            key: a :class:`WatermarkKey` (the method key is derived here; only it is sent) or a
-                :class:`MethodKey`.
+            key: a :class:`WatermarkKey` (the method key is derived here; only it is sent), a
+                :class:`MethodKey`, or a key family's member (``family.member(i)``; the result's
+                ``key_id`` is then the member's id).
             method: watermark method; default the ``MethodKey``'s, or ``"shallow-diffuse"``.
             model: server model name; empty for the server's default.
             seed: seed of the initial noise (generate mode); 0 .. 2**64-1.
@@ -554,7 +565,10 @@ class Client:
         Args:
             image: bytes (PNG/JPEG), a path, a uint8 H x W x 3 array or a PIL image.
             keys: a key, a list of keys (:class:`WatermarkKey` and/or :class:`MethodKey`), or a
-                :class:`~shallowmark.keystore.Keystore` (all its keys, retired ones included).
+                :class:`~shallowmark.keystore.Keystore` (all its keys, retired ones included). A
+                :class:`~shallowmark.keys.KeyFamily` (``key.family(method, size)``) counts as all its
+                members: one call can search 100 000 keys (``Limits.max_keys_per_verify``), and
+                ``identified_member`` says which member marked the image.
             method: method for :class:`WatermarkKey` entries (default ``"shallow-diffuse"``).
             target_fpr: accepted false-positive rate, corrected for the number of keys.
 
@@ -581,8 +595,9 @@ class Client:
                               payload_format=a.payload_format)
         return VerifyResult(
             detected=r.detected, identified_key_id=r.identified_key_id or None,
-            verdicts=tuple(KeyVerdict(v.key_id, v.method, v.score, v.p_value, v.p_value_corrected, v.detected)
-                           for v in r.verdicts),
+            verdicts=tuple(KeyVerdict(v.key_id, v.method, v.score, v.p_value, v.p_value_corrected, v.detected,
+                                      v.family_size, v.member, v.member_key_id) for v in r.verdicts),
+            identified_member=r.identified_member if r.identified_member >= 0 else None,
             method_score=r.method_score, bits_packed=r.bits, num_bits=r.num_bits, target_fpr=r.target_fpr,
             model=r.model, image_sha256=r.image_sha256, request_id=r.request_id, notes=tuple(r.notes),
             model_evals=r.model_evals, attestation=att, nonce=nonce)

@@ -55,6 +55,11 @@ __all__ = [
     "check_key_id",
     "WatermarkKey",
     "MethodKey",
+    "KeyFamily",
+    "FamilyMember",
+    "MAX_FAMILY_SIZE",
+    "parse_key",
+    "family_seed",
     "ring_seed",
     "ring_variant_choice",
     "ring_variants_seed",
@@ -168,6 +173,29 @@ class WatermarkKey:
         material = _hkdf(self.secret, _DOMAIN + method.encode("ascii"), SECRET_BYTES)
         return MethodKey(method=method, key_id=self.key_id, material=material)
 
+    def family(self, method: str, size: int) -> "KeyFamily":
+        """A family of ``size`` keys for ``method`` (a ring method: ``shallow-diffuse``, ``tree-ring``,
+        ``ringid``), sent to a server in one compact form so that one Verify searches all of them.
+
+        Give each of your users, accounts or records its own member (:meth:`KeyFamily.member`) and
+        embed with it; Verify against the family says which member marked an image. The family's
+        material is derived from this key and the method under its own label, so it is independent
+        of :meth:`for_method`'s; members ``0..size-1`` do not depend on ``size`` (a grown family
+        keeps its members).
+
+        Raises:
+            UnknownNameError: ``method`` is not one of :data:`METHODS`.
+            InvalidParameterError: ``size`` not in 1..:data:`MAX_FAMILY_SIZE`.
+            KeyMaterialError: ``method`` does not draw ring keys.
+        """
+        _check_method(method)
+        if "ring_seed" not in method_spec(method).derivations:
+            ring = [n for n in method_names() if "ring_seed" in method_spec(n).derivations]
+            raise KeyMaterialError(f"key families are for the ring methods ({', '.join(sorted(ring))}); "
+                                   f"{method!r} is not one")
+        material = _hkdf(self.secret, _DOMAIN + b"family/" + method.encode("ascii"), SECRET_BYTES)
+        return KeyFamily(method=method, key_id=self.key_id, material=material, size=size)
+
     def key_id_for(self, method: str) -> str:
         """The id a server records, reports and signs for this key's ``method`` material
         (:attr:`MethodKey.commitment`); compare it with ``EmbedResult.key_id``,
@@ -261,6 +289,169 @@ class MethodKey:
         return hash((self.method, self.key_id, self.material))
 
 
+#: Most members one family can have: what one Verify can search at once (the server may allow fewer).
+MAX_FAMILY_SIZE = 1 << 20
+
+_FAMILY_MAGIC = b"SMF1"
+_MEMBER_MAGIC = b"SMM1"
+
+
+class _FamilyWire(MethodKey):
+    """What :class:`KeyFamily` and :class:`FamilyMember` share: a method key's layout plus one u32
+    (the field named by ``_number``), under their own magic, and equality over all of it."""
+
+    _magic = b""
+    _number = ""
+
+    def to_bytes(self) -> bytes:
+        m = self.method.encode("ascii")
+        return (self._magic + bytes([len(m)]) + m + _key_id_bytes(self.key_id) + self.material
+                + struct.pack(">I", getattr(self, self._number)))
+
+    @classmethod
+    def from_bytes(cls, data: bytes):
+        data = bytes(data)
+        if len(data) < len(cls._magic) + 1 or data[:4] != cls._magic:
+            raise KeyMaterialError(f"not a serialized {cls.__name__} (expected it to start with {cls._magic!r})")
+        n = data[4]
+        want = 5 + n + _KEY_ID_BYTES + SECRET_BYTES + 4
+        if len(data) != want:
+            raise KeyMaterialError(f"serialized {cls.__name__} has {len(data)} bytes, expected {want}")
+        try:
+            method = data[5:5 + n].decode("ascii")
+        except UnicodeDecodeError:
+            raise KeyMaterialError(f"serialized {cls.__name__} has a non-ASCII method name") from None
+        fp = data[5 + n:5 + n + _KEY_ID_BYTES]
+        return cls(method=method, key_id=_KEY_ID_PREFIX + fp.hex(), material=data[5 + n + _KEY_ID_BYTES:-4],
+                   **{cls._number: struct.unpack(">I", data[-4:])[0]})
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return MethodKey.__eq__(self, other) and getattr(self, self._number) == getattr(other, self._number)
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.method, self.key_id, self.material, getattr(self, self._number)))
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(method={self.method!r}, key_id={self.key_id!r}, "
+                f"{self._number}={getattr(self, self._number)})")
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class KeyFamily(_FamilyWire):
+    """``size`` ring keys (members ``0..size-1``) derived from one method's family material: the
+    compact form in which a Verify searches up to 100 000 keys (see :meth:`WatermarkKey.family`).
+
+    A server derives every member's ring values from the material with one vectorised generator
+    (:func:`family_seed`), so sending a family costs about 70 bytes whatever its size, and the server keeps
+    nothing. Each member has its own public id (:meth:`member_id`); Verify names the family by
+    :attr:`commitment` and the member it found by its index and id.
+
+    Holding the family material lets one embed as any member: members are identities within one
+    tenant's family, not separate secrets. Give a party its own :class:`WatermarkKey` when it must
+    not be able to mark as another.
+
+    Wire format (:meth:`to_bytes`): ``b"SMF1" | len(method): u8 | method | key_id fingerprint (16) |
+    material (32) | size: u32 big-endian``.
+
+    Raises:
+        KeyMaterialError: material not 32 bytes, a malformed ``key_id``.
+        InvalidParameterError: ``size`` not in 1..:data:`MAX_FAMILY_SIZE`.
+    """
+
+    size: int = 1
+    _magic = _FAMILY_MAGIC
+    _number = "size"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("family size", self.size, 1, MAX_FAMILY_SIZE)
+
+    @property
+    def commitment(self) -> str:
+        """The family's public id (``sm1_`` + 32 hex), derived from the material as a method key's is."""
+        return _KEY_ID_PREFIX + _expand(self.material, _info(self, "family/key-id"), _KEY_ID_BYTES).hex()
+
+    def member_id(self, index: int) -> str:
+        """Member ``index``'s public id: what a server records for an embed with it and reports
+        when Verify identifies it."""
+        index = check_int("member index", index, 0, MAX_FAMILY_SIZE - 1)
+        return _KEY_ID_PREFIX + _expand(self.material, _info(self, f"family/member/{index}/key-id"),
+                                        _KEY_ID_BYTES).hex()
+
+    def member(self, index: int) -> "FamilyMember":
+        """The key to embed with for member ``index`` (0 .. size - 1).
+
+        Raises:
+            InvalidParameterError: ``index`` outside the family.
+        """
+        index = check_int("member index", index, 0, self.size - 1)
+        return FamilyMember(method=self.method, key_id=self.key_id, material=self.material, index=index)
+
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class FamilyMember(_FamilyWire):
+    """Member ``index`` of a :class:`KeyFamily`: embed with it (``Client.embed(family.member(i),
+    ...)``); its id on the server is :meth:`KeyFamily.member_id`. It carries the family's material
+    (see :class:`KeyFamily` for what that allows).
+
+    Wire format: ``b"SMM1" | len(method): u8 | method | key_id fingerprint (16) | material (32) |
+    index: u32 big-endian``.
+    """
+
+    index: int = 0
+    _magic = _MEMBER_MAGIC
+    _number = "index"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("member index", self.index, 0, MAX_FAMILY_SIZE - 1)
+
+    @property
+    def family(self) -> KeyFamily:
+        """The smallest family that holds this member (``size = index + 1``)."""
+        return KeyFamily(method=self.method, key_id=self.key_id, material=self.material, size=self.index + 1)
+
+    @property
+    def commitment(self) -> str:
+        return self.family.member_id(self.index)
+
+
+
+def parse_key(data: bytes) -> MethodKey:
+    """A serialized :class:`MethodKey`, :class:`KeyFamily` or :class:`FamilyMember`, by its magic.
+
+    Raises:
+        KeyMaterialError: none of the three (the message names them), truncated or trailing bytes.
+        InvalidParameterError: a family size or member index out of range.
+    """
+    data = bytes(data)
+    if data[:4] == _FAMILY_MAGIC:
+        return KeyFamily.from_bytes(data)
+    if data[:4] == _MEMBER_MAGIC:
+        return FamilyMember.from_bytes(data)
+    if data[:4] == _WIRE_MAGIC:
+        return MethodKey.from_bytes(data)
+    raise KeyMaterialError("not a serialized key: expected MethodKey (b'SMK1'), KeyFamily (b'SMF1') or "
+                           "FamilyMember (b'SMM1') bytes")
+
+
+def family_seed(mk: MethodKey) -> int:
+    """128-bit seed of a family's member ring values (``KeyFamily`` or ``FamilyMember``): member i's
+    values are row i of one generator's output (see the ring methods), so a server derives 100 000
+    members in one vectorised call.
+
+    Raises:
+        KeyMaterialError: ``mk`` is not a family or a member, or its method draws no ring values.
+    """
+    if not isinstance(mk, (KeyFamily, FamilyMember)):
+        raise KeyMaterialError(f"family_seed takes a KeyFamily or FamilyMember, got {type(mk).__name__}")
+    material = _material_for(mk, "ring_seed", family=True)
+    return int.from_bytes(_expand(material, _info(mk, "family/ring-seed"), 16), "big")
+
+
 def check_key_id(key_id: str) -> str:
     """Return ``key_id`` if it has the public key-id format (``sm1_`` + 32 lowercase hex digits);
     else raise :class:`KeyMaterialError` naming the format."""
@@ -283,9 +474,14 @@ def _key_id_bytes(key_id: str) -> bytes:
     return raw
 
 
-def _material_for(mk: MethodKey, derivation: str, restricted: bool = True) -> bytes:
+def _material_for(mk: MethodKey, derivation: str, restricted: bool = True, family: bool = False) -> bytes:
     """Check that ``mk`` may feed ``derivation`` (with ``restricted``, only the methods whose
-    registry entry lists it may) and return its material."""
+    registry entry lists it may) and return its material. A family or a member feeds only
+    :func:`family_seed` (``family=True``): a method that took its material as one plain key would
+    silently score the wrong pattern."""
+    if isinstance(mk, (KeyFamily, FamilyMember)) and not family:
+        raise KeyMaterialError(f"{derivation} takes a single method key, not a {type(mk).__name__}; key families are "
+                               "searched by the ring methods (shallow-diffuse, tree-ring, ringid) only")
     if isinstance(mk, WatermarkKey):
         raise KeyMaterialError(f"{derivation} takes a MethodKey, not the master key; call key.for_method(method) first")
     if not isinstance(mk, MethodKey):

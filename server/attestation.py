@@ -108,11 +108,13 @@ def config_sha256(config: Any) -> str:
 def verify_payload(*, request_id: str, image_sha256: str, model: str, target_fpr: float, detected: bool,
                    identified_key_id: str, method_score: float, bits_packed: bytes, num_bits: int,
                    verdicts: Sequence[dict[str, Any]], tenant: str = "", methods: dict[str, str] | None = None,
-                   nonce: bytes = b"", issued_at: datetime | None = None) -> dict[str, Any]:
+                   nonce: bytes = b"", issued_at: datetime | None = None,
+                   identified_member: int = -1) -> dict[str, Any]:
     """The payload to sign for one Verify result (see :mod:`shallowmark.attestation`).
 
     ``methods`` maps each method that ran to :func:`config_sha256` of its configuration; ``nonce``
-    is the caller's (empty when none was sent)."""
+    is the caller's (empty when none was sent). A key family's verdict also signs its size, best
+    member and that member's id; ``identified_member`` is the identified member's index (-1: none)."""
     when = (issued_at or datetime.now(timezone.utc)).astimezone(timezone.utc)
     return {
         "format": PAYLOAD_FORMAT,
@@ -126,9 +128,11 @@ def verify_payload(*, request_id: str, image_sha256: str, model: str, target_fpr
         "target_fpr": float(target_fpr),
         "detected": bool(detected),
         "identified_key_id": identified_key_id,
+        "identified_member": int(identified_member),
         "method_score": float(method_score),
         "bits": bytes(bits_packed).hex(),
         "num_bits": int(num_bits),
-        "verdicts": [{k: v[k] for k in ("key_id", "method", "score", "p_value", "p_value_corrected", "detected")}
+        "verdicts": [{k: v[k] for k in ("key_id", "method", "score", "p_value", "p_value_corrected", "detected",
+                                        "family_size", "member", "member_key_id") if k in v}
                      for v in verdicts],
     }

@@ -73,7 +73,7 @@ from shallowmark.errors import (
     shown,
 )
 from shallowmark.imaging import encode_png
-from shallowmark.keys import check_key_id
+from shallowmark.keys import KeyFamily, check_key_id
 from shallowmark.server import validation
 from shallowmark.server.admission import Admission
 from shallowmark.server.attestation import Signer, config_sha256, verify_payload
@@ -620,7 +620,8 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
         for k in keys:
             groups.setdefault(k.method, []).append(k)
         methods = {name: self.pool.method(lm, name) for name in groups}
-        info.update(model=lm.name, methods=",".join(groups), keys=len(keys))
+        info.update(model=lm.name, methods=",".join(groups), keys=sum(k.size if isinstance(k, KeyFamily) else 1
+                                                                     for k in keys))
         img = validation.decode_image(request.image, self.config.max_image_pixels, self.config.max_decode_bytes)
         for m in methods.values():  # every method's limits before any model work
             validation.check_image_shape(img, m)
@@ -638,34 +639,44 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
                 for name, group in groups.items()]
         detections = dict(zip(groups, self.pool.run_jobs(lm, jobs, context.time_remaining, context)))
 
-        n = len(keys)
+        # every key searched counts in the correction, each member of a family included
+        n = sum(k.size if isinstance(k, KeyFamily) else 1 for k in keys)
         verdicts = []
         for k in keys:
-            p = float(detections[k.method].per_key_p[k.key_id])
+            det = detections[k.method]
+            p = float(det.per_key_p[k.key_id])
             p_corr = min(1.0, p * n)
-            verdicts.append(dict(key_id=k.key_id, method=k.method, score=-math.log10(max(p, _P_FLOOR)),
-                                 p_value=p, p_value_corrected=p_corr, detected=p_corr <= target_fpr))
-        best = min(range(n), key=lambda i: (verdicts[i]["p_value"], i))
+            v = dict(key_id=k.key_id, method=k.method, score=-math.log10(max(p, _P_FLOOR)),
+                     p_value=p, p_value_corrected=p_corr, detected=p_corr <= target_fpr)
+            if isinstance(k, KeyFamily):
+                member = int(det.per_key_member[k.key_id])
+                v.update(family_size=k.size, member=member, member_key_id=k.member_id(member))
+            verdicts.append(v)
+        best = min(range(len(keys)), key=lambda i: (verdicts[i]["p_value"], i))
         detected = any(v["detected"] for v in verdicts)
-        identified = verdicts[best]["key_id"] if detected else ""
-        best_det = detections[verdicts[best]["method"]]
+        best_v = verdicts[best]
+        best_id = best_v.get("member_key_id", best_v["key_id"])   # the member's id for a family
+        identified = best_id if detected else ""
+        identified_member = best_v["member"] if detected and "member" in best_v else -1
+        best_det = detections[best_v["method"]]
         bits = b""
         num_bits = 0
-        if best_det.bits is not None and best_det.key_id == verdicts[best]["key_id"]:
+        if best_det.bits is not None and best_det.key_id == best_id:
             arr = np.asarray(best_det.bits, dtype=np.uint8).ravel()
             bits, num_bits = np.packbits(arr, bitorder="big").tobytes(), int(arr.size)
-        method_score = float(best_det.score) if best_det.key_id == verdicts[best]["key_id"] else float("nan")
+        method_score = float(best_det.score) if best_det.key_id == best_id else float("nan")
         if not math.isfinite(method_score):
             method_score = 0.0
         payload = verify_payload(request_id=rid, image_sha256=img.sha256, model=lm.name, target_fpr=target_fpr,
                                  detected=detected, identified_key_id=identified, method_score=method_score,
                                  bits_packed=bits, num_bits=num_bits, verdicts=verdicts, tenant=tenant or "",
                                  methods={name: config_sha256(methods[name].config) for name in groups},
-                                 nonce=nonce)
+                                 nonce=nonce, identified_member=identified_member)
         data, sig = self.signer.sign(payload)
         info.update(detected=detected, identified=identified or "-")
         return pb.VerifyResponse(
             verdicts=[pb.KeyVerdict(**v) for v in verdicts], detected=detected, identified_key_id=identified,
+            identified_member=identified_member,
             bits=bits, num_bits=num_bits, method_score=method_score, target_fpr=target_fpr, model=lm.name,
             image_sha256=img.sha256, request_id=rid, notes=notes, model_evals=evals,
             attestation=pb.Attestation(payload=data, signature=sig, public_key=self.signer.public_key_raw,

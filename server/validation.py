@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from shallowmark.errors import InvalidImageError, InvalidParameterError, KeyMaterialError, shown
-from shallowmark.keys import MethodKey
+from shallowmark.keys import FamilyMember, KeyFamily, MethodKey, parse_key
 
 __all__ = ["DecodedImage", "decode_image", "check_image_shape", "grid_notes", "on_grid", "parse_method_key", "parse_method_keys",
            "check_target_fpr", "check_request_id", "ACCEPTED_FORMATS"]
@@ -278,36 +278,56 @@ def on_grid(image: DecodedImage, method, size: int) -> np.ndarray:
     return to_grid(image.pixels[None], size)[0]
 
 
-def parse_method_key(data: bytes, where: str = "method_key") -> MethodKey:
-    """Parse one serialized :class:`MethodKey`; its ``key_id`` is replaced by its
+def parse_method_key(data: bytes, where: str = "method_key", family: bool = False) -> MethodKey:
+    """Parse one serialized :class:`MethodKey` (or a :class:`~shallowmark.keys.FamilyMember`, or with
+    ``family`` a :class:`~shallowmark.keys.KeyFamily`); its ``key_id`` is replaced by its
     :attr:`~shallowmark.keys.MethodKey.commitment`, derived from the material.
 
     Raises:
-        KeyMaterialError: empty, wrong length or magic (message says what to send).
+        KeyMaterialError: empty, wrong length or magic, a family where one key is needed (message
+            says what to send).
+        InvalidParameterError: a family size or member index out of range.
         UnknownNameError: the method inside is unknown.
     """
     if not data:
         raise KeyMaterialError(f"{where} is empty; send MethodKey.to_bytes() from the shallowmark SDK "
                                "(key.for_method(method).to_bytes())")
     try:
-        sent = MethodKey.from_bytes(data)
-    except KeyMaterialError as e:
-        raise KeyMaterialError(f"{where}: {e}; send MethodKey.to_bytes() from the shallowmark SDK") from None
+        sent = parse_key(data)
+    except (KeyMaterialError, InvalidParameterError) as e:
+        raise type(e)(f"{where}: {e}; send MethodKey.to_bytes() from the shallowmark SDK") from None
+    if isinstance(sent, KeyFamily) and not family:
+        raise KeyMaterialError(f"{where} is a KeyFamily, which only verifies; embed with one member, "
+                               "family.member(index).to_bytes()")
     # The key id on the wire fingerprints a master secret this server never sees, so nothing ties it to
     # the material: any tenant could label its own material with another tenant's id. Name the key by
     # the commitment recomputed from the material instead; everything downstream (ledger, verdicts,
     # attestation, duplicate check) then sees only ids the caller cannot choose.
+    if isinstance(sent, KeyFamily):
+        return KeyFamily(method=sent.method, key_id=sent.commitment, material=sent.material, size=sent.size)
+    if isinstance(sent, FamilyMember):
+        # a member keeps its index; its id is the member id, derived from the material and index
+        return FamilyMember(method=sent.method, key_id=sent.commitment, material=sent.material, index=sent.index)
     return MethodKey(method=sent.method, key_id=sent.commitment, material=sent.material)
 
 
+#: Most entries in one Verify's ``method_keys``: more keys than this go as a KeyFamily.
+MAX_KEY_ENTRIES = 1024
+
+
 def parse_method_keys(items: Sequence[bytes], max_keys: int) -> list[MethodKey]:
-    """Parse the candidate keys of a Verify request (1..``max_keys``, no duplicates)."""
+    """Parse the candidate keys of a Verify request: 1..:data:`MAX_KEY_ENTRIES` entries, no
+    duplicates, at most ``max_keys`` keys searched (every member of a family counted)."""
     if not items:
         raise KeyMaterialError("method_keys is empty; send at least one candidate key")
-    if len(items) > max_keys:
-        raise InvalidParameterError(f"{len(items)} candidate keys, more than this server's limit of {max_keys}; "
-                                    "split the keys over several calls")
-    keys = [parse_method_key(b, f"method_keys[{i}]") for i, b in enumerate(items)]
+    if len(items) > MAX_KEY_ENTRIES:
+        raise InvalidParameterError(f"{len(items)} entries in method_keys, more than {MAX_KEY_ENTRIES}; send many "
+                                    "keys as one KeyFamily (key.family(method, size)), which stands for all its members")
+    keys = [parse_method_key(b, f"method_keys[{i}]", family=True) for i, b in enumerate(items)]
+    total = sum(k.size if isinstance(k, KeyFamily) else 1 for k in keys)
+    if total > max_keys:
+        raise InvalidParameterError(f"{total} keys to search (key family members counted), more than this server's "
+                                    f"limit of {max_keys}; split them over several calls")
     seen = set()
     for i, k in enumerate(keys):
         if (k.method, k.key_id) in seen:

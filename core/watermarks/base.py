@@ -32,7 +32,7 @@ import numpy as np
 
 from shallowmark.errors import InvalidImageError, InvalidParameterError, KeyMaterialError, check_int
 from shallowmark.imaging import rgb_batch
-from shallowmark.keys import MethodKey
+from shallowmark.keys import FamilyMember, KeyFamily, MethodKey
 from shallowmark.methods import LATENT, POST_HOC
 
 
@@ -79,11 +79,74 @@ class Detection:
     bits: np.ndarray | None = None
     bit_accuracy: float | None = None
     per_key_p: dict = field(default_factory=dict)
+    #: For a :class:`~shallowmark.keys.KeyFamily` among the keys: the index of its best member, by the
+    #: family's id (``per_key_p`` holds that member's p-value under the same id).
+    per_key_member: dict = field(default_factory=dict)
+    #: The best key's member index when it is a family's member, else None (``key_id`` is then the
+    #: member's id, :meth:`~shallowmark.keys.KeyFamily.member_id`).
+    member: int | None = None
+
+
+@dataclass(frozen=True)
+class KeyRows:
+    """The keys one verification searches, one row per key and one per member of each
+    :class:`~shallowmark.keys.KeyFamily`: a family of 100 000 is 100 000 rows of the score matrix
+    and counts as 100 000 keys in the Bonferroni correction."""
+
+    keys: tuple
+    sizes: np.ndarray        # rows per key: a family's size, else 1
+    starts: np.ndarray       # first row of each key
+
+    @classmethod
+    def of(cls, keys: Sequence[MethodKey]) -> "KeyRows":
+        sizes = np.array([k.size if isinstance(k, KeyFamily) else 1 for k in keys], dtype=np.int64)
+        return cls(tuple(keys), sizes, np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64))
+
+    @property
+    def total(self) -> int:
+        return int(self.sizes.sum())
+
+    @property
+    def has_families(self) -> bool:
+        return any(isinstance(k, KeyFamily) for k in self.keys)
+
+    def owner(self, row: int) -> tuple[int, int | None]:
+        """(index of the key, member index or None) of score row ``row``."""
+        i = int(np.searchsorted(self.starts, row, side="right") - 1)
+        return i, (int(row - self.starts[i]) if isinstance(self.keys[i], KeyFamily) else None)
+
+    def row_id(self, row: int) -> str:
+        i, member = self.owner(row)
+        return self.keys[i].key_id if member is None else self.keys[i].member_id(member)
 
 
 def best_key(p_values: Sequence[float], scores: Sequence[float]) -> int:
     """Index of the best key: smallest p-value, ties broken by the larger score."""
     return int(np.lexsort((-np.asarray(scores, dtype=float), np.asarray(p_values, dtype=float)))[0])
+
+
+def rows_verdict(method: str, p_rows: np.ndarray, score_rows: np.ndarray, rows: KeyRows, target_fpr: float,
+                 model_evals: int, bits=None) -> Detection:
+    """:func:`verdict` over :class:`KeyRows`: the best row of all keys and family members, corrected
+    for every row searched; ``per_key_p`` holds each key's (each family's best member's) p-value."""
+    if not rows.has_families:
+        return verdict(method, p_rows, score_rows, rows.keys, target_fpr, model_evals, bits=bits)
+    p_rows, score_rows = np.asarray(p_rows, dtype=float), np.asarray(score_rows, dtype=float)
+    best = best_key(p_rows, score_rows)
+    p = float(p_rows[best])
+    p_corr = min(1.0, p * rows.total)
+    _, member = rows.owner(best)
+    per_key_p, per_key_member = {}, {}
+    for k, start, size in zip(rows.keys, rows.starts, rows.sizes):
+        seg = p_rows[start:start + size]
+        j = best_key(seg, score_rows[start:start + size])
+        per_key_p[k.key_id] = float(seg[j])
+        if isinstance(k, KeyFamily):
+            per_key_member[k.key_id] = int(j)
+    return Detection(method=method, score=float(score_rows[best]), p_value=p, p_value_corrected=p_corr,
+                     detected=p_corr <= target_fpr, target_fpr=target_fpr, key_id=rows.row_id(best),
+                     model_evals=model_evals, bits=bits, per_key_p=per_key_p, per_key_member=per_key_member,
+                     member=member)
 
 
 def verdict(method: str, p_values: Sequence[float], scores: Sequence[float], keys: Sequence[MethodKey],
@@ -127,6 +190,8 @@ class WatermarkMethod:
 
     name: str = "base"
     kind: str = POST_HOC
+    #: Whether :class:`~shallowmark.keys.KeyFamily` and its members are accepted as keys.
+    supports_families: bool = False
     supports_embed: bool = True
     config_class: type | None = None
     # ways :meth:`embed` can return an existing image (its ``output=`` argument); empty: one way only
@@ -197,9 +262,15 @@ class WatermarkMethod:
             if not isinstance(k, MethodKey):
                 raise KeyMaterialError(f"{self.name}: expected a MethodKey (key.for_method({self.name!r})), "
                                        f"got {type(k).__name__}")
+            if isinstance(k, (KeyFamily, FamilyMember)) and not self.supports_families:
+                raise KeyMaterialError(f"{self.name} does not take key families (a {type(k).__name__}); they are for "
+                                       "the ring methods shallow-diffuse, tree-ring and ringid")
             if k.method != self.name:
                 raise KeyMaterialError(f"key {k.key_id} was derived for method {k.method!r} and cannot be "
                                        f"used for {self.name!r}; derive it with key.for_method({self.name!r})")
+        if n is not None and any(isinstance(k, KeyFamily) for k in keys):
+            raise KeyMaterialError(f"{self.name}: a KeyFamily only verifies; embed with one of its members "
+                                   "(family.member(index))")
         if n is not None and len(keys) not in (1, n):
             raise InvalidParameterError(f"{self.name}: give one key, or one key per image ({n}); got {len(keys)}")
         return keys if n is None or len(keys) == n else keys * n

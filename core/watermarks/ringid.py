@@ -13,12 +13,18 @@ from __future__ import annotations
 import torch
 
 from shallowmark.core.watermarks.tree_ring import TreeRing
-from shallowmark.keys import MethodKey, payload_bits
+from shallowmark.keys import FamilyMember, MethodKey, payload_bits
 
 
 class RingID(TreeRing):
     name = "ringid"
 
     def ring_values(self, key: MethodKey) -> torch.Tensor:
+        if isinstance(key, FamilyMember):
+            return super().ring_values(key)
         bits = torch.from_numpy(payload_bits(key, self.config.radius + 1).astype("float64"))
         return self.config.strength * (2 * bits - 1)
+
+    def family_values(self, key: MethodKey, count: int) -> torch.Tensor:
+        # a member's rings are ±strength, as a single key's: the signs of the family's Gaussian values
+        return self.config.strength * torch.sign(super().family_values(key, count))

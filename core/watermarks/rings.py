@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from shallowmark.errors import InvalidParameterError
-from shallowmark.keys import MethodKey, ring_seed
+from shallowmark.keys import FamilyMember, KeyFamily, MethodKey, family_seed, ring_seed
 
 CENTRES = ("nyquist", "dc")
 
@@ -267,10 +267,10 @@ def cosines(x: torch.Tensor, channel: int, values: torch.Tensor, geom: RingGeome
     return (m @ w.T) / (m.norm(dim=1, keepdim=True) * w.norm(dim=1)[None, :]).clamp_min(1e-300)
 
 
-def shifted_cosines(x: torch.Tensor, channel: int, values: torch.Tensor, geom: RingGeometry,
-                    window: int, whiten: bool = False) -> torch.Tensor:
-    """As :func:`cosines`, maximised over the circular shifts of x by up to ``window`` pixels in each
-    direction ((2·window+1)² hypotheses): (batch, keys).
+def shift_profiles(x: torch.Tensor, channel: int, geom: RingGeometry, window: int,
+                   whiten: bool = False) -> torch.Tensor:
+    """The ring profile (:func:`ring_profile`) of x under every circular shift by up to ``window``
+    pixels in each direction: (batch, dims, (2·window+1)²).
 
     A shift by d multiplies bin k by exp(−2πi k·d/N), which spreads each ring's mean over its
     phases; undoing it is a per-bin phase, so every ring's mean under every shift is one inverse
@@ -293,10 +293,64 @@ def shifted_cosines(x: torch.Tensor, channel: int, values: torch.Tensor, geom: R
         profiles.append(mean)
     prof = torch.stack(profiles, 1)                                   # (batch, rings, w, w)
     parts = torch.cat([prof.real, prof.imag], 1) if geom.complex_values else prof.real
-    m = parts.flatten(2)                                              # (batch, dims, shifts)
-    w = key_vector(geom, values)                                      # (keys, dims)
-    cos = torch.einsum("bds,kd->bks", m, w) / (m.norm(dim=1)[:, None, :] * w.norm(dim=1)[None, :, None]).clamp_min(1e-300)
-    return cos.max(dim=2).values
+    return parts.flatten(2)                                           # (batch, dims, shifts)
+
+
+#: Keys scored per matrix product in :func:`max_cosines`: 8192 keys x 2312 hypotheses (8 views x
+#: 289 shifts) is 150 MB of float64, where all of 100 000 at once would be 1.8 GB.
+KEY_CHUNK = 8192
+
+
+def max_cosines(profiles: torch.Tensor, geom: RingGeometry, values: torch.Tensor,
+                chunk: int = KEY_CHUNK) -> torch.Tensor:
+    """max over hypotheses h of cos(key k, profiles[b, :, h]): (batch, keys), for ``profiles``
+    (batch, dims, hypotheses) and ring ``values`` (keys, n_values). The keys go through in chunks,
+    so memory stays bounded whatever their number."""
+    m = profiles / profiles.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    w = key_vector(geom, values)
+    w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    out = torch.empty(m.shape[0], w.shape[0], dtype=torch.float64)
+    for i in range(0, w.shape[0], chunk):
+        out[:, i:i + chunk] = torch.einsum("bdh,kd->bkh", m, w[i:i + chunk]).amax(dim=2)
+    return out
+
+
+def shifted_cosines(x: torch.Tensor, channel: int, values: torch.Tensor, geom: RingGeometry,
+                    window: int, whiten: bool = False) -> torch.Tensor:
+    """As :func:`cosines`, maximised over the circular shifts of x by up to ``window`` pixels in each
+    direction ((2·window+1)² hypotheses, :func:`shift_profiles`): (batch, keys)."""
+    return max_cosines(shift_profiles(x, channel, geom, window, whiten), geom, values)
+
+
+def family_key_values(seed: int, geom: RingGeometry, count: int, strength: float = 1.0) -> torch.Tensor:
+    """Ring values of a key family's members ``0..count-1`` (count, n_values), drawn from ``seed``
+    (:func:`shallowmark.keys.family_seed`) in one vectorised call: i.i.d. N(0, strength²) per value
+    (real and imaginary parts for complex keys), as :func:`key_values_from_seed` draws one key's,
+    so each member alone is a uniformly random direction and its p-value is exact.
+
+    The stream is pinned: Philox-4x64 raw 64-bit words (numpy's bit generator, whose output is
+    stable across versions, unlike its distributions) turned into normals by Box–Muller here;
+    member i's values are the i-th block of the stream, so they do not depend on ``count``."""
+    count = int(count)
+    if count < 1:
+        raise InvalidParameterError(f"a key family has at least one member; got {count}")
+    rows = 1 << (count - 1).bit_length()      # cached in powers of two: the prefix is the same
+    return _family_block(int(seed), geom, rows, float(strength))[:count]
+
+
+@lru_cache(maxsize=4)
+def _family_block(seed: int, geom: RingGeometry, rows: int, strength: float) -> torch.Tensor:
+    per = geom.n_values * (2 if geom.complex_values else 1)
+    n = rows * per
+    raw = np.random.Philox(key=seed % (1 << 128)).random_raw(n + n % 2).reshape(-1, 2)
+    u1 = ((raw[:, 0] >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0 ** -53      # (0, 1]
+    u2 = (raw[:, 1] >> np.uint64(11)).astype(np.float64) * 2.0 ** -53              # [0, 1)
+    r = np.sqrt(-2.0 * np.log(u1))
+    z = np.stack([r * np.cos(2 * np.pi * u2), r * np.sin(2 * np.pi * u2)], 1).ravel()[:n]
+    z = torch.from_numpy(strength * z.reshape(rows, per))
+    if geom.complex_values:
+        return torch.complex(z[:, :geom.n_values], z[:, geom.n_values:])
+    return z
 
 
 def p_values(cos: torch.Tensor, dims: int) -> np.ndarray:
@@ -310,13 +364,27 @@ def p_values(cos: torch.Tensor, dims: int) -> np.ndarray:
 
 class RingKeyed:
     """Mixin for ring-key methods (their ``config`` has ``strength``, and they set ``geom``):
-    key → ring values → spectrum pattern → p-values."""
+    key → ring values → spectrum pattern → p-values. Scoring a key costs no model work, so these
+    methods also take key families (:class:`~shallowmark.keys.KeyFamily`): every member is one row
+    of the score matrix."""
+
+    supports_families = True
 
     def ring_values(self, key: MethodKey) -> torch.Tensor:
+        if isinstance(key, FamilyMember):
+            return self.family_values(key, key.index + 1)[key.index]
         return key_values_from_seed(ring_seed(key), self.geom, self.config.strength)
 
+    def family_values(self, key: MethodKey, count: int) -> torch.Tensor:
+        """Ring values of a family's first ``count`` members (count, n_values) (:func:`family_key_values`)."""
+        return family_key_values(family_seed(key), self.geom, count, self.config.strength)
+
+    def key_rows(self, key: MethodKey) -> torch.Tensor:
+        """The rows one key adds to the score matrix: a family's members, or the key's own values."""
+        return self.family_values(key, key.size) if isinstance(key, KeyFamily) else self.ring_values(key)[None]
+
     def _values(self, keys) -> torch.Tensor:
-        return torch.stack([self.ring_values(k) for k in keys])
+        return torch.cat([self.key_rows(k) for k in keys])
 
     def _patterns(self, keys) -> torch.Tensor:
         return torch.stack([pattern(self.geom, v) for v in self._values(keys)])
@@ -334,8 +402,9 @@ class RingKeyed:
 
     def _score(self, x: torch.Tensor, keys, target_fpr: float) -> list:
         """The ring statistic's verdict for each latent (the protocol's scoring hook)."""
-        from shallowmark.core.watermarks.base import verdict
+        from shallowmark.core.watermarks.base import KeyRows, rows_verdict
 
         cos, p = self._ring_p_values(x, keys)
         evals = self.model_evals().verify
-        return [verdict(self.name, p[i], cos[i].tolist(), keys, target_fpr, evals) for i in range(len(cos))]
+        rows = KeyRows.of(keys)
+        return [rows_verdict(self.name, p[i], cos[i].numpy(), rows, target_fpr, evals) for i in range(len(cos))]

@@ -37,7 +37,7 @@ from shallowmark.core.sync import SyncTemplate
 from shallowmark.core.watermarks import rings
 from shallowmark.core.watermarks.base import LatentMethod, ModelEvals
 from shallowmark.errors import InvalidParameterError, check_choice
-from shallowmark.keys import MethodKey, ring_variant_choice, ring_variants_seed
+from shallowmark.keys import FamilyMember, KeyFamily, MethodKey, ring_variant_choice, ring_variants_seed
 
 # how an existing image comes back: through the decoder, or its own pixels plus the decoded change
 OUTPUT_MODES = ("decode", "residual")
@@ -241,18 +241,19 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         ROC curves rank images the way the verdict does."""
         if self.config.geometric_search == "none" and self.config.shift_window == 0 and self.config.key_variants == 1:
             return super()._score(x, keys, target_fpr)
-        from shallowmark.core.watermarks.base import best_key, verdict
+        from shallowmark.core.watermarks.base import KeyRows, best_key, rows_verdict
 
         p, found = self.variant_p_values(x, keys)
         score = -np.log10(np.clip(p, 1e-300, 1.0))
         evals = self.model_evals().verify
+        rows = KeyRows.of(keys)
         out = []
         for i in range(len(p)):
             # With several variants, the best key's variant index is the image's payload (its bits,
             # most significant first); which variant an image got is not secret from its key holder.
             bits = None if self.config.key_variants == 1 else \
                 variant_bits(int(found[i, best_key(p[i], score[i])]), self.config.key_variants)
-            out.append(verdict(self.name, p[i], score[i].tolist(), keys, target_fpr, evals, bits=bits))
+            out.append(rows_verdict(self.name, p[i], score[i], rows, target_fpr, evals, bits=bits))
         return out
 
     def geometric_p_values(self, x: torch.Tensor, keys) -> np.ndarray:
@@ -273,25 +274,28 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         sizes. Without shifts it is the plain Bonferroni bound h₀·p₀."""
         views = dihedral(x) if self.config.geometric_search == "dihedral" else [x]
         n_var = self.config.key_variants
-        values = torch.cat([self.variant_values(k) for k in keys])       # (keys·variants, n_values)
+        values = torch.cat([self.variant_values(k) for k in keys])       # (rows·variants, n_values)
         dims, w = self.geom.dims, self.config.shift_window
-        wh = self.whitened
-        c0 = torch.stack([rings.cosines(v.contiguous(), self.config.channel, values, self.geom, wh)
-                          for v in views]).max(0).values
+        wh, ch = self.whitened, self.config.channel
+        c0 = torch.stack([rings.cosines(v.contiguous(), ch, values, self.geom, wh) for v in views]).max(0).values
         p = rings.p_values(c0, dims) * len(views)
         if w:
-            cs = torch.stack([rings.shifted_cosines(v.contiguous(), self.config.channel, values, self.geom, w, wh)
-                              for v in views]).max(0).values
+            # every view's shifts as one set of hypotheses: one pass over the keys, however many
+            profiles = torch.cat([rings.shift_profiles(v.contiguous(), ch, self.geom, w, wh) for v in views], 2)
+            cs = rings.max_cosines(profiles, self.geom, values)
             ps = rings.p_values(cs, dims) * len(views) * (2 * w + 1) ** 2
             p = 2.0 * np.minimum(p, ps)
-        p = p.reshape(p.shape[0], len(keys), n_var)
+        p = p.reshape(p.shape[0], -1, n_var)     # a family is one row per member
         return np.minimum(1.0, p.min(axis=2) * n_var), p.argmin(axis=2)
 
     def variant_values(self, key: MethodKey) -> torch.Tensor:
         """The ring values of each of the key's variants: (key_variants, n_values). With one
-        variant, the key's own values."""
+        variant, the key's own values (a family's: one row per member)."""
         if self.config.key_variants == 1:
-            return self.ring_values(key)[None]
+            return self.key_rows(key)
+        if isinstance(key, (KeyFamily, FamilyMember)):
+            raise InvalidParameterError("key families need key_variants=1: each member is already its own "
+                                        "pattern, and variants would multiply 100 000 rows by their number")
         return rings.orthogonal_key_values(ring_variants_seed(key), self.geom, self.config.key_variants,
                                            self.config.strength)
 

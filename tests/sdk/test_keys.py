@@ -300,3 +300,67 @@ def test_commitment_is_derived_from_the_material_not_the_label():
     relabelled = MethodKey(method="tree-ring", key_id="sm1_" + "ab" * 16, material=mk.material)
     assert relabelled.commitment == mk.commitment                     # the label plays no part
     assert MethodKey.from_bytes(mk.to_bytes()).commitment == mk.commitment
+
+
+# -- key families ------------------------------------------------------------------------------------
+
+FAMILY_VECTOR = dict(secret="00" * 31 + "2a", method="shallow-diffuse",
+                     family_id="sm1_ce649dc8dab86ffa65641b8fd195f817",
+                     member_0="sm1_d90eb728500207b3dd5afc509a7ce78b",
+                     member_99999="sm1_79afa0ec32d1fe323f4deec1acd150ee",
+                     seed=0x57a1003b6e6716d84eea15d34a7aef0d)
+
+
+def test_family_derivation_vector():
+    from shallowmark.keys import family_seed
+
+    v = FAMILY_VECTOR
+    fam = WatermarkKey.from_hex(v["secret"]).family(v["method"], 100_000)
+    assert fam.commitment == v["family_id"]
+    assert fam.member_id(0) == v["member_0"] and fam.member_id(99_999) == v["member_99999"]
+    assert family_seed(fam) == family_seed(fam.member(12)) == v["seed"]
+    assert fam.member(5).commitment == fam.member_id(5)
+    # the family's material is its own: neither the method key's nor another method's family
+    key = WatermarkKey.from_hex(v["secret"])
+    assert fam.material != key.for_method(v["method"]).material
+    assert fam.material != key.family("tree-ring", 10).material
+
+
+def test_family_and_member_wire_round_trip_and_sizes():
+    from shallowmark.keys import FamilyMember, KeyFamily, parse_key
+
+    fam = WatermarkKey.from_hex("ab" * 32).family("shallow-diffuse", 100_000)
+    wire = fam.to_bytes()
+    assert wire[:4] == b"SMF1" and len(wire) < 80                  # 100 000 keys in one short entry
+    assert parse_key(wire) == fam and isinstance(parse_key(wire), KeyFamily)
+    m = fam.member(99_999)
+    assert parse_key(m.to_bytes()) == m and isinstance(parse_key(m.to_bytes()), FamilyMember)
+    assert m.family.size == 100_000 and m.family.member_id(99_999) == fam.member_id(99_999)
+    plain = WatermarkKey.from_hex("ab" * 32).for_method("shallow-diffuse")
+    assert type(parse_key(plain.to_bytes())) is MethodKey and parse_key(plain.to_bytes()) == plain
+    assert "material" not in repr(fam) and fam.material.hex() not in repr(m)
+
+
+@pytest.mark.parametrize("make, error, needle", [
+    (lambda k: k.family("gaussian-shading", 10), KeyMaterialError, "ring methods"),
+    (lambda k: k.family("shallow-diffuse", 0), InvalidParameterError, "family size"),
+    (lambda k: k.family("shallow-diffuse", 1 << 21), InvalidParameterError, "family size"),
+    (lambda k: k.family("shallow-diffuse", 10).member(10), InvalidParameterError, "member index"),
+    (lambda k: ring_seed(k.family("shallow-diffuse", 10).member(1)), KeyMaterialError, "single method key"),
+    (lambda k: ring_seed(k.family("shallow-diffuse", 10)), KeyMaterialError, "single method key"),
+])
+def test_family_misuse_is_refused(make, error, needle):
+    with pytest.raises(error, match=needle):
+        make(WatermarkKey.from_hex("cd" * 32))
+
+
+@pytest.mark.parametrize("data, needle", [
+    (b"SMF1", "expected"), (b"XXXX" + bytes(60), "not a serialized key"),
+    (WatermarkKey.from_hex("cd" * 32).family("shallow-diffuse", 4).to_bytes()[:-1], "bytes, expected"),
+    (WatermarkKey.from_hex("cd" * 32).family("shallow-diffuse", 4).to_bytes() + b"\0", "bytes, expected"),
+])
+def test_malformed_family_bytes_are_refused(data, needle):
+    from shallowmark.keys import parse_key
+
+    with pytest.raises(KeyMaterialError, match=needle):
+        parse_key(data)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eshallowmark/v1/watermark.proto\x12\x0eshallowmark.v1\x1a\x1fgoogle/protobuf/timestamp.proto\".\n\x0eGenerateSource\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x04\"\xa0\x01\n\x0c\x45mbedRequest\x12\x32\n\x08generate\x18\x01 \x01(\x0b\x32\x1e.shallowmark.v1.GenerateSourceH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x12\n\nmethod_key\x18\x05 \x01(\x0c\x12\x0e\n\x06output\x18\x06 \x01(\tB\x08\n\x06source\"\x9b\x01\n\rEmbedResponse\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x14\n\x0cimage_sha256\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\r\n\x05notes\x18\x07 \x03(\t\x12\x13\n\x0bmodel_evals\x18\x08 \x01(\r\"e\n\rVerifyRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x13\n\x0bmethod_keys\x18\x02 \x03(\x0c\x12\x12\n\ntarget_fpr\x18\x03 \x01(\x01\x12\r\n\x05model\x18\x04 \x01(\t\x12\r\n\x05nonce\x18\x05 \x01(\x0c\"y\n\nKeyVerdict\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x0f\n\x07p_value\x18\x04 \x01(\x01\x12\x19\n\x11p_value_corrected\x18\x05 \x01(\x01\x12\x10\n\x08\x64\x65tected\x18\x06 \x01(\x08\"]\n\x0b\x41ttestation\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\x12\x16\n\x0epayload_format\x18\x04 \x01(\t\"\xc4\x02\n\x0eVerifyResponse\x12,\n\x08verdicts\x18\x01 \x03(\x0b\x32\x1a.shallowmark.v1.KeyVerdict\x12\x10\n\x08\x64\x65tected\x18\x02 \x01(\x08\x12\x19\n\x11identified_key_id\x18\x03 \x01(\t\x12\x0c\n\x04\x62its\x18\x04 \x01(\x0c\x12\x10\n\x08num_bits\x18\x05 \x01(\r\x12\x14\n\x0cmethod_score\x18\x06 \x01(\x01\x12\x12\n\ntarget_fpr\x18\x07 \x01(\x01\x12\r\n\x05model\x18\x08 \x01(\t\x12\x14\n\x0cimage_sha256\x18\t \x01(\t\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\r\n\x05notes\x18\x0b \x03(\t\x12\x13\n\x0bmodel_evals\x18\x0c \x01(\r\x12\x30\n\x0b\x61ttestation\x18\r \x01(\x0b\x32\x1b.shallowmark.v1.Attestation\"\x10\n\x0eGetInfoRequest\"h\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nimage_size\x18\x02 \x01(\r\x12\x14\n\x0clatent_shape\x18\x03 \x03(\r\x12\x13\n\x0b\x63onditional\x18\x04 \x01(\x08\x12\x0e\n\x06loaded\x18\x05 \x01(\x08\"\x87\x01\n\nMethodInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0esupports_embed\x18\x02 \x01(\x08\x12\x1c\n\x14generate_model_evals\x18\x03 \x01(\r\x12\x19\n\x11\x65mbed_model_evals\x18\x04 \x01(\r\x12\x1a\n\x12verify_model_evals\x18\x05 \x01(\r\"m\n\x06Limits\x12\x18\n\x10max_image_pixels\x18\x01 \x01(\x04\x12\x19\n\x11max_message_bytes\x18\x02 \x01(\x04\x12\x11\n\tmax_batch\x18\x03 \x01(\r\x12\x1b\n\x13max_keys_per_verify\x18\x04 \x01(\r\"\xf0\x01\n\x0fGetInfoResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.shallowmark.v1.ModelInfo\x12+\n\x07methods\x18\x02 \x03(\x0b\x32\x1a.shallowmark.v1.MethodInfo\x12&\n\x06limits\x18\x03 \x01(\x0b\x32\x16.shallowmark.v1.Limits\x12\x15\n\rdefault_model\x18\x04 \x01(\t\x12\x1e\n\x16\x61ttestation_public_key\x18\x05 \x01(\x0c\x12\x16\n\x0eserver_version\x18\x06 \x01(\t\x12\x0e\n\x06tenant\x18\x07 \x01(\t\"Z\n\x11ListEmbedsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"\xb6\x01\n\x0bLedgerEntry\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x14\n\x0cimage_sha256\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x0e\n\x06source\x18\x08 \x01(\t\"[\n\x12ListEmbedsResponse\x12,\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1b.shallowmark.v1.LedgerEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xbb\x02\n\tWatermark\x12\x44\n\x05\x45mbed\x12\x1c.shallowmark.v1.EmbedRequest\x1a\x1d.shallowmark.v1.EmbedResponse\x12G\n\x06Verify\x12\x1d.shallowmark.v1.VerifyRequest\x1a\x1e.shallowmark.v1.VerifyResponse\x12J\n\x07GetInfo\x12\x1e.shallowmark.v1.GetInfoRequest\x1a\x1f.shallowmark.v1.GetInfoResponse\x12S\n\nListEmbeds\x12!.shallowmark.v1.ListEmbedsRequest\x1a\".shallowmark.v1.ListEmbedsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eshallowmark/v1/watermark.proto\x12\x0eshallowmark.v1\x1a\x1fgoogle/protobuf/timestamp.proto\".\n\x0eGenerateSource\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x04\"\xa0\x01\n\x0c\x45mbedRequest\x12\x32\n\x08generate\x18\x01 \x01(\x0b\x32\x1e.shallowmark.v1.GenerateSourceH\x00\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x12\n\nmethod_key\x18\x05 \x01(\x0c\x12\x0e\n\x06output\x18\x06 \x01(\tB\x08\n\x06source\"\x9b\x01\n\rEmbedResponse\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x14\n\x0cimage_sha256\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\r\n\x05notes\x18\x07 \x03(\t\x12\x13\n\x0bmodel_evals\x18\x08 \x01(\r\"e\n\rVerifyRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x13\n\x0bmethod_keys\x18\x02 \x03(\x0c\x12\x12\n\ntarget_fpr\x18\x03 \x01(\x01\x12\r\n\x05model\x18\x04 \x01(\t\x12\r\n\x05nonce\x18\x05 \x01(\x0c\"\xb5\x01\n\nKeyVerdict\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x0f\n\x07p_value\x18\x04 \x01(\x01\x12\x19\n\x11p_value_corrected\x18\x05 \x01(\x01\x12\x10\n\x08\x64\x65tected\x18\x06 \x01(\x08\x12\x13\n\x0b\x66\x61mily_size\x18\x07 \x01(\r\x12\x0e\n\x06member\x18\x08 \x01(\r\x12\x15\n\rmember_key_id\x18\t \x01(\t\"]\n\x0b\x41ttestation\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\x12\x16\n\x0epayload_format\x18\x04 \x01(\t\"\xdf\x02\n\x0eVerifyResponse\x12,\n\x08verdicts\x18\x01 \x03(\x0b\x32\x1a.shallowmark.v1.KeyVerdict\x12\x10\n\x08\x64\x65tected\x18\x02 \x01(\x08\x12\x19\n\x11identified_key_id\x18\x03 \x01(\t\x12\x0c\n\x04\x62its\x18\x04 \x01(\x0c\x12\x10\n\x08num_bits\x18\x05 \x01(\r\x12\x14\n\x0cmethod_score\x18\x06 \x01(\x01\x12\x12\n\ntarget_fpr\x18\x07 \x01(\x01\x12\r\n\x05model\x18\x08 \x01(\t\x12\x14\n\x0cimage_sha256\x18\t \x01(\t\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\r\n\x05notes\x18\x0b \x03(\t\x12\x13\n\x0bmodel_evals\x18\x0c \x01(\r\x12\x30\n\x0b\x61ttestation\x18\r \x01(\x0b\x32\x1b.shallowmark.v1.Attestation\x12\x19\n\x11identified_member\x18\x0e \x01(\x03\"\x10\n\x0eGetInfoRequest\"h\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nimage_size\x18\x02 \x01(\r\x12\x14\n\x0clatent_shape\x18\x03 \x03(\r\x12\x13\n\x0b\x63onditional\x18\x04 \x01(\x08\x12\x0e\n\x06loaded\x18\x05 \x01(\x08\"\x87\x01\n\nMethodInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0esupports_embed\x18\x02 \x01(\x08\x12\x1c\n\x14generate_model_evals\x18\x03 \x01(\r\x12\x19\n\x11\x65mbed_model_evals\x18\x04 \x01(\r\x12\x1a\n\x12verify_model_evals\x18\x05 \x01(\r\"m\n\x06Limits\x12\x18\n\x10max_image_pixels\x18\x01 \x01(\x04\x12\x19\n\x11max_message_bytes\x18\x02 \x01(\x04\x12\x11\n\tmax_batch\x18\x03 \x01(\r\x12\x1b\n\x13max_keys_per_verify\x18\x04 \x01(\r\"\xf0\x01\n\x0fGetInfoResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.shallowmark.v1.ModelInfo\x12+\n\x07methods\x18\x02 \x03(\x0b\x32\x1a.shallowmark.v1.MethodInfo\x12&\n\x06limits\x18\x03 \x01(\x0b\x32\x16.shallowmark.v1.Limits\x12\x15\n\rdefault_model\x18\x04 \x01(\t\x12\x1e\n\x16\x61ttestation_public_key\x18\x05 \x01(\x0c\x12\x16\n\x0eserver_version\x18\x06 \x01(\t\x12\x0e\n\x06tenant\x18\x07 \x01(\t\"Z\n\x11ListEmbedsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"\xb6\x01\n\x0bLedgerEntry\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x14\n\x0cimage_sha256\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x0e\n\x06source\x18\x08 \x01(\t\"[\n\x12ListEmbedsResponse\x12,\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1b.shallowmark.v1.LedgerEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xbb\x02\n\tWatermark\x12\x44\n\x05\x45mbed\x12\x1c.shallowmark.v1.EmbedRequest\x1a\x1d.shallowmark.v1.EmbedResponse\x12G\n\x06Verify\x12\x1d.shallowmark.v1.VerifyRequest\x1a\x1e.shallowmark.v1.VerifyResponse\x12J\n\x07GetInfo\x12\x1e.shallowmark.v1.GetInfoRequest\x1a\x1f.shallowmark.v1.GetInfoResponse\x12S\n\nListEmbeds\x12!.shallowmark.v1.ListEmbedsRequest\x1a\".shallowmark.v1.ListEmbedsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,28 +40,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDRESPONSE']._serialized_end=450
   _globals['_VERIFYREQUEST']._serialized_start=452
   _globals['_VERIFYREQUEST']._serialized_end=553
-  _globals['_KEYVERDICT']._serialized_start=555
-  _globals['_KEYVERDICT']._serialized_end=676
-  _globals['_ATTESTATION']._serialized_start=678
-  _globals['_ATTESTATION']._serialized_end=771
-  _globals['_VERIFYRESPONSE']._serialized_start=774
-  _globals['_VERIFYRESPONSE']._serialized_end=1098
-  _globals['_GETINFOREQUEST']._serialized_start=1100
-  _globals['_GETINFOREQUEST']._serialized_end=1116
-  _globals['_MODELINFO']._serialized_start=1118
-  _globals['_MODELINFO']._serialized_end=1222
-  _globals['_METHODINFO']._serialized_start=1225
-  _globals['_METHODINFO']._serialized_end=1360
-  _globals['_LIMITS']._serialized_start=1362
-  _globals['_LIMITS']._serialized_end=1471
-  _globals['_GETINFORESPONSE']._serialized_start=1474
-  _globals['_GETINFORESPONSE']._serialized_end=1714
-  _globals['_LISTEMBEDSREQUEST']._serialized_start=1716
-  _globals['_LISTEMBEDSREQUEST']._serialized_end=1806
-  _globals['_LEDGERENTRY']._serialized_start=1809
-  _globals['_LEDGERENTRY']._serialized_end=1991
-  _globals['_LISTEMBEDSRESPONSE']._serialized_start=1993
-  _globals['_LISTEMBEDSRESPONSE']._serialized_end=2084
-  _globals['_WATERMARK']._serialized_start=2087
-  _globals['_WATERMARK']._serialized_end=2402
+  _globals['_KEYVERDICT']._serialized_start=556
+  _globals['_KEYVERDICT']._serialized_end=737
+  _globals['_ATTESTATION']._serialized_start=739
+  _globals['_ATTESTATION']._serialized_end=832
+  _globals['_VERIFYRESPONSE']._serialized_start=835
+  _globals['_VERIFYRESPONSE']._serialized_end=1186
+  _globals['_GETINFOREQUEST']._serialized_start=1188
+  _globals['_GETINFOREQUEST']._serialized_end=1204
+  _globals['_MODELINFO']._serialized_start=1206
+  _globals['_MODELINFO']._serialized_end=1310
+  _globals['_METHODINFO']._serialized_start=1313
+  _globals['_METHODINFO']._serialized_end=1448
+  _globals['_LIMITS']._serialized_start=1450
+  _globals['_LIMITS']._serialized_end=1559
+  _globals['_GETINFORESPONSE']._serialized_start=1562
+  _globals['_GETINFORESPONSE']._serialized_end=1802
+  _globals['_LISTEMBEDSREQUEST']._serialized_start=1804
+  _globals['_LISTEMBEDSREQUEST']._serialized_end=1894
+  _globals['_LEDGERENTRY']._serialized_start=1897
+  _globals['_LEDGERENTRY']._serialized_end=2079
+  _globals['_LISTEMBEDSRESPONSE']._serialized_start=2081
+  _globals['_LISTEMBEDSRESPONSE']._serialized_end=2172
+  _globals['_WATERMARK']._serialized_start=2175
+  _globals['_WATERMARK']._serialized_end=2490
 # @@protoc_insertion_point(module_scope)

@@ -68,20 +68,26 @@ class VerifyRequest(_message.Message):
     def __init__(self, image: _Optional[bytes] = ..., method_keys: _Optional[_Iterable[bytes]] = ..., target_fpr: _Optional[float] = ..., model: _Optional[str] = ..., nonce: _Optional[bytes] = ...) -> None: ...
 
 class KeyVerdict(_message.Message):
-    __slots__ = ("key_id", "method", "score", "p_value", "p_value_corrected", "detected")
+    __slots__ = ("key_id", "method", "score", "p_value", "p_value_corrected", "detected", "family_size", "member", "member_key_id")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     P_VALUE_FIELD_NUMBER: _ClassVar[int]
     P_VALUE_CORRECTED_FIELD_NUMBER: _ClassVar[int]
     DETECTED_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_KEY_ID_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     method: str
     score: float
     p_value: float
     p_value_corrected: float
     detected: bool
-    def __init__(self, key_id: _Optional[str] = ..., method: _Optional[str] = ..., score: _Optional[float] = ..., p_value: _Optional[float] = ..., p_value_corrected: _Optional[float] = ..., detected: _Optional[bool] = ...) -> None: ...
+    family_size: int
+    member: int
+    member_key_id: str
+    def __init__(self, key_id: _Optional[str] = ..., method: _Optional[str] = ..., score: _Optional[float] = ..., p_value: _Optional[float] = ..., p_value_corrected: _Optional[float] = ..., detected: _Optional[bool] = ..., family_size: _Optional[int] = ..., member: _Optional[int] = ..., member_key_id: _Optional[str] = ...) -> None: ...
 
 class Attestation(_message.Message):
     __slots__ = ("payload", "signature", "public_key", "payload_format")
@@ -96,7 +102,7 @@ class Attestation(_message.Message):
     def __init__(self, payload: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., public_key: _Optional[bytes] = ..., payload_format: _Optional[str] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
-    __slots__ = ("verdicts", "detected", "identified_key_id", "bits", "num_bits", "method_score", "target_fpr", "model", "image_sha256", "request_id", "notes", "model_evals", "attestation")
+    __slots__ = ("verdicts", "detected", "identified_key_id", "bits", "num_bits", "method_score", "target_fpr", "model", "image_sha256", "request_id", "notes", "model_evals", "attestation", "identified_member")
     VERDICTS_FIELD_NUMBER: _ClassVar[int]
     DETECTED_FIELD_NUMBER: _ClassVar[int]
     IDENTIFIED_KEY_ID_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +116,7 @@ class VerifyResponse(_message.Message):
     NOTES_FIELD_NUMBER: _ClassVar[int]
     MODEL_EVALS_FIELD_NUMBER: _ClassVar[int]
     ATTESTATION_FIELD_NUMBER: _ClassVar[int]
+    IDENTIFIED_MEMBER_FIELD_NUMBER: _ClassVar[int]
     verdicts: _containers.RepeatedCompositeFieldContainer[KeyVerdict]
     detected: bool
     identified_key_id: str
@@ -123,7 +130,8 @@ class VerifyResponse(_message.Message):
     notes: _containers.RepeatedScalarFieldContainer[str]
     model_evals: int
     attestation: Attestation
-    def __init__(self, verdicts: _Optional[_Iterable[_Union[KeyVerdict, _Mapping]]] = ..., detected: _Optional[bool] = ..., identified_key_id: _Optional[str] = ..., bits: _Optional[bytes] = ..., num_bits: _Optional[int] = ..., method_score: _Optional[float] = ..., target_fpr: _Optional[float] = ..., model: _Optional[str] = ..., image_sha256: _Optional[str] = ..., request_id: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ..., model_evals: _Optional[int] = ..., attestation: _Optional[_Union[Attestation, _Mapping]] = ...) -> None: ...
+    identified_member: int
+    def __init__(self, verdicts: _Optional[_Iterable[_Union[KeyVerdict, _Mapping]]] = ..., detected: _Optional[bool] = ..., identified_key_id: _Optional[str] = ..., bits: _Optional[bytes] = ..., num_bits: _Optional[int] = ..., method_score: _Optional[float] = ..., target_fpr: _Optional[float] = ..., model: _Optional[str] = ..., image_sha256: _Optional[str] = ..., request_id: _Optional[str] = ..., notes: _Optional[_Iterable[str]] = ..., model_evals: _Optional[int] = ..., attestation: _Optional[_Union[Attestation, _Mapping]] = ..., identified_member: _Optional[int] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()
