@@ -94,7 +94,7 @@ def _load_cache(path: Path) -> dict:
     return out
 
 
-def _negatives(method, cfg: CalibrationConfig, log) -> list[tuple[str, str, np.ndarray]]:
+def unwatermarked_images(method, cfg: CalibrationConfig, log) -> list[tuple[str, str, np.ndarray]]:
     """(source, name, image) of every unwatermarked image: the generations first, then the photos."""
     from shallowmark.attacks import photos
 
@@ -132,7 +132,7 @@ def run_calibration(cfg: CalibrationConfig, out_dir, log: Callable = print) -> d
     path = _cache_file(cfg)
     ctx = _context(method, cfg)
     cache = _load_cache(path)
-    images = _negatives(method, cfg, log)
+    images = unwatermarked_images(method, cfg, log)
     with path.open("a") as f:
         for setting in settings:
             todo = [(s, n, im) for s, n, im in images if (ctx, s, n, setting.label) not in cache]

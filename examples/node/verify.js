@@ -129,8 +129,14 @@ function checkAttestation(att, trustedKey, { imageSha256, nonce, response }) {
       && payload.identified_key_id === (response.identified_key_id || '')
       && payload.image_sha256 === response.image_sha256
       && Array.isArray(payload.verdicts) && payload.verdicts.length === response.verdicts.length
+      && String(payload.identified_member) === String(response.identified_member)
       && payload.verdicts.every((v, i) => v.key_id === response.verdicts[i].key_id
-        && v.detected === response.verdicts[i].detected && v.p_value === response.verdicts[i].p_value);
+        && v.detected === response.verdicts[i].detected && v.p_value === response.verdicts[i].p_value
+        // a key family's verdict signs its size, best member and that member's id; a single key's none
+        && (response.verdicts[i].family_size
+          ? v.family_size === response.verdicts[i].family_size && v.member === response.verdicts[i].member
+            && v.member_key_id === response.verdicts[i].member_key_id
+          : !('member' in v)));
     if (!same) throw new Error('the signed payload does not match the response');
   }
   return payload;

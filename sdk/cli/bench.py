@@ -1,5 +1,5 @@
 """The benchmarks: ``bench-core`` (tiny-ldm and DDIM), ``bench-methods`` (every method on clean
-images), ``bench-key-scan`` (Shallow Diffuse key placements), ``bench-sizes`` (uploads of other sizes), ``bench-calibration`` (verdicts on unwatermarked images), ``bench-photos`` (real photos through the service) and ``bench`` (robustness under
+images), ``bench-key-scan`` (Shallow Diffuse key placements), ``bench-sizes`` (uploads of other sizes), ``bench-calibration`` (verdicts on unwatermarked images), ``bench-photos`` (real photos through the service), ``bench-identify`` (a key family of up to 100 000) and ``bench`` (robustness under
 attacks, in-process or through a server)."""
 
 from __future__ import annotations
@@ -56,6 +56,16 @@ def register(sub) -> None:
     ph.add_argument("--sources", help="comma-separated photo sets (default: all fetched; see fetch-photos)")
     ph.add_argument("--cache", help="photo cache folder (default: the fetch-photos cache)")
     ph.set_defaults(func=_cmd_bench_photos)
+
+    ident = sub.add_parser("bench-identify", help="identification across a key family of up to 100 000 members: "
+                                                  "accuracy under attacks, false positives, Verify latency per size")
+    ident.add_argument("--out", default="docs/benchmarks/identification")
+    ident.add_argument("--n", type=int, default=100, help="watermarked generations (default 100)")
+    ident.add_argument("--sizes", default="64,1000,10000,100000", help="family sizes searched (default 64,1000,10000,100000)")
+    ident.add_argument("--attacks", default="clean,jpeg:50,jpeg,blur,noise,jitter")
+    ident.add_argument("--n-negatives", type=int, default=100, help="unwatermarked generations (default 100)")
+    ident.add_argument("--photos-per-source", type=int, default=25, help="photos of each set as negatives (default 25)")
+    ident.set_defaults(func=_cmd_bench_identify)
 
     _register_bench(sub)
 
@@ -157,6 +167,18 @@ def _cmd_bench_photos(args) -> int:
     cfg = photos_report.PhotoScenarioConfig(n=args.n, sources=tuple(args.sources.split(",")) if args.sources else None,
                                             cache_dir=args.cache)
     photos_report.run(cfg, Path(args.out), log=log, command=args.invocation)
+    print_report(args.out)
+    return 0
+
+
+def _cmd_bench_identify(args) -> int:
+    need("server", "bench-identify")
+    from shallowmark.attacks import identify_report
+
+    cfg = identify_report.IdentifyConfig(n_marked=args.n, sizes=tuple(int(s) for s in args.sizes.split(",")),
+                                         attacks=tuple(args.attacks.split(",")), n_generated_negatives=args.n_negatives,
+                                         photos_per_source=args.photos_per_source)
+    identify_report.run(cfg, Path(args.out), log=log, command=args.invocation)
     print_report(args.out)
     return 0
 
