@@ -487,6 +487,16 @@ class VAEChunks:
         return self._split(self._backend.decode, latents)
 
 
+def vae_view(backend: Any, vae_batch: int, device: str) -> Any:
+    """The backend the methods see: with autoencoder calls split into ``vae_batch`` images
+    (:class:`VAEChunks`); ``vae_batch`` 0 means one image at a time on a CPU, where batched VAE calls
+    cost more per image than single ones, and the whole batch elsewhere."""
+    chunk = vae_batch
+    if chunk == 0:
+        chunk = 1 if str(getattr(backend, "device", device)).startswith("cpu") else 0
+    return VAEChunks(backend, chunk) if chunk else backend
+
+
 # -- batch functions -------------------------------------------------------------------------------
 
 

@@ -136,12 +136,11 @@ def run_clients(address: str, token: str, clients: int, body: Callable[[object, 
     return wall, cpu
 
 
-def _level(address: str, token: str, image: bytes, keys, clients: int, total: int, min_seconds: float = 0.0) -> dict:
-    """At least ``total`` Verify calls from ``clients`` threads (one Client each), back to back; the
-    clients keep sending until ``min_seconds`` have passed too."""
-    per = [total // clients + (1 if i < total % clients else 0) for i in range(clients)]
-    latencies: list[float] = []
-    errors: list[str] = []
+def verify_body(image: bytes, keys, per: list[int], min_seconds: float, latencies: list[float],
+                errors: list[str]) -> Callable[[object, int], None]:
+    """A :func:`run_clients` body: client i sends ``per[i]`` Verify calls back to back (and keeps
+    sending until ``min_seconds`` have passed), appending each success's latency to ``latencies``
+    and each failure's message (an error, or the watermark not detected) to ``errors``."""
     lock = threading.Lock()
 
     def body(c, i: int) -> None:
@@ -150,12 +149,9 @@ def _level(address: str, token: str, image: bytes, keys, clients: int, total: in
             sent += 1
             t0 = time.perf_counter()
             try:
-                res = c.verify(image, keys, method=METHOD)
-                ok = res.detected
+                ok, msg = c.verify(image, keys, method=METHOD).detected, "watermark not detected"
             except Exception as e:  # noqa: BLE001 - counted and reported
                 ok, msg = False, f"{type(e).__name__}: {e}"
-            else:
-                msg = "" if ok else "watermark not detected"
             dt = time.perf_counter() - t0
             with lock:
                 if ok:
@@ -163,7 +159,16 @@ def _level(address: str, token: str, image: bytes, keys, clients: int, total: in
                 else:
                     errors.append(msg)
 
-    wall, cpu = run_clients(address, token, clients, body)
+    return body
+
+
+def _level(address: str, token: str, image: bytes, keys, clients: int, total: int, min_seconds: float = 0.0) -> dict:
+    """At least ``total`` Verify calls from ``clients`` threads (one Client each), back to back; the
+    clients keep sending until ``min_seconds`` have passed too."""
+    per = [total // clients + (1 if i < total % clients else 0) for i in range(clients)]
+    latencies: list[float] = []
+    errors: list[str] = []
+    wall, cpu = run_clients(address, token, clients, verify_body(image, keys, per, min_seconds, latencies, errors))
     return dict(rps=len(latencies) / wall, p50_ms=_percentile_ms(latencies, 50), p99_ms=_percentile_ms(latencies, 99),
                 requests=len(latencies) + len(errors), errors=len(errors), wall_s=wall, cpu_s=cpu,
                 first_error=errors[0] if errors else "")

@@ -83,11 +83,11 @@ from shallowmark.server.batching import (
     BatchStats,
     FairLock,
     MicroBatcher,
-    VAEChunks,
     check_deadline,
     generate_batch,
     normalise_time_left,
     run_isolated,
+    vae_view,
     verify_batch,
 )
 from shallowmark.server.config import ServerConfig
@@ -177,12 +177,7 @@ class ModelPool:
             from shallowmark.core.backends import load_backend as loader
         options = dict(self.config.model_options.get(name, {}))
         options.setdefault("device", self.config.device)
-        backend = loader(name, **options)
-        chunk = self.config.vae_batch
-        if chunk == 0:
-            chunk = 1 if str(getattr(backend, "device", options["device"])).startswith("cpu") else 0
-        if chunk:  # the methods see a backend whose VAE calls are split (see VAEChunks)
-            backend = VAEChunks(backend, chunk)
+        backend = vae_view(loader(name, **options), self.config.vae_batch, options["device"])
         # latent methods are built now (they share the backend); post-hoc ones on first use, where
         # the packages they need are installed
         methods = {m: load_method(m, backend, **dict(self.config.method_options.get(m, {})))

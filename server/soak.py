@@ -145,18 +145,18 @@ def _child(folder: Path) -> int:
     return 0
 
 
-class _Server:
-    """The server subprocess: started and waited for until health SERVING, stopped by SIGTERM."""
+class ServerProcess:
+    """A load-test server (:func:`~shallowmark.server.loadtest.server_config` with ``server``'s
+    fields, ``threads`` torch threads or torch's default) in a subprocess of its own: started and
+    waited for until health SERVING, stopped by SIGTERM. Its log is ``folder/server.log``."""
 
-    def __init__(self, cfg: SoakConfig, token: str, folder: Path):
+    def __init__(self, server: dict, threads: int | None, token: str, folder: Path):
         self.folder = folder
-        spec = dict(threads=cfg.threads,
-                    server=dict(clients=cfg.clients, num_steps=cfg.num_steps, device=cfg.device,
-                                max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms, vae_batch=cfg.vae_batch))
+        spec = dict(threads=threads, server=server)
         (folder / "server.json").write_text(json.dumps(spec))
         env = dict(os.environ, **{_TOKEN_ENV: token})  # not on the command line, which any user can read
-        if cfg.threads:
-            env["OMP_NUM_THREADS"] = str(cfg.threads)
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
         self._out = open(folder / "server.out", "wb")
         self.t_spawn = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, "-m", "shallowmark.server.soak", "--child", str(folder)],
@@ -180,9 +180,9 @@ class _Server:
         ready = self.folder / "ready.json"
         while not ready.exists():
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the soak server exited with {self.proc.returncode} before listening:\n{self.tail()}")
+                raise RuntimeError(f"the server exited with {self.proc.returncode} before listening:\n{self.tail()}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the soak server did not listen within {timeout:.0f} s:\n{self.tail()}")
+                raise RuntimeError(f"the server did not listen within {timeout:.0f} s:\n{self.tail()}")
             time.sleep(0.2)
         self.info = json.loads(ready.read_text())
         with grpc.insecure_channel(self.info["address"]) as channel:
@@ -195,7 +195,7 @@ class _Server:
                 if status == health_pb2.HealthCheckResponse.SERVING:
                     break
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the soak server did not become SERVING within {timeout:.0f} s "
+                    raise RuntimeError(f"the server did not become SERVING within {timeout:.0f} s "
                                        f"(exit code {self.proc.returncode}):\n{self.tail()}")
                 time.sleep(0.5)
         self.startup_s = time.perf_counter() - self.t_spawn
@@ -247,7 +247,7 @@ def _proc_sample(pid: int) -> dict | None:
 class _Sampler(threading.Thread):
     """Samples the server every ``interval`` s; sets ``gone`` when the process has exited."""
 
-    def __init__(self, server: _Server, interval: float, t0: Callable[[], float]):
+    def __init__(self, server: ServerProcess, interval: float, t0: Callable[[], float]):
         super().__init__(name="rss-sampler", daemon=True)
         self.server, self.interval, self.t0 = server, interval, t0
         self.samples: list[dict] = []
@@ -432,7 +432,9 @@ def run_soak(out: str | os.PathLike[str], config: SoakConfig | None = None, *, c
     t0 = lambda: clock["t0"]   # noqa: E731 - the load phase's start, set once the server is up
     with tempfile.TemporaryDirectory(prefix="shallowmark-soak-") as tmp:
         folder = Path(tmp)
-        server = _Server(cfg, token, folder)
+        server = ServerProcess(dict(clients=cfg.clients, num_steps=cfg.num_steps, device=cfg.device,
+                                    max_batch=cfg.max_batch, max_wait_ms=cfg.max_wait_ms, vae_batch=cfg.vae_batch),
+                               cfg.threads, token, folder)
         sampler = None
         try:
             server.wait_serving()

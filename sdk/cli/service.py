@@ -244,6 +244,15 @@ def register_loadtest(sub) -> None:
     lt.add_argument("--max-wait-ms", type=float, help="server max wait for a batch to fill (default 5)")
     lt.add_argument("--threads", type=int, help="torch threads for the run (default: torch's, set by OMP_NUM_THREADS)")
     lt.add_argument("--device", help="torch device (default cpu)")
+    lt.add_argument("--isolation", choices=("threads", "processes"), default="threads",
+                    help="threads: two servers (batching on and off) and their client threads in this process "
+                         "(default); processes: one server in a subprocess and the clients in processes of their "
+                         "own, against the in-process rate (default --out docs/benchmarks/service/processes)")
+    lt.add_argument("--client-processes", type=int, help="processes the clients are spread over (default 4; "
+                                                         "--isolation processes)")
+    lt.add_argument("--profile", type=float, metavar="SECONDS",
+                    help="sample the server with py-spy for this long at the largest client count "
+                         "(--isolation processes; py-spy is in the dev extra)")
     lt.set_defaults(func=_cmd_loadtest)
 
 
@@ -272,6 +281,24 @@ def _cmd_loadtest(args) -> int:
     from shallowmark.server.loadtest import LoadtestConfig, run_loadtest
 
     kw = _loadtest_options(args)
+    if args.isolation == "processes":
+        from shallowmark.server import loadtest_processes as lp
+
+        if args.client_processes is not None:
+            if args.client_processes < 1:
+                raise ShallowmarkError("--client-processes needs a positive integer")
+            kw["client_processes"] = args.client_processes
+        if args.profile is not None:
+            if not args.profile > 0:
+                raise ShallowmarkError(f"--profile needs a number of seconds > 0; got {args.profile}")
+            kw["profile_s"] = args.profile
+        cfg = lp.ProcessLoadConfig.quick_config(**kw) if args.quick else lp.ProcessLoadConfig(**kw)
+        out = args.out if args.out != "docs/benchmarks/service" else "docs/benchmarks/service/processes"
+        lp.run(out, cfg, command=args.invocation, log=log)
+        print_report(out)
+        return 0
+    if args.client_processes is not None or args.profile is not None:
+        raise ShallowmarkError("--client-processes and --profile go with --isolation processes")
     cfg = LoadtestConfig.quick_config(**kw) if args.quick else LoadtestConfig(**kw)
     run_loadtest(args.out, cfg, command=args.invocation, log=log)
     print_report(args.out)

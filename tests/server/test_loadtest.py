@@ -62,3 +62,41 @@ def test_rows_run_for_at_least_min_seconds(tmp_path):
 def test_negative_min_seconds_is_refused(tmp_path, capsys):
     assert main(["loadtest", "--quick", "--min-seconds", "-1", "--out", str(tmp_path)]) == 2
     assert "--min-seconds needs a number >= 0" in capsys.readouterr().err
+
+
+def test_quick_loadtest_with_clients_in_processes_of_their_own(tmp_path):
+    """The server in a subprocess, two clients spread over two spawned processes: every call
+    answered and counted, the served share against the in-process rate reported."""
+    out = tmp_path / "processes"
+    assert main(["loadtest", "--isolation", "processes", "--quick", "--clients", "2", "--requests", "4",
+                 "--client-processes", "2", "--threads", "1", "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    (row,) = rep["throughput"]
+    assert row["clients"] == 2 and row["client_processes"] == 2
+    assert row["requests"] == 4 and row["errors"] == 0 and row["rps"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
+    assert rep["config"]["server_isolation"] == "subprocess" and rep["config"]["server_torch_threads"] == 1
+    assert rep["server"]["exit_code"] == 0 and rep["profile"] is None
+    g = rep["goals"]
+    assert g["served_share_at"] == 2 and g["served_share_of_inprocess"] > 0 and g["served_share_goal"] == 0.9
+    md = (out / "report.md").read_text()
+    assert "in a subprocess" in md and "| clients | client processes | req/s |" in md
+
+
+def test_profile_summary_folds_idle_waits_and_ranks_the_busy_frames():
+    from shallowmark.server.loadtest_processes import summarise_profile
+
+    folded = "\n".join([
+        "thread (0x1);run (server.py:1);forward (torch/nn/modules/conv.py:560) 60",
+        "thread (0x2);loop (grpc.py:3);wait (threading.py:355) 30",
+        "thread (0x1);run (server.py:1);sign (attestation.py:9) 10",
+        "garbage line without a count",
+    ])
+    s = summarise_profile(folded)
+    assert s["samples"] == 100 and s["threads"] == {"thread (0x1)": 70, "thread (0x2)": 30}
+    assert [(t["frame"], t["share"]) for t in s["top"]] == [
+        ("forward (torch/nn/modules/conv.py:560)", 0.6), ("(idle: waiting)", 0.3), ("sign (attestation.py:9)", 0.1)]
+
+
+def test_loadtest_flags_that_need_processes_are_refused_alone(capsys):
+    assert main(["loadtest", "--quick", "--profile", "5"]) != 0
+    assert "--isolation processes" in capsys.readouterr().err
