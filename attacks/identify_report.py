@@ -91,7 +91,9 @@ def run(cfg: IdentifyConfig, out_dir: Path, log: Callable = print, command: str 
     negatives = unwatermarked_images(method, CalibrationConfig(
         method=cfg.method, model=cfg.model, n_generated=cfg.n_generated_negatives,
         photo_sources=cfg.photo_sources, photos_per_source=cfg.photos_per_source, batch=cfg.batch), log)
-    sets = [("marked", s, [(str(seed), im, member) for seed, im, member in marked]) for s in parse_attacks(",".join(cfg.attacks))]
+    # an image's name holds its member, so that a run with other members never reads this one's records
+    sets = [("marked", s, [(f"{seed}-{member}", im, member) for seed, im, member in marked])
+            for s in parse_attacks(",".join(cfg.attacks))]
     sets += [("unmarked", s, [(f"{src}/{name}", im, None) for src, name, im in negatives])
              for s in parse_attacks(",".join(cfg.negative_attacks))]
     with (root / "results.jsonl").open("a") as f:

@@ -23,7 +23,7 @@ no whitespace, floats in Python's shortest round-trip form::
      "model": str, "bits": hex of the packed bits, "num_bits": int, "request_id": str,
      "target_fpr": float, "tenant": str, "nonce": hex (empty: none sent),
      "methods": [{"name", "config_sha256"}, ...] (each method that ran, sorted by name),
-     "identified_member": int (the identified key family member's index; -1: none),
+     "identified_member": int (only when a member was found by searching a key family),
      "verdicts": [{"detected", "key_id", "method", "p_value", "p_value_corrected", "score"}, ...]}
 
 A key family's verdict also carries ``family_size``, ``member`` (its best member's index) and
@@ -55,10 +55,6 @@ PAYLOAD_FORMAT = "shallowmark.verify.v2"
 _VERDICT_FIELDS = ("key_id", "method", "score", "p_value", "p_value_corrected", "detected")
 #: Signed only in a key family's verdict (the result's verdict then has them non-empty).
 _FAMILY_FIELDS = ("family_size", "member", "member_key_id")
-
-
-def _member_or_none(member) -> int:
-    return -1 if member is None else int(member)
 
 
 class AttestationError(ShallowmarkError):
@@ -200,11 +196,14 @@ def verify_attestation(result: Any, trusted_public_key: Any = None, *, image: An
         "target_fpr": getattr(result, "target_fpr", None),
         "detected": getattr(result, "detected", None),
         "identified_key_id": getattr(result, "identified_key_id", None) or "",
-        "identified_member": _member_or_none(getattr(result, "identified_member", None)),
         "method_score": getattr(result, "method_score", None),
         "num_bits": getattr(result, "num_bits", None),
         "bits": (getattr(result, "bits_packed", b"") or b"").hex(),
     }
+    member = getattr(result, "identified_member", None)
+    if ("identified_member" in payload) != (member is not None) or (
+            member is not None and not _same(payload["identified_member"], member)):
+        raise AttestationError("the signed payload does not match the result: field 'identified_member' differs")
     nonce = bytes(getattr(result, "nonce", b"") or b"")
     if nonce:
         checks["nonce"] = nonce.hex()

@@ -597,7 +597,7 @@ class Client:
             detected=r.detected, identified_key_id=r.identified_key_id or None,
             verdicts=tuple(KeyVerdict(v.key_id, v.method, v.score, v.p_value, v.p_value_corrected, v.detected,
                                       v.family_size, v.member, v.member_key_id) for v in r.verdicts),
-            identified_member=r.identified_member if r.identified_member >= 0 else None,
+            identified_member=r.identified_member if r.HasField("identified_member") else None,
             method_score=r.method_score, bits_packed=r.bits, num_bits=r.num_bits, target_fpr=r.target_fpr,
             model=r.model, image_sha256=r.image_sha256, request_id=r.request_id, notes=tuple(r.notes),
             model_evals=r.model_evals, attestation=att, nonce=nonce)

@@ -279,8 +279,9 @@ class MethodKey:
         return cls(method=method, key_id=_KEY_ID_PREFIX + fp.hex(), material=data[5 + n + _KEY_ID_BYTES:])
 
     def __eq__(self, other: object) -> bool:
-        # Constant-time on the secret part, so equality checks on a server do not leak timing.
-        if not isinstance(other, MethodKey):
+        # Constant-time on the secret part, so equality checks on a server do not leak timing. Only
+        # keys of the same type compare: a family or a member is not the plain key of its material.
+        if not isinstance(other, MethodKey) or type(other) is not type(self):
             return NotImplemented
         return (self.method == other.method and self.key_id == other.key_id
                 and hmac.compare_digest(self.material, other.material))
@@ -311,8 +312,10 @@ class _FamilyWire(MethodKey):
     @classmethod
     def from_bytes(cls, data: bytes):
         data = bytes(data)
-        if len(data) < len(cls._magic) + 1 or data[:4] != cls._magic:
+        if data[:4] != cls._magic:
             raise KeyMaterialError(f"not a serialized {cls.__name__} (expected it to start with {cls._magic!r})")
+        if len(data) < len(cls._magic) + 1:
+            raise KeyMaterialError(f"serialized {cls.__name__} is truncated ({len(data)} bytes)")
         n = data[4]
         want = 5 + n + _KEY_ID_BYTES + SECRET_BYTES + 4
         if len(data) != want:

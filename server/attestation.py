@@ -109,14 +109,15 @@ def verify_payload(*, request_id: str, image_sha256: str, model: str, target_fpr
                    identified_key_id: str, method_score: float, bits_packed: bytes, num_bits: int,
                    verdicts: Sequence[dict[str, Any]], tenant: str = "", methods: dict[str, str] | None = None,
                    nonce: bytes = b"", issued_at: datetime | None = None,
-                   identified_member: int = -1) -> dict[str, Any]:
+                   identified_member: int | None = None) -> dict[str, Any]:
     """The payload to sign for one Verify result (see :mod:`shallowmark.attestation`).
 
     ``methods`` maps each method that ran to :func:`config_sha256` of its configuration; ``nonce``
     is the caller's (empty when none was sent). A key family's verdict also signs its size, best
-    member and that member's id; ``identified_member`` is the identified member's index (-1: none)."""
+    member and that member's id; ``identified_member``, the index of a member found by searching a
+    family, is signed when there is one (a payload without it is a v2 payload as before)."""
     when = (issued_at or datetime.now(timezone.utc)).astimezone(timezone.utc)
-    return {
+    payload = {
         "format": PAYLOAD_FORMAT,
         "tenant": tenant,
         "methods": [{"name": n, "config_sha256": h} for n, h in sorted((methods or {}).items())],
@@ -128,7 +129,6 @@ def verify_payload(*, request_id: str, image_sha256: str, model: str, target_fpr
         "target_fpr": float(target_fpr),
         "detected": bool(detected),
         "identified_key_id": identified_key_id,
-        "identified_member": int(identified_member),
         "method_score": float(method_score),
         "bits": bytes(bits_packed).hex(),
         "num_bits": int(num_bits),
@@ -136,3 +136,6 @@ def verify_payload(*, request_id: str, image_sha256: str, model: str, target_fpr
                                         "family_size", "member", "member_key_id") if k in v}
                      for v in verdicts],
     }
+    if identified_member is not None:
+        payload["identified_member"] = int(identified_member)
+    return payload

@@ -73,9 +73,8 @@ def _client_process(address: str, token: str, image: bytes, keys: list[bytes], t
 
     latencies: list[float] = []
     errors: list[str] = []
-    body = verify_body(image, [parse_key(k) for k in keys], per_thread, min_seconds, latencies, errors)
-
     try:
+        body = verify_body(image, [parse_key(k) for k in keys], per_thread, min_seconds, latencies, errors)
         _, cpu = run_clients(address, token, threads, body, on_start=barrier.wait)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
         barrier.abort()
@@ -101,12 +100,23 @@ def _level(ctx, address: str, token: str, image: bytes, keys: list[bytes], clien
         at += t
         p.start()
         procs.append(p)
-    barrier.wait(timeout=300)
+    import threading
+
+    try:
+        barrier.wait(timeout=300)
+    except threading.BrokenBarrierError:
+        # a client process failed before the start: its message is on the queue
+        msgs = [results.get(timeout=30) for _ in range(results.qsize() or 1)]
+        raise ShallowmarkError(f"a client process failed before the start: {msgs[0][1] if msgs else 'no message'}") from None
     t0 = time.perf_counter()
-    if during is not None:
-        during()
+    # the profiler runs beside the clients, so that its seconds do not count in the row's wall time
+    side = threading.Thread(target=during, name="profiler") if during is not None else None
+    if side is not None:
+        side.start()
     got = [results.get(timeout=3600) for _ in procs]
     wall = time.perf_counter() - t0
+    if side is not None:
+        side.join()
     for p in procs:
         p.join(timeout=30)
     crashed = [g[1] for g in got if g[0] == "crash"]
@@ -128,7 +138,7 @@ def _profile(pid: int, seconds: float, out: Path) -> dict:
     if exe is None:
         raise ShallowmarkError("profiling needs py-spy (pip install 'shallowmark[dev]', or pip install py-spy)")
     folded = out / "server-profile.txt"
-    proc = subprocess.run([exe, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "100",
+    proc = subprocess.run([exe, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))), "--rate", "100",
                            "--format", "raw", "--threads", "--nonblocking", "--output", str(folded)],
                           capture_output=True, text=True)
     if proc.returncode != 0 or not folded.exists():

@@ -615,6 +615,8 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
         for k in keys:
             groups.setdefault(k.method, []).append(k)
         methods = {name: self.pool.method(lm, name) for name in groups}
+        for name, m in methods.items():   # keys a method refuses (a family it cannot search) fail here, not in a batch
+            m.check_keys(groups[name])
         info.update(model=lm.name, methods=",".join(groups), keys=sum(k.size if isinstance(k, KeyFamily) else 1
                                                                      for k in keys))
         img = validation.decode_image(request.image, self.config.max_image_pixels, self.config.max_decode_bytes)
@@ -652,7 +654,7 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
         best_v = verdicts[best]
         best_id = best_v.get("member_key_id", best_v["key_id"])   # the member's id for a family
         identified = best_id if detected else ""
-        identified_member = best_v["member"] if detected and "member" in best_v else -1
+        identified_member = best_v["member"] if detected and "member" in best_v else None
         best_det = detections[best_v["method"]]
         bits = b""
         num_bits = 0
@@ -671,7 +673,7 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
         info.update(detected=detected, identified=identified or "-")
         return pb.VerifyResponse(
             verdicts=[pb.KeyVerdict(**v) for v in verdicts], detected=detected, identified_key_id=identified,
-            identified_member=identified_member,
+            identified_member=identified_member,   # None: unset
             bits=bits, num_bits=num_bits, method_score=method_score, target_fpr=target_fpr, model=lm.name,
             image_sha256=img.sha256, request_id=rid, notes=notes, model_evals=evals,
             attestation=pb.Attestation(payload=data, signature=sig, public_key=self.signer.public_key_raw,

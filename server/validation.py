@@ -295,7 +295,8 @@ def parse_method_key(data: bytes, where: str = "method_key", family: bool = Fals
     try:
         sent = parse_key(data)
     except (KeyMaterialError, InvalidParameterError) as e:
-        raise type(e)(f"{where}: {e}; send MethodKey.to_bytes() from the shallowmark SDK") from None
+        kind = {b"SMF1": "KeyFamily", b"SMM1": "FamilyMember"}.get(bytes(data[:4]), "MethodKey")
+        raise type(e)(f"{where}: {e}; send {kind}.to_bytes() from the shallowmark SDK") from None
     if isinstance(sent, KeyFamily) and not family:
         raise KeyMaterialError(f"{where} is a KeyFamily, which only verifies; embed with one member, "
                                "family.member(index).to_bytes()")
@@ -324,10 +325,15 @@ def parse_method_keys(items: Sequence[bytes], max_keys: int) -> list[MethodKey]:
         raise InvalidParameterError(f"{len(items)} entries in method_keys, more than {MAX_KEY_ENTRIES}; send many "
                                     "keys as one KeyFamily (key.family(method, size)), which stands for all its members")
     keys = [parse_method_key(b, f"method_keys[{i}]", family=True) for i, b in enumerate(items)]
+    for i, k in enumerate(keys):
+        if isinstance(k, KeyFamily) and k.size > max_keys:
+            raise InvalidParameterError(f"method_keys[{i}] is a key family of {k.size} members, more than this server's "
+                                        f"limit of {max_keys} keys per Verify; use families of at most {max_keys} "
+                                        "members here (members beyond it cannot be searched on this server)")
     total = sum(k.size if isinstance(k, KeyFamily) else 1 for k in keys)
     if total > max_keys:
         raise InvalidParameterError(f"{total} keys to search (key family members counted), more than this server's "
-                                    f"limit of {max_keys}; split them over several calls")
+                                    f"limit of {max_keys}; split the entries over several calls")
     seen = set()
     for i, k in enumerate(keys):
         if (k.method, k.key_id) in seen:

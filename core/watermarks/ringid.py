@@ -25,6 +25,6 @@ class RingID(TreeRing):
         bits = torch.from_numpy(payload_bits(key, self.config.radius + 1).astype("float64"))
         return self.config.strength * (2 * bits - 1)
 
-    def family_values(self, key: MethodKey, count: int) -> torch.Tensor:
+    def family_values(self, key: MethodKey, count: int, start: int = 0) -> torch.Tensor:
         # a member's rings are ±strength, as a single key's: the signs of the family's Gaussian values
-        return self.config.strength * torch.sign(super().family_values(key, count))
+        return self.config.strength * torch.sign(super().family_values(key, count, start))

@@ -296,19 +296,23 @@ def shift_profiles(x: torch.Tensor, channel: int, geom: RingGeometry, window: in
     return parts.flatten(2)                                           # (batch, dims, shifts)
 
 
-#: Keys scored per matrix product in :func:`max_cosines`: 8192 keys x 2312 hypotheses (8 views x
-#: 289 shifts) is 150 MB of float64, where all of 100 000 at once would be 1.8 GB.
-KEY_CHUNK = 8192
+#: Cosines computed per matrix product in :func:`max_cosines` (images x keys x hypotheses): 2**24
+#: float64 is 128 MB, about 7 000 keys x 2312 hypotheses (8 views x 289 shifts) for one image, where
+#: 100 000 keys at once would be 1.8 GB an image.
+CHUNK_ELEMENTS = 1 << 24
 
 
 def max_cosines(profiles: torch.Tensor, geom: RingGeometry, values: torch.Tensor,
-                chunk: int = KEY_CHUNK) -> torch.Tensor:
+                chunk: int | None = None) -> torch.Tensor:
     """max over hypotheses h of cos(key k, profiles[b, :, h]): (batch, keys), for ``profiles``
-    (batch, dims, hypotheses) and ring ``values`` (keys, n_values). The keys go through in chunks,
-    so memory stays bounded whatever their number."""
+    (batch, dims, hypotheses) and ring ``values`` (keys, n_values). The keys go through in chunks
+    (``chunk`` keys, default sized so that a chunk's cosines over the whole batch fit in
+    :data:`CHUNK_ELEMENTS`), so memory stays bounded whatever the numbers of keys and images."""
     m = profiles / profiles.norm(dim=1, keepdim=True).clamp_min(1e-300)
     w = key_vector(geom, values)
     w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    if chunk is None:
+        chunk = max(1, CHUNK_ELEMENTS // max(1, m.shape[0] * m.shape[2]))
     out = torch.empty(m.shape[0], w.shape[0], dtype=torch.float64)
     for i in range(0, w.shape[0], chunk):
         out[:, i:i + chunk] = torch.einsum("bdh,kd->bkh", m, w[i:i + chunk]).amax(dim=2)
@@ -322,26 +326,34 @@ def shifted_cosines(x: torch.Tensor, channel: int, values: torch.Tensor, geom: R
     return max_cosines(shift_profiles(x, channel, geom, window, whiten), geom, values)
 
 
-def family_key_values(seed: int, geom: RingGeometry, count: int, strength: float = 1.0) -> torch.Tensor:
-    """Ring values of a key family's members ``0..count-1`` (count, n_values), drawn from ``seed``
-    (:func:`shallowmark.keys.family_seed`) in one vectorised call: i.i.d. N(0, strength²) per value
-    (real and imaginary parts for complex keys), as :func:`key_values_from_seed` draws one key's,
-    so each member alone is a uniformly random direction and its p-value is exact.
+def family_key_values(seed: int, geom: RingGeometry, count: int, strength: float = 1.0,
+                      start: int = 0) -> torch.Tensor:
+    """Ring values of a key family's members ``start..start+count-1`` (count, n_values), drawn from
+    ``seed`` (:func:`shallowmark.keys.family_seed`) in one vectorised call: i.i.d. N(0, strength²)
+    per value (real and imaginary parts for complex keys), as :func:`key_values_from_seed` draws one
+    key's, so each member alone is a uniformly random direction and its p-value is exact.
 
     The stream is pinned: Philox-4x64 raw 64-bit words (numpy's bit generator, whose output is
-    stable across versions, unlike its distributions) turned into normals by Box–Muller here;
-    member i's values are the i-th block of the stream, so they do not depend on ``count``."""
-    count = int(count)
-    if count < 1:
-        raise InvalidParameterError(f"a key family has at least one member; got {count}")
+    stable across versions, unlike its distributions), each pair of words turned into two normals by
+    Box–Muller here; member i's values are normals ``i·per .. (i+1)·per - 1`` of the stream (``per``
+    values a member), so they do not depend on ``count``, and the generator jumps straight to
+    ``start`` (Philox is counter-based): one member costs the same whatever its index."""
+    count, start = int(count), int(start)
+    if count < 1 or start < 0:
+        raise InvalidParameterError(f"a key family has at least one member from index 0; got {count} from {start}")
     # not cached: a server holds no key material past the call (about 0.1 s for 100 000 members)
     per = geom.n_values * (2 if geom.complex_values else 1)
-    n = count * per
-    raw = np.random.Philox(key=int(seed) % (1 << 128)).random_raw(n + n % 2).reshape(-1, 2)
+    first, last = start * per, (start + count) * per            # normals [first, last)
+    p0, p1 = first // 2, (last + 1) // 2                          # the Box-Muller pairs that hold them
+    w0 = 2 * p0                                                   # their first raw word
+    gen = np.random.Philox(key=int(seed) % (1 << 128))
+    gen.advance(w0 // 4)                                          # one counter step is 4 raw words
+    raw = gen.random_raw(w0 % 4 + 2 * (p1 - p0))[w0 % 4:].reshape(-1, 2)
     u1 = ((raw[:, 0] >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0 ** -53      # (0, 1]
     u2 = (raw[:, 1] >> np.uint64(11)).astype(np.float64) * 2.0 ** -53              # [0, 1)
     r = np.sqrt(-2.0 * np.log(u1))
-    z = np.stack([r * np.cos(2 * np.pi * u2), r * np.sin(2 * np.pi * u2)], 1).ravel()[:n]
+    z = np.stack([r * np.cos(2 * np.pi * u2), r * np.sin(2 * np.pi * u2)], 1).ravel()
+    z = z[first - 2 * p0:first - 2 * p0 + count * per]
     z = torch.from_numpy(float(strength) * z.reshape(count, per))
     if geom.complex_values:
         return torch.complex(z[:, :geom.n_values], z[:, geom.n_values:])
@@ -367,12 +379,13 @@ class RingKeyed:
 
     def ring_values(self, key: MethodKey) -> torch.Tensor:
         if isinstance(key, FamilyMember):
-            return self.family_values(key, key.index + 1)[key.index]
+            return self.family_values(key, 1, start=key.index)[0]
         return key_values_from_seed(ring_seed(key), self.geom, self.config.strength)
 
-    def family_values(self, key: MethodKey, count: int) -> torch.Tensor:
-        """Ring values of a family's first ``count`` members (count, n_values) (:func:`family_key_values`)."""
-        return family_key_values(family_seed(key), self.geom, count, self.config.strength)
+    def family_values(self, key: MethodKey, count: int, start: int = 0) -> torch.Tensor:
+        """Ring values of a family's members ``start..start+count-1`` (count, n_values)
+        (:func:`family_key_values`)."""
+        return family_key_values(family_seed(key), self.geom, count, self.config.strength, start)
 
     def key_rows(self, key: MethodKey) -> torch.Tensor:
         """The rows one key adds to the score matrix: a family's members, or the key's own values."""
@@ -385,7 +398,8 @@ class RingKeyed:
         return torch.stack([pattern(self.geom, v) for v in self._values(keys)])
 
     def _ring_p_values(self, x: torch.Tensor, keys) -> tuple[torch.Tensor, np.ndarray]:
-        """(cosines, p-values) of latents x (batch, C, H, W) against each key: (batch, keys)."""
+        """(cosines, p-values) of latents x (batch, C, H, W) against each key's rows (one per key,
+        one per member of a family, :class:`~shallowmark.core.watermarks.base.KeyRows`): (batch, rows)."""
         cos = cosines(x, self.config.channel, self._values(keys), self.geom, self.whitened)
         return cos, p_values(cos, self.geom.dims)
 

@@ -257,12 +257,13 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         return out
 
     def geometric_p_values(self, x: torch.Tensor, keys) -> np.ndarray:
-        """(batch, keys) p-values, valid under "not watermarked with this key" whatever was searched
-        (:meth:`variant_p_values` without the variants)."""
+        """(batch, rows) p-values (a row per key, one per member of a family), valid under "not
+        watermarked with this key" whatever was searched (:meth:`variant_p_values` without the variants)."""
         return self.variant_p_values(x, keys)[0]
 
     def variant_p_values(self, x: torch.Tensor, keys) -> tuple[np.ndarray, np.ndarray]:
-        """((batch, keys) p-values, (batch, keys) index of each key's best-matching variant).
+        """((batch, rows) p-values, (batch, rows) index of each row's best-matching variant); a row per
+        key, one per member of a key family.
 
         Every variant of every key (``key_variants`` of them, :meth:`variant_values`) is scored, and
         a key's p-value is its best variant's times the number of variants (Bonferroni).
@@ -288,14 +289,22 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         p = p.reshape(p.shape[0], -1, n_var)     # a family is one row per member
         return np.minimum(1.0, p.min(axis=2) * n_var), p.argmin(axis=2)
 
+    def check_keys(self, keys, n: int | None = None) -> list:
+        keys = super().check_keys(keys, n)
+        if self.config.key_variants > 1 and any(isinstance(k, (KeyFamily, FamilyMember)) for k in keys):
+            raise InvalidParameterError(self._FAMILY_VARIANTS)
+        return keys
+
+    _FAMILY_VARIANTS = ("key families need key_variants=1 (this configuration has more): each member is already its "
+                        "own pattern, and variants would multiply 100 000 rows by their number")
+
     def variant_values(self, key: MethodKey) -> torch.Tensor:
         """The ring values of each of the key's variants: (key_variants, n_values). With one
         variant, the key's own values (a family's: one row per member)."""
         if self.config.key_variants == 1:
             return self.key_rows(key)
         if isinstance(key, (KeyFamily, FamilyMember)):
-            raise InvalidParameterError("key families need key_variants=1: each member is already its own "
-                                        "pattern, and variants would multiply 100 000 rows by their number")
+            raise InvalidParameterError(self._FAMILY_VARIANTS)
         return rings.orthogonal_key_values(ring_variants_seed(key), self.geom, self.config.key_variants,
                                            self.config.strength)
 

@@ -129,7 +129,9 @@ function checkAttestation(att, trustedKey, { imageSha256, nonce, response }) {
       && payload.identified_key_id === (response.identified_key_id || '')
       && payload.image_sha256 === response.image_sha256
       && Array.isArray(payload.verdicts) && payload.verdicts.length === response.verdicts.length
-      && String(payload.identified_member) === String(response.identified_member)
+      // set only when a member was found by searching a key family (proto3 optional: absent otherwise)
+      && ('identified_member' in payload) === (response.identified_member != null)
+      && (payload.identified_member == null || String(payload.identified_member) === String(response.identified_member))
       && payload.verdicts.every((v, i) => v.key_id === response.verdicts[i].key_id
         && v.detected === response.verdicts[i].detected && v.p_value === response.verdicts[i].p_value
         // a key family's verdict signs its size, best member and that member's id; a single key's none

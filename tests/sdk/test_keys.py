@@ -355,7 +355,7 @@ def test_family_misuse_is_refused(make, error, needle):
 
 
 @pytest.mark.parametrize("data, needle", [
-    (b"SMF1", "expected"), (b"XXXX" + bytes(60), "not a serialized key"),
+    (b"SMF1", "truncated"), (b"XXXX" + bytes(60), "not a serialized key"),
     (WatermarkKey.from_hex("cd" * 32).family("shallow-diffuse", 4).to_bytes()[:-1], "bytes, expected"),
     (WatermarkKey.from_hex("cd" * 32).family("shallow-diffuse", 4).to_bytes() + b"\0", "bytes, expected"),
 ])

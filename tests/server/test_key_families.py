@@ -52,14 +52,24 @@ def test_one_verify_searches_100000_members_and_signs_the_one_it_found(server, c
     forged = dataclasses.replace(res, verdicts=(single, dataclasses.replace(fam_v, member=7)))
     with pytest.raises(AttestationError, match="member differs"):
         verify_attestation(forged, server.signer.public_key_raw, image=member_embed.image)
-    with pytest.raises(AttestationError, match="identified_member"):
-        verify_attestation(dataclasses.replace(res, identified_member=7), server.signer.public_key_raw,
-                           image=member_embed.image)
+    for member in (7, None):     # another member, or none at all
+        with pytest.raises(AttestationError, match="identified_member"):
+            verify_attestation(dataclasses.replace(res, identified_member=member), server.signer.public_key_raw,
+                               image=member_embed.image)
 
 
-def test_an_unwatermarked_image_names_no_member(client_a, family, embedded):
+def test_an_unwatermarked_image_names_no_member(server, client_a, family, embedded):
+    from shallowmark.attestation import verify_attestation
+
     res = client_a.verify(embedded.image, [family])    # marked, but by another key
     assert not res.detected and res.identified_member is None and res.identified_key_id is None
+    assert "identified_member" not in verify_attestation(res, server.signer.public_key_raw, image=embedded.image)
+
+
+def test_a_member_sent_alone_is_a_single_key(client_a, family, member_embed):
+    res = client_a.verify(member_embed.image, [family.member(61_234)])
+    assert res.detected and res.identified_key_id == family.member_id(61_234) and res.identified_member is None
+    assert res.verdicts[0].family_size == 0
 
 
 def _refused(server, rpc, request) -> grpc.RpcError:
@@ -77,7 +87,8 @@ def _gs_family():
 
 @pytest.mark.parametrize("case, needle", [
     ("embed-family", "only verifies"),
-    ("verify-too-many-members", "limit of 100000"),
+    ("verify-too-many-members", "families of at most 100000 members"),
+    ("verify-too-many-keys-together", "split the entries"),
     ("verify-too-many-entries", "more than 1024"),
     ("verify-family-of-a-method-without-families", "does not take key families"),
     ("verify-family-index-out-of-range", "member index"),
@@ -88,7 +99,10 @@ def test_bad_family_input_is_invalid_argument_and_the_ledger_unchanged(server, f
     if case == "embed-family":
         rpc, req = "Embed", pb.EmbedRequest(method_key=family.to_bytes(), generate=pb.GenerateSource(seed=1))
     else:
+        half = KeyFamily(method=family.method, key_id=family.key_id, material=family.material, size=60_000)
+        other_half = WatermarkKey.from_hex("fb" * 32).family("shallow-diffuse", 60_000)
         keys = {"verify-too-many-members": [big.to_bytes()],
+                "verify-too-many-keys-together": [half.to_bytes(), other_half.to_bytes()],
                 "verify-too-many-entries": [WatermarkKey.from_hex(f"{i + 1:064x}").for_method("tree-ring").to_bytes()
                                             for i in range(1025)],
                 "verify-family-of-a-method-without-families": [_gs_family().to_bytes()],
