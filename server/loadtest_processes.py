@@ -273,7 +273,7 @@ def _markdown(rep: dict) -> str:
                   f"(mean of {runs}, before and after the rows).", "",
               f"**Served at {g['served_share_at']} clients: {100 * g['served_share_of_inprocess']:.0f} % of the "
               f"in-process rate** (goal {100 * g['served_share_goal']:.0f} % on a GPU): "
-              f"{'met' if g['served_share_met'] else 'NOT met'}.", ""]
+              f"{'met' if g['served_share_met'] else 'NOT met'} on {c['device']}.", ""]
     prof = rep.get("profile")
     if prof:
         lines += [f"## Where the server's time went ({prof['samples']} py-spy samples at {g['served_share_at']} "
