@@ -59,6 +59,7 @@ __all__ = [
     "FamilyMember",
     "MAX_FAMILY_SIZE",
     "parse_key",
+    "keys_searched",
     "family_seed",
     "ring_seed",
     "ring_variant_choice",
@@ -453,6 +454,12 @@ def family_seed(mk: MethodKey) -> int:
         raise KeyMaterialError(f"family_seed takes a KeyFamily or FamilyMember, got {type(mk).__name__}")
     material = _material_for(mk, "ring_seed", family=True)
     return int.from_bytes(_expand(material, _info(mk, "family/ring-seed"), 16), "big")
+
+
+def keys_searched(keys) -> int:
+    """How many keys a Verify with ``keys`` searches: every member of a :class:`KeyFamily`, one
+    for each other key. The Bonferroni correction and the server's limit count this."""
+    return sum(k.size if isinstance(k, KeyFamily) else 1 for k in keys)
 
 
 def check_key_id(key_id: str) -> str:

@@ -100,8 +100,9 @@ def run_clients(address: str, token: str, clients: int, body: Callable[[object, 
     connection; no retries, so every failure is counted as the server answered it), all connected
     before the clock starts. Returns the wall time and the process CPU time from the common start to
     the end of the last thread. ``on_start`` runs at that common start, before any ``body``: a caller
-    whose bodies run until a deadline sets the deadline there, so that connecting does not eat into it. ``body`` should count the failures it meets; an exception out of it
-    (a bug) is raised here, after every thread has ended."""
+    whose bodies run until a deadline sets the deadline there, so that connecting does not eat into
+    it. ``body`` should count the failures it meets; an exception out of it (a bug) is raised here,
+    after every thread has ended."""
     from shallowmark.client import Client
 
     crashed: list[BaseException] = []

@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ import numpy as np
 
 from shallowmark.errors import ShallowmarkError
 from shallowmark.reports import markdown_table
-from shallowmark.server.loadtest import LoadtestConfig
+from shallowmark.server.loadtest import LoadtestConfig, _percentile_ms
 
 GOAL_SERVED_SHARE = 0.9
 
@@ -100,8 +101,6 @@ def _level(ctx, address: str, token: str, image: bytes, keys: list[bytes], clien
         at += t
         p.start()
         procs.append(p)
-    import threading
-
     try:
         barrier.wait(timeout=300)
     except threading.BrokenBarrierError:
@@ -109,14 +108,25 @@ def _level(ctx, address: str, token: str, image: bytes, keys: list[bytes], clien
         msgs = [results.get(timeout=30) for _ in range(results.qsize() or 1)]
         raise ShallowmarkError(f"a client process failed before the start: {msgs[0][1] if msgs else 'no message'}") from None
     t0 = time.perf_counter()
-    # the profiler runs beside the clients, so that its seconds do not count in the row's wall time
-    side = threading.Thread(target=during, name="profiler") if during is not None else None
+    # the profiler runs beside the clients, so that its seconds do not count in the row's wall time;
+    # its failure (py-spy missing, not allowed to attach) is raised once the row is over
+    failed: list[BaseException] = []
+
+    def side_run() -> None:
+        try:
+            during()
+        except BaseException as e:  # noqa: BLE001 - re-raised in this thread below
+            failed.append(e)
+
+    side = threading.Thread(target=side_run, name="profiler") if during is not None else None
     if side is not None:
         side.start()
     got = [results.get(timeout=3600) for _ in procs]
     wall = time.perf_counter() - t0
     if side is not None:
         side.join()
+    if failed:
+        raise failed[0]
     for p in procs:
         p.join(timeout=30)
     crashed = [g[1] for g in got if g[0] == "crash"]
@@ -124,8 +134,8 @@ def _level(ctx, address: str, token: str, image: bytes, keys: list[bytes], clien
         raise ShallowmarkError(f"a client process failed: {crashed[0]}")
     lat = [x for g in got for x in g[0]]
     errors = [x for g in got for x in g[1]]
-    pct = (lambda q: float(np.percentile(np.asarray(lat) * 1000.0, q)) if lat else float("nan"))
-    return dict(clients=clients, client_processes=procs_n, rps=len(lat) / wall, p50_ms=pct(50), p99_ms=pct(99),
+    return dict(clients=clients, client_processes=procs_n, rps=len(lat) / wall,
+                p50_ms=_percentile_ms(lat, 50), p99_ms=_percentile_ms(lat, 99),
                 requests=len(lat) + len(errors), errors=len(errors), wall_s=wall,
                 client_cpu_s=float(sum(g[2] for g in got)), first_error=errors[0] if errors else "")
 

@@ -73,7 +73,7 @@ from shallowmark.errors import (
     shown,
 )
 from shallowmark.imaging import encode_png
-from shallowmark.keys import KeyFamily, check_key_id
+from shallowmark.keys import KeyFamily, check_key_id, keys_searched
 from shallowmark.server import validation
 from shallowmark.server.admission import Admission
 from shallowmark.server.attestation import Signer, config_sha256, verify_payload
@@ -617,8 +617,8 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
         methods = {name: self.pool.method(lm, name) for name in groups}
         for name, m in methods.items():   # keys a method refuses (a family it cannot search) fail here, not in a batch
             m.check_keys(groups[name])
-        info.update(model=lm.name, methods=",".join(groups), keys=sum(k.size if isinstance(k, KeyFamily) else 1
-                                                                     for k in keys))
+        n = keys_searched(keys)   # every member of a family counts, in the limit and in the correction
+        info.update(model=lm.name, methods=",".join(groups), keys=n)
         img = validation.decode_image(request.image, self.config.max_image_pixels, self.config.max_decode_bytes)
         for m in methods.values():  # every method's limits before any model work
             validation.check_image_shape(img, m)
@@ -636,8 +636,6 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
                 for name, group in groups.items()]
         detections = dict(zip(groups, self.pool.run_jobs(lm, jobs, context.time_remaining, context)))
 
-        # every key searched counts in the correction, each member of a family included
-        n = sum(k.size if isinstance(k, KeyFamily) else 1 for k in keys)
         verdicts = []
         for k in keys:
             det = detections[k.method]

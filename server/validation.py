@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from shallowmark.errors import InvalidImageError, InvalidParameterError, KeyMaterialError, shown
-from shallowmark.keys import FamilyMember, KeyFamily, MethodKey, parse_key
+from shallowmark.keys import FamilyMember, KeyFamily, MethodKey, keys_searched, parse_key
 
 __all__ = ["DecodedImage", "decode_image", "check_image_shape", "grid_notes", "on_grid", "parse_method_key", "parse_method_keys",
            "check_target_fpr", "check_request_id", "ACCEPTED_FORMATS"]
@@ -330,7 +330,7 @@ def parse_method_keys(items: Sequence[bytes], max_keys: int) -> list[MethodKey]:
             raise InvalidParameterError(f"method_keys[{i}] is a key family of {k.size} members, more than this server's "
                                         f"limit of {max_keys} keys per Verify; use families of at most {max_keys} "
                                         "members here (members beyond it cannot be searched on this server)")
-    total = sum(k.size if isinstance(k, KeyFamily) else 1 for k in keys)
+    total = keys_searched(keys)
     if total > max_keys:
         raise InvalidParameterError(f"{total} keys to search (key family members counted), more than this server's "
                                     f"limit of {max_keys}; split the entries over several calls")

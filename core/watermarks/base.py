@@ -104,6 +104,7 @@ class KeyRows:
 
     @property
     def total(self) -> int:
+        """Keys searched (:func:`~shallowmark.keys.keys_searched`)."""
         return int(self.sizes.sum())
 
     @property
