@@ -22,7 +22,7 @@ from .registry import get_attack
 __all__ = [
     "AttackSetting", "BenchConfig", "ServerModeUnavailableError", "DEFAULT_ATTACKS", "QUICK_ATTACKS",
     "QUICK_METHODS", "TPR_DEFINITION", "POSITIVES", "parse_attack", "parse_attacks", "validate_config",
-    "bench_keys", "IMAGE_SUFFIXES",
+    "bench_keys", "IMAGE_SUFFIXES", "method_attack_labels",
 ]
 
 #: Reference attack set: the four of the design's reference settings, the other built-ins, regeneration.
@@ -185,6 +185,11 @@ class BenchConfig:
             (:mod:`shallowmark.attacks.bench_dask`), a :class:`distributed.LocalCluster` of
             ``workers`` processes on loopback, or the scheduler at ``dask_address``. In-process only;
             the scores equal a local run's with one torch thread, and the cache is shared.
+        method_attacks: ``{method: attacks}``: a method named here runs only these of ``attacks``
+            (same spelling: names or ``"name:strength"``), every other method runs all of them. For
+            the grid's costly cells: a 50-step inversion per attacked image makes the diffusion
+            baselines cost a hundred times what the post-hoc ones do. The report marks the cells
+            not run and states the subsets.
         quick: marks the small grid of :meth:`quick_config` (for tests and smoke runs).
         command: the command line, recorded in the report.
     """
@@ -208,6 +213,7 @@ class BenchConfig:
     executor: str = "local"
     workers: int = 2
     dask_address: Optional[str] = None
+    method_attacks: dict = field(default_factory=dict)
     quick: bool = False
     command: str = ""
 
@@ -291,6 +297,7 @@ def validate_config(config: BenchConfig) -> tuple[list[str], list[AttackSetting]
                 f"does not have; server mode can run: {', '.join(server_attack_names())}")
         if all(x.label != s.label for x in attacks):
             attacks.append(s)
+    method_attack_labels(config, methods, attacks)
     if server_mode:
         _validate_server_mode(config)
     else:
@@ -324,6 +331,31 @@ def validate_config(config: BenchConfig) -> tuple[list[str], list[AttackSetting]
     for m in methods:
         method_spec(m).check_available()
     return methods, attacks
+
+
+def method_attack_labels(config: BenchConfig, methods, attacks) -> dict[str, tuple[str, ...]]:
+    """The labels of the attacks each method runs: all of ``attacks`` unless ``config.method_attacks``
+    names the method. Raises InvalidParameterError for a method not in the run, an attack not in
+    ``attacks`` or an empty subset (each message names what the run has)."""
+    labels = [a.label for a in attacks]
+    given = config.method_attacks
+    if not isinstance(given, dict):
+        raise InvalidParameterError(f"method_attacks must map a method to its attacks; got {given!r}")
+    out = {m: tuple(labels) for m in methods}
+    for m, subset in given.items():
+        if m not in methods:
+            raise InvalidParameterError(f"method_attacks names {m!r}, which is not in this run's methods "
+                                        f"({', '.join(methods)})")
+        subset = [subset] if isinstance(subset, (str, AttackSetting)) else list(subset)
+        if not subset:
+            raise InvalidParameterError(f"method_attacks[{m!r}] is empty: leave the method out of the run instead")
+        mine = {parse_attack(a).label for a in subset}
+        unknown = sorted(mine - set(labels))
+        if unknown:
+            raise InvalidParameterError(f"method_attacks[{m!r}]: {', '.join(unknown)} not among this run's attacks "
+                                        f"({', '.join(labels)})")
+        out[m] = tuple(a for a in labels if a in mine)  # the run's order
+    return out
 
 
 def _validate_server_mode(config: BenchConfig) -> None:

@@ -29,7 +29,7 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 
 from .bench_cache import BenchCache, stable_hash
-from .bench_config import _SCHEMA_VERSION, AttackSetting, BenchConfig, bench_keys
+from .bench_config import _SCHEMA_VERSION, AttackSetting, BenchConfig, bench_keys, method_attack_labels
 from .bench_report import _sanitize, detection_results, write_reports
 from .registry import get_attack
 
@@ -43,19 +43,30 @@ Score = tuple
 
 @dataclass(frozen=True)
 class Grid:
-    """The validated grid of one run: methods, attacks, seeds and each method's fixed test keys."""
+    """The validated grid of one run: methods, attacks, seeds, each method's fixed test keys and the
+    labels of the attacks each method runs (all of them unless ``config.method_attacks`` says less)."""
 
     config: BenchConfig
     method_names: tuple[str, ...]
     attacks: tuple[AttackSetting, ...]
     keys: dict
     key_ids: dict
+    attack_labels: dict
 
     @classmethod
     def build(cls, config: BenchConfig, method_names: Sequence[str], attacks: Sequence[AttackSetting]) -> "Grid":
         keys = {n: bench_keys(config.n_keys, n) for n in method_names}
         return cls(config, tuple(method_names), tuple(attacks), keys,
-                   {n: [k.key_id for k in ks] for n, ks in keys.items()})
+                   {n: [k.key_id for k in ks] for n, ks in keys.items()},
+                   method_attack_labels(config, list(method_names), list(attacks)))
+
+    def runs(self, name: str, setting: AttackSetting) -> bool:
+        """Whether method ``name`` is scored under ``setting`` in this run."""
+        return setting.label in self.attack_labels[name]
+
+    def cells(self) -> int:
+        """(method, attack) cells scored."""
+        return sum(len(v) for v in self.attack_labels.values())
 
     @property
     def seeds(self) -> list[int]:
@@ -168,8 +179,8 @@ def pair_fidelity(pairs) -> dict:
 def verify_cost(grid: Grid, cache: BenchCache, ctx_of: Callable, name: str) -> tuple:
     """(seconds per verify of the clean positives, or of all attacks' positives without a clean
     one; model evaluations per verify) of method ``name``, from the cache."""
-    pos = [ctx_of(name, a, "pos") for a in grid.attacks]
-    clean = [ctx_of(name, a, "pos") for a in grid.attacks if a.name == "clean"]
+    pos = [ctx_of(name, a, "pos") for a in grid.attacks if grid.runs(name, a)]
+    clean = [ctx_of(name, a, "pos") for a in grid.attacks if a.name == "clean" and grid.runs(name, a)]
     seconds = cache.mean_timing("verify", clean or pos, grid.seeds)
     return seconds, int(cache.scored(pos[0])[grid.seeds[0]][4])
 
@@ -190,14 +201,15 @@ def _score_attacks(grid: Grid, ex: Executor, cache: BenchCache, bar, negatives: 
 
     def jobs(setting):
         # (what to record, wanted indices per method, attacked images)
-        need = {m: set(grid.seeds) - set(cache.scored(ctx_of(m, setting, "neg"))) for m in grid.method_names}
+        mine = [m for m in grid.method_names if grid.runs(m, setting)]
+        need = {m: set(grid.seeds) - set(cache.scored(ctx_of(m, setting, "neg"))) for m in mine}
         bar.update(sum(grid.n - len(v) for v in need.values()))
         for chunk in chunks(sorted(set().union(*need.values())), grid.batch):
-            wanted = {m: [i for i, s in enumerate(chunk) if s in need[m]] for m in grid.method_names}
+            wanted = {m: [i for i, s in enumerate(chunk) if s in need[m]] for m in mine}
             wanted = {m: idx for m, idx in wanted.items() if idx}
             yield ("neg", chunk), wanted, apply_setting(setting, [negatives[s] for s in chunk], chunk, "neg", "",
                                                         ex.attack_context)
-        for name in grid.method_names:
+        for name in mine:
             missing = [s for s in grid.seeds if s not in cache.scored(ctx_of(name, setting, "pos"))]
             bar.update(grid.n - len(missing))
             for chunk in chunks(missing, grid.batch):
@@ -248,21 +260,23 @@ def run_grid(grid: Grid, ex: Executor, progress: bool = True, log=None) -> dict:
                             ex.images_id(name, kind)], 24)
 
     cache = BenchCache(config.resolved_cache_dir())
-    total = ex.image_work(grid) + len(grid.attacks) * grid.n * 2 * len(grid.method_names)
+    total = ex.image_work(grid) + grid.cells() * grid.n * 2
     bar = tqdm(total=total, disable=not progress, desc="bench", unit="img", file=sys.stderr, dynamic_ncols=True)
     try:
         negatives, positives = ex.make_images(grid, cache, bar)
         bar.set_postfix_str("detect")
         _score_attacks(grid, ex, cache, bar, negatives, positives, ctx_of)
         bar.close()
-        results, curves = detection_results(cache, grid.attacks, grid.method_names, grid.seeds, ctx_of)
+        results, curves = detection_results(cache, grid.attacks, grid.method_names, grid.seeds, ctx_of, grid.runs)
         fidelity = ex.fidelity(grid, negatives, positives)
         cost = ex.cost(grid, cache, ctx_of)
     finally:
         bar.close()
         cache.close()
         ex.close()
-    report = _sanitize(dict(config=ex.config_record(grid), results=results, fidelity=fidelity, cost=cost,
+    record = ex.config_record(grid)
+    record["method_attacks"] = {m: list(v) for m, v in grid.attack_labels.items() if len(v) < len(grid.attacks)}
+    report = _sanitize(dict(config=record, results=results, fidelity=fidelity, cost=cost,
                             definitions=ex.definitions, seconds=time.perf_counter() - t_start))
     out = write_reports(config.out_dir, report, grid.attacks, grid.method_names, curves)
     log(f"wrote {out / 'report.json'}, report.md, roc.png, tradeoff.png ({report['seconds']:.0f} s)")

@@ -24,13 +24,16 @@ __all__ = ["detection_results", "write_reports", "versions"]
 
 
 def detection_results(cache, attacks, method_names: Sequence[str], seeds: Sequence[int],
-                      ctx_of: Callable) -> tuple[list[dict], dict]:
-    """One ``results`` row per (attack, method) from the cached scores, and the ROC curves to plot."""
+                      ctx_of: Callable, runs: Callable = lambda name, setting: True) -> tuple[list[dict], dict]:
+    """One ``results`` row per (attack, method) scored (``runs(method, setting)``) from the cached
+    scores, and the ROC curves to plot."""
     from .metrics import roc_metrics
 
     results, curves = [], {}
     for setting in attacks:
         for name in method_names:
+            if not runs(name, setting):
+                continue
             pos = cache.scored(ctx_of(name, setting, "pos"))
             neg = cache.scored(ctx_of(name, setting, "neg"))
             sp = np.array([pos[s][0] for s in seeds])
@@ -101,6 +104,10 @@ def client_machine() -> dict:
 
 
 # -- Markdown ------------------------------------------------------------------------------------------
+#: A (method, attack) cell the run's ``method_attacks`` left out.
+NOT_RUN = "·"
+
+
 def _f(v, fmt: str = ".3f") -> str:
     return "–" if v is None else format(v, fmt)
 
@@ -112,16 +119,22 @@ def _detection_tables(rep: dict) -> list[str]:
     res = {(r["method"], r["attack"]): r for r in rep["results"]}
 
     def table(cell, rows=methods):
-        return markdown_table(["method", *labels], ([m, *(cell(res[m, a]) for a in labels)] for m in rows))
+        return markdown_table(["method", *labels], ([m, *(cell(res[m, a]) if (m, a) in res else NOT_RUN
+                                                          for a in labels)] for m in rows))
 
-    lines = ["## AUC / TPR@1%FPR", "", *table(lambda r: f"{r['auc']:.3f} / {r['tpr_at_1pct_fpr']:.2f}")]
+    lines = []
+    subsets = {m: a for m, a in (c.get("method_attacks") or {}).items()}
+    if subsets:
+        lines += [f"A cell `{NOT_RUN}` was not run: " + "; ".join(
+            f"{m} runs only {', '.join(a)}" for m, a in subsets.items()) + " (`method_attacks`).", ""]
+    lines += ["## AUC / TPR@1%FPR", "", *table(lambda r: f"{r['auc']:.3f} / {r['tpr_at_1pct_fpr']:.2f}")]
     n_neg = min(r["n_neg"] for r in rep["results"])
     lines += ["", "## TPR@0.1%FPR", "", "The highest TPR among thresholds whose FPR <= 0.1 %" + (
         f"; with {n_neg} unwatermarked images (under 1000) that is the TPR at zero false positives." if n_neg < 1000
         else "."), "", *table(lambda r: _f(r.get("tpr_at_01pct_fpr"), ".2f"))]
     lines += ["", f"## Detected at target FPR {c['target_fpr']:g} (watermarked / unwatermarked flagged)", "",
               *table(lambda r: f"{r['detected_pos']:.2f} / {r['detected_neg']:.2f}")]
-    bit_methods = [m for m in methods if any(res[m, a]["bit_accuracy"] is not None for a in labels)]
+    bit_methods = [m for m in methods if any(res[m, a]["bit_accuracy"] is not None for a in labels if (m, a) in res)]
     if bit_methods:
         lines += ["", "## Bit accuracy (watermarked images)", "", *table(lambda r: _f(r["bit_accuracy"]), bit_methods)]
     return lines
@@ -222,6 +235,8 @@ def _plot_roc(path: Path, attacks, methods, curves, results) -> None:
     for i, a in enumerate(attacks):
         ax = axes[i // cols][i % cols]
         for m in methods:
+            if (a.label, m) not in curves:
+                continue  # not run
             fpr, tpr = curves[(a.label, m)]
             ax.plot(fpr, tpr, label=f"{m} ({auc[a.label, m]:.3f})", lw=1.2)
         ax.axvline(0.01, color="grey", lw=0.6, ls=":")
@@ -247,10 +262,15 @@ def _plot_tradeoff(path: Path, results, fidelity, server: bool = False) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 4))
+    # Over the attacks every method ran, so that a method run on fewer (method_attacks) is compared
+    # on the same ones.
+    ran = [{r["attack"] for r in results if r["method"] == f["method"]} for f in fidelity]
+    common = set.intersection(*ran) if ran else set()
     for f in fidelity:
-        attacked = [r["auc"] for r in results if r["method"] == f["method"] and r["attack_name"] != "clean"]
+        attacked = [r["auc"] for r in results if r["method"] == f["method"] and r["attack_name"] != "clean"
+                    and r["attack"] in common]
         rob = float(np.mean(attacked)) if attacked else float(
-            np.mean([r["auc"] for r in results if r["method"] == f["method"]]))
+            np.mean([r["auc"] for r in results if r["method"] == f["method"] and r["attack"] in common]))
         if f["psnr"] is None or not math.isfinite(f["psnr"]):
             continue
         ax.scatter([f["psnr"]], [rob])

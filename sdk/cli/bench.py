@@ -76,6 +76,9 @@ def _register_bench(sub) -> None:
     be.add_argument("--methods", help="comma-separated methods (default: all seven)")
     be.add_argument("--attacks", help="comma-separated attacks, name or name:strength, e.g. clean,jpeg,blur:3,regen "
                                       "(default: clean and every registered attack at its reference strength)")
+    be.add_argument("--method-attacks", action="append", metavar="METHODS=ATTACKS",
+                    help="run these methods on only these of --attacks, e.g. tree-ring,ringid=clean,jpeg,blur "
+                         "(repeatable; the other methods run every attack; the report marks the cells left out)")
     be.add_argument("--n", type=int, help="watermarked images per method and unwatermarked images (default 100)")
     be.add_argument("--seed", type=int, help="first seed (default 10000)")
     be.add_argument("--keys", type=int, help="test keys per method; image i carries key i mod keys (default 1)")
@@ -202,6 +205,8 @@ def _bench_options(args, parse_attacks) -> dict:
     for name in ("n", "seed", "batch", "target_fpr"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
+    if args.method_attacks:
+        kw["method_attacks"] = _method_attacks(args.method_attacks)
     if args.keys is not None:
         kw["n_keys"] = args.keys
     if args.steps is not None:
@@ -211,6 +216,26 @@ def _bench_options(args, parse_attacks) -> dict:
             kw[name] = getattr(args, name)
     kw.update(out_dir=args.out, cache_dir=args.cache, server=args.server, command=args.invocation)
     return kw
+
+
+def _method_attacks(specs: list[str]) -> dict:
+    """``["tree-ring,ringid=clean,jpeg", ...]`` -> ``{"tree-ring": ("clean", "jpeg"), ...}``. The
+    names are checked with the rest of the config; the shape of each flag here."""
+    from shallowmark.errors import InvalidParameterError
+
+    out: dict = {}
+    for spec in specs:
+        methods, sep, attacks = spec.partition("=")
+        names = [m.strip() for m in methods.split(",") if m.strip()]
+        subset = tuple(a.strip() for a in attacks.split(",") if a.strip())
+        if not sep or not names or not subset:
+            raise InvalidParameterError(f"--method-attacks {spec!r}: write METHODS=ATTACKS, e.g. "
+                                        "tree-ring,ringid=clean,jpeg,blur")
+        for m in names:
+            if m in out:
+                raise InvalidParameterError(f"--method-attacks names {m!r} twice")
+            out[m] = subset
+    return out
 
 
 def _cmd_bench(args) -> int:

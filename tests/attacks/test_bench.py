@@ -186,6 +186,10 @@ def test_interrupted_run_resumes(quick, tiny_ldm, tmp_path):
     (dict(n=0), InvalidParameterError, ["n must"]),
     (dict(target_fpr=1.5), InvalidParameterError, ["target_fpr"]),
     (dict(method_config={"tree-ring": {"bogus": 1}}), InvalidParameterError, ["bogus", "radius"]),
+    (dict(method_attacks={"ringid": ("clean",)}), InvalidParameterError, ["'ringid'", "not in this run's methods"]),
+    (dict(method_attacks={"tree-ring": ("noise",)}), InvalidParameterError, ["noise", "not among", "clean, jpeg, blur"]),
+    (dict(method_attacks={"tree-ring": ()}), InvalidParameterError, ["empty", "leave the method out"]),
+    (dict(method_attacks={"tree-ring": ("jpegg",)}), InvalidParameterError, ["jpegg", "not among"]),
     # server mode: what the server's operator decides, or what needs the model, is refused before connecting
     (dict(server="localhost:50051", num_steps=10), InvalidParameterError, ["num_steps", "server's operator"]),
     (dict(server="localhost:50051", attacks=("clean", "regen")), InvalidParameterError,
@@ -205,6 +209,46 @@ def test_bad_config_fails_before_any_work(kw, error, words, tmp_path, monkeypatc
     for w in words:
         assert w in str(e.value)
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_method_run_on_fewer_attacks(quick, tiny_ldm, tmp_path, monkeypatch):
+    """method_attacks: tree-ring only on clean; its other cells are neither scored nor reported,
+    the scored ones equal the full run's (same cache), and the report says what was left out."""
+    bench = _bench()
+    detected = []
+    orig = bench._detect_batch
+    monkeypatch.setattr(bench, "_detect_batch", lambda ms, *a: detected.append(sorted(ms)) or orig(ms, *a))
+    cfg = bench.BenchConfig.quick_config(out_dir=tmp_path / "out", cache_dir=tmp_path / "cache",
+                                         method_attacks={"tree-ring": ("clean",)})
+    shutil.copytree(quick["root"] / "cache" / "images", tmp_path / "cache" / "images")
+    rep = bench.run_bench(cfg, progress=False, backend=tiny_ldm)
+    assert sorted((r["method"], r["attack"]) for r in rep["results"]) == sorted(
+        [("shallow-diffuse", a) for a in bench.QUICK_ATTACKS] + [("tree-ring", "clean")])
+    # jpeg and blur: the negatives and positives of shallow-diffuse only
+    assert detected.count(["shallow-diffuse", "tree-ring"]) == 1 and ["tree-ring"] in detected
+    assert sum(1 for d in detected if "tree-ring" in d) == 2
+    for r in rep["results"]:
+        full = _row(quick["report"], r["method"], r["attack"])
+        assert (r["auc"], r["tpr_at_1pct_fpr"], r["detected_neg"]) == (full["auc"], full["tpr_at_1pct_fpr"],
+                                                                      full["detected_neg"])
+    assert rep["config"]["method_attacks"] == {"tree-ring": ["clean"]}
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "tree-ring runs only clean" in md and "| tree-ring | 1.000 / 1.00 | · | · |" in md
+    assert {c["method"]: c["verify_model_evals"] for c in rep["cost"]}["tree-ring"] == 10
+
+
+def test_cli_method_attacks(capsys, tmp_path):
+    from shallowmark.cli import main
+
+    assert main(["bench", "--method-attacks", "tree-ring", "--out", str(tmp_path / "o")]) == 2
+    assert "write METHODS=ATTACKS" in capsys.readouterr().err
+    assert main(["bench", "--method-attacks", "tree-ring=clean", "--method-attacks", "tree-ring,ringid=jpeg",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "names 'tree-ring' twice" in capsys.readouterr().err
+    assert main(["bench", "--methods", "shallow-diffuse", "--method-attacks", "tree-ring=clean",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "not in this run's methods" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_server_error_type():
