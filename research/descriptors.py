@@ -191,6 +191,50 @@ class ThumbnailDescriptor(Descriptor):
         return torch.exp(-(g.unsqueeze(-1) - centres) ** 2 / (2 * width * width)).mean(dim=1)
 
 
+class HighPassDescriptor(Descriptor):
+    """Copy descriptor for small aligned grayscale images (Fashion-MNIST's 28×28): the luminance at
+    its own size minus a Gaussian blur of σ = ``sigma`` px, zero-mean and unit-norm; similarity = the
+    cosine of two such images.
+
+    Why high-pass: Fashion-MNIST's items share large uniform silhouettes, and the plain pixel
+    correlation of an image with its nearest *other* training image has median 0.93 (p99 0.99),
+    higher than with a copy of itself under mild noise. Removing the silhouette leaves the edges,
+    seams and prints that tell two garments apart: median 0.68, p95 0.92 against copies at ≥ 0.92
+    (measured on 500 training images against the other 59 999; the report calibrates it again)."""
+
+    def __init__(self, sigma: float = 1.0, size: int = 28):
+        if not 0.3 <= float(sigma) <= 4.0:
+            raise InvalidParameterError(f"sigma must be in [0.3, 4]; got {sigma}")
+        if not 8 <= int(size) <= 256:
+            raise InvalidParameterError(f"size must be in [8, 256]; got {size}")
+        self.sigma, self.work_size, self.batch = float(sigma), int(size), 4096
+        self.name = f"high-pass-{self.work_size}-sigma{self.sigma:g}"
+        self.description = (f"luminance at {self.work_size}² minus its Gaussian blur (σ = {self.sigma:g} px), "
+                            "zero-mean and L2-normalised; similarity = cosine")
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        lum = _luminance(x, self.work_size)
+        return [_unit((lum - _gaussian_blur(lum, self.sigma)).flatten(1))]
+
+
+def nearest(queries: list[torch.Tensor], reference: list[torch.Tensor], chunk: int = 8192
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max similarity of each query to the reference images and its index; both given as a
+    descriptor's factors (:meth:`Descriptor.parts`): similarity = product of the factors' cosines."""
+    n = queries[0].shape[0]
+    best = torch.full((n,), -2.0)
+    idx = torch.zeros(n, dtype=torch.long)
+    for s in range(0, reference[0].shape[0], chunk):
+        sim = queries[0] @ reference[0][s:s + chunk].T
+        for q, r in zip(queries[1:], reference[1:]):
+            sim = sim * (q @ r[s:s + chunk].T)
+        v, i = sim.max(dim=1)
+        better = v > best
+        best = torch.where(better, v, best)
+        idx = torch.where(better, i + s, idx)
+    return best, idx
+
+
 class SSCDDescriptor(Descriptor):
     """A local SSCD TorchScript model (``torch.jit.load``), on the CPU unless ``device`` says otherwise."""
 

@@ -39,7 +39,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from shallowmark.research.descriptors import Descriptor, load_descriptor
+from shallowmark.research.descriptors import Descriptor, load_descriptor, nearest
 from shallowmark.research.threads import single_thread
 from shallowmark.errors import InvalidParameterError
 from shallowmark.reports import markdown_table
@@ -191,18 +191,7 @@ class ReferenceSet:
     def nearest(self, parts: list[torch.Tensor], chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
         """Max similarity to the set and its index, per query; ``parts`` = the descriptor's factors of
         the queries (similarity = product of the factors' cosines = cosine of the full features)."""
-        n = parts[0].shape[0]
-        best = torch.full((n,), -2.0)
-        idx = torch.zeros(n, dtype=torch.long)
-        for s in range(0, len(self), chunk):
-            sim = parts[0] @ self.parts[0][s:s + chunk].T
-            for q, r in zip(parts[1:], self.parts[1:]):
-                sim = sim * (q @ r[s:s + chunk].T)
-            v, i = sim.max(dim=1)
-            better = v > best
-            best = torch.where(better, v, best)
-            idx = torch.where(better, i + s, idx)
-        return best, idx
+        return nearest(parts, self.parts, chunk)
 
     def summary(self) -> dict:
         return dict(crops=len(self), descriptor=self.descriptor, scale_ratio=self.scale_ratio,

@@ -11,12 +11,13 @@ from shallowmark.errors import ShallowmarkError
 
 def register(sub) -> None:
     an = sub.add_parser("analyze", help="the research analyses; each writes report.md, report.json and PNGs")
-    an.add_argument("analysis", choices=["molrg", "loco-edit", "jacobian-rank", "reproducibility"],
+    an.add_argument("analysis", choices=["molrg", "loco-edit", "jacobian-rank", "reproducibility", "regimes"],
                     help="molrg: MoLRG posterior mean, DAE = PCA, phase transition; loco-edit: edits along the top "
                          "singular vectors of the posterior-mean Jacobian and their locality; jacobian-rank: rank "
                          "ratio of the posterior-mean Jacobian across t and the automatic t* of Shallow Diffuse; "
                          "reproducibility: RP score between tiny-ldm models from the same noise and GL score "
-                         "(copies of the training set)")
+                         "(copies of the training set); regimes: RP and GL against the training-set size N on "
+                         "Fashion-MNIST, two models per N, with the empirical optimum as the memorization limit")
     an.add_argument("--out", help="output folder (default docs/analysis/<analysis>)")
     an.add_argument("--quick", action="store_true", help="a small run that finishes in seconds")
     an.add_argument("--seed", type=int, default=0)
@@ -26,6 +27,9 @@ def register(sub) -> None:
                                                    "(default: the documented thumbnail stand-in)")
     an.add_argument("--models", metavar="DIRS", help="reproducibility: comma-separated tiny-ldm folders to compare "
                                                      "with the shipped model and its variants")
+    an.add_argument("--data", metavar="DIR", help="regimes: folder of the Fashion-MNIST IDX files (default "
+                                                  "/usr/share/datasets/fashion-mnist, Debian's dataset-fashion-mnist)")
+    an.add_argument("--cache", metavar="DIR", help="regimes: trained models (default ~/.cache/shallowmark/analysis/fmnist)")
     an.set_defaults(func=_cmd_analyze)
 
     ed = sub.add_parser("edit", help="LOCO edit of one image with tiny-ldm: x_t + λ v_i along a top singular vector "
@@ -87,8 +91,18 @@ def _reproducibility(args) -> str:
     return out
 
 
+def _regimes(args) -> str:
+    from shallowmark.research.regimes import RegimesConfig, run_regimes_analysis
+
+    out = args.out or "docs/analysis/regimes"
+    kw = dict(data_dir=args.data, cache_dir=args.cache, seed=args.seed)
+    config = RegimesConfig.quick(**kw) if args.quick else RegimesConfig(**kw)
+    run_regimes_analysis(out, config, command=args.invocation, log=log)
+    return out
+
+
 _ANALYSES = {"molrg": _molrg, "loco-edit": _loco_edit, "jacobian-rank": _jacobian_rank,
-             "reproducibility": _reproducibility}
+             "reproducibility": _reproducibility, "regimes": _regimes}
 
 
 def _cmd_analyze(args) -> int:
