@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from shallowmark.core import ddim
-from shallowmark.core.jacobian import vjp
+from shallowmark.core.jacobian import DEFAULT_ENERGY, energy_rank, vjp
 from shallowmark.errors import InvalidParameterError
 
 DEFAULT_TOL = 1e-2          # σ_i counts towards the rank when σ_i > tol·σ_max
@@ -120,6 +120,11 @@ class RankProfile:
         """Sample standard deviation across images (0 with one image)."""
         r = self.ratios(tol)
         return r.std(0, ddof=1) if r.shape[0] > 1 else np.zeros(r.shape[1])
+
+    def energy_ratios(self, energy: float = DEFAULT_ENERGY) -> np.ndarray:
+        """Rank ratio per (image, t) by the energy rule (:func:`~shallowmark.core.jacobian.energy_rank`):
+        the smallest k whose top-k σ hold ``energy`` of ‖J‖_F, over d. No tolerance against σ_max."""
+        return np.array([[energy_rank(s, energy) / self.dim for s in row] for row in self.spectra])
 
     def stable_rank_ratio(self) -> np.ndarray:
         """‖J‖_F² / (σ_max² d) per (image, t): a tolerance-free effective rank."""
@@ -300,15 +305,23 @@ def choose_t_star(profile: RankProfile, *, margin: float = DEFAULT_MARGIN, tol: 
         raise InvalidParameterError(f"margin must be in [0, 1); got {margin}")
     if not profile.positions:
         raise InvalidParameterError("the profile has no t values")
-    pos = np.asarray(profile.positions, dtype=float)
-    r = profile.mean(tol)
+    return t_star_from_curve(profile.positions, profile.mean(tol), profile.num_steps, margin)
+
+
+def t_star_from_curve(positions: Sequence[int], ratios: Sequence[float], num_steps: int, margin: float) -> float:
+    """:func:`choose_t_star`'s rule on any rank curve (``ratios`` at DDIM grid ``positions``), e.g.
+    one by the energy rule or from a randomized estimate at the full latent size."""
+    pos = np.asarray(positions, dtype=float)
+    r = np.asarray(ratios, dtype=float)
+    if len(pos) == 0 or len(pos) != len(r):
+        raise InvalidParameterError(f"need as many ratios as positions (>= 1); got {len(r)} and {len(pos)}")
     lo, hi = float(r.min()), float(r.max())
     threshold = lo + margin * (hi - lo)
     steps = np.arange(int(pos[0]), int(pos[-1]) + 1)
     curve = np.interp(steps, pos, r)
     # a tiny slack so that the measured minimum itself always qualifies despite rounding
     k = int(steps[np.argmax(curve <= threshold + 1e-12)])
-    return k / profile.num_steps
+    return k / int(num_steps)
 
 
 def profile_noise(shape, seed: int, index: int) -> torch.Tensor:

@@ -35,3 +35,21 @@ def write_report(out_dir, report: dict, markdown: str, *, default: Callable | No
     (out / "report.json").write_text(json.dumps(report, indent=indent, default=default, allow_nan=allow_nan))
     (out / "report.md").write_text(markdown)
     return out
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (reports never open a window); imported
+    here, on first use, so that the SDK does not need matplotlib to load."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path, dpi: int = 110) -> None:
+    """Lay ``fig`` out, write it to ``path`` and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)

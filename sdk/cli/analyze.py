@@ -11,13 +11,16 @@ from shallowmark.errors import ShallowmarkError
 
 def register(sub) -> None:
     an = sub.add_parser("analyze", help="the research analyses; each writes report.md, report.json and PNGs")
-    an.add_argument("analysis", choices=["molrg", "loco-edit", "jacobian-rank", "reproducibility", "regimes"],
+    an.add_argument("analysis", choices=["molrg", "loco-edit", "jacobian-rank", "reproducibility", "regimes",
+                                         "jacobian-energy"],
                     help="molrg: MoLRG posterior mean, DAE = PCA, phase transition; loco-edit: edits along the top "
                          "singular vectors of the posterior-mean Jacobian and their locality; jacobian-rank: rank "
                          "ratio of the posterior-mean Jacobian across t and the automatic t* of Shallow Diffuse; "
                          "reproducibility: RP score between tiny-ldm models from the same noise and GL score "
                          "(copies of the training set); regimes: RP and GL against the training-set size N on "
-                         "Fashion-MNIST, two models per N, with the empirical optimum as the memorization limit")
+                         "Fashion-MNIST, two models per N, with the empirical optimum as the memorization limit; "
+                         "jacobian-energy: the Jacobian's rank by the 99 %-energy rule, exact on the Fashion-MNIST "
+                         "model, randomized on tiny-ldm at full size")
     an.add_argument("--out", help="output folder (default docs/analysis/<analysis>)")
     an.add_argument("--quick", action="store_true", help="a small run that finishes in seconds")
     an.add_argument("--seed", type=int, default=0)
@@ -27,9 +30,9 @@ def register(sub) -> None:
                                                    "(default: the documented thumbnail stand-in)")
     an.add_argument("--models", metavar="DIRS", help="reproducibility: comma-separated tiny-ldm folders to compare "
                                                      "with the shipped model and its variants")
-    an.add_argument("--data", metavar="DIR", help="regimes: folder of the Fashion-MNIST IDX files (default "
+    an.add_argument("--data", metavar="DIR", help="regimes, jacobian-energy: folder of the Fashion-MNIST IDX files (default "
                                                   "/usr/share/datasets/fashion-mnist, Debian's dataset-fashion-mnist)")
-    an.add_argument("--cache", metavar="DIR", help="regimes: trained models (default ~/.cache/shallowmark/analysis/fmnist)")
+    an.add_argument("--cache", metavar="DIR", help="regimes, jacobian-energy: trained models (default ~/.cache/shallowmark/analysis/fmnist)")
     an.set_defaults(func=_cmd_analyze)
 
     ed = sub.add_parser("edit", help="LOCO edit of one image with tiny-ldm: x_t + λ v_i along a top singular vector "
@@ -101,8 +104,20 @@ def _regimes(args) -> str:
     return out
 
 
+def _jacobian_energy(args) -> str:
+    from shallowmark.research.jacobian_energy import JacobianEnergyConfig, run_jacobian_energy_analysis
+    from shallowmark.research.regimes import RegimesConfig
+
+    out = args.out or "docs/analysis/jacobian-energy"
+    kw = dict(data_dir=args.data, cache_dir=args.cache)
+    config = (JacobianEnergyConfig.quick(RegimesConfig.quick(**kw), seed=args.seed) if args.quick
+              else JacobianEnergyConfig(regimes=RegimesConfig(**kw), seed=args.seed))
+    run_jacobian_energy_analysis(out, config, command=args.invocation, log=log)
+    return out
+
+
 _ANALYSES = {"molrg": _molrg, "loco-edit": _loco_edit, "jacobian-rank": _jacobian_rank,
-             "reproducibility": _reproducibility, "regimes": _regimes}
+             "reproducibility": _reproducibility, "regimes": _regimes, "jacobian-energy": _jacobian_energy}
 
 
 def _cmd_analyze(args) -> int:

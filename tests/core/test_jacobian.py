@@ -80,3 +80,54 @@ def test_rank_ratio_and_bad_input(planted):
         J.top_subspace(b, x_t, t, rank=0)
     with pytest.raises(InvalidParameterError, match="one x_t"):
         J.top_subspace(b, x_t.expand(2, -1, -1, -1), t, rank=2)
+
+
+def test_energy_rank_is_the_papers_rule():
+    # σ² = 50, 30, 15, 4, 1 (total 100): the top 3 hold 95 %, the top 4 99 %, past 0.99² = 98.01 %: k = 4
+    s = torch.tensor([50, 30, 15, 4, 1], dtype=torch.float64).sqrt()
+    assert J.energy_rank(s) == 4
+    assert J.energy_rank(s, energy=0.97) == 3  # 0.97² = 94.09 %, reached by 95 %
+    assert J.energy_rank(s.flip(0)) == 4  # order does not matter
+    assert J.energy_rank(torch.zeros(5)) == 0
+    # a σ > tol·σ_max count would call a flat spectrum of 100 equal values rank 100, as does the rule
+    assert J.energy_rank(torch.ones(100)) == 99  # 99 of 100 hold 99 % ≥ 98.01 %
+    for bad in (0.0, 1.0, -0.5, 1.5):
+        with pytest.raises(InvalidParameterError, match=r"energy must be in \(0, 1\)"):
+            J.energy_rank(s, energy=bad)
+
+
+def _operator(spectrum: torch.Tensor, seed: int = 0):
+    d = len(spectrum)
+    q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))
+    a = q @ torch.diag(spectrum.double() ** 2) @ q.T  # JᵀJ with singular values `spectrum`
+    return lambda v: (v.flatten(1) @ a).view_as(v)
+
+
+def test_lanczos_quadrature_estimates_energy_and_rank():
+    d = 300
+    s = torch.exp(-torch.arange(d, dtype=torch.float64) / 25.0)
+    est = J.lanczos_spectrum(_operator(s), (d,), probes=16, steps=40, seed=1)
+    assert est.weights.sum(1).allclose(torch.ones(16, dtype=torch.float64))
+    assert est.total_energy() == pytest.approx(float((s ** 2).sum()), rel=0.15)
+    exact = J.energy_rank(s)  # 50
+    assert abs(est.energy_rank() - exact) < 0.2 * exact
+    assert 0 < est.energy_rank_spread() < 0.2 * exact
+    # a flat spectrum is full rank by the rule, and the estimate says so
+    flat = J.lanczos_spectrum(_operator(torch.ones(d)), (d,), probes=4, steps=10)
+    assert flat.energy_rank() == pytest.approx(J.energy_rank(torch.ones(d)), rel=0.02)
+
+
+def test_lanczos_stops_at_a_low_rank_operator(planted):
+    b, x_t, t = planted
+    rank = int((torch.linalg.svdvals(J.full_jacobian(b, x_t, t)) > 1e-8).sum())
+    est = J.lanczos_spectrum(J.jtj(b, x_t, t), tuple(x_t.shape[1:]), probes=8, steps=30, seed=0)
+    # the Krylov space of a rank-6 operator is exhausted after 7 steps: no node beyond the planted rank
+    assert int((est.weights[0] > 1e-12).sum()) <= rank + 1
+    assert 1 <= est.energy_rank() <= rank + 1e-9
+
+
+def test_lanczos_bad_input():
+    with pytest.raises(InvalidParameterError, match="probes and steps must be >= 1"):
+        J.lanczos_spectrum(lambda v: v, (4,), probes=0)
+    with pytest.raises(InvalidParameterError, match="probes and steps must be >= 1"):
+        J.lanczos_spectrum(lambda v: v, (4,), steps=0)

@@ -137,3 +137,13 @@ def test_auto_t_star_on_tiny_ldm(tiny_ldm, tmp_path, monkeypatch):
     value = R.auto_t_star(tiny_ldm)
     assert min(R.AUTO_FRACTIONS) <= value <= max(R.AUTO_FRACTIONS)
     assert R.auto_t_star(tiny_ldm) == value
+
+
+def test_energy_ratios_and_rule_on_any_curve(molrg_k1):
+    prof = R.rank_profile(molrg_k1, molrg_k1.sample_data(1, seed=1), fractions=(0.1, 0.5), crop=None)
+    # J = c·UUᵀ with rank 5: five equal σ hold all the energy, so the energy rank is 5 as well
+    assert np.allclose(prof.energy_ratios(), 5 / 64)
+    synthetic = _synthetic([1.0, 0.8, 0.5, 0.3, 0.3, 0.4], [5, 10, 15, 20, 25, 30])
+    assert R.t_star_from_curve(synthetic.positions, synthetic.mean(), 50, 0.1) == R.choose_t_star(synthetic)
+    with pytest.raises(InvalidParameterError, match="as many ratios as positions"):
+        R.t_star_from_curve([5, 10], [0.3], 50, 0.1)
