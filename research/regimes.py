@@ -274,7 +274,8 @@ def run_regimes_analysis(out_dir, config: RegimesConfig | None = None, *, comman
 
     noise = fmnist.initial_noise(config.noises, 10_000 + config.seed)
     rows, shown = [], {}
-    for n in config.sizes:
+    report = None
+    for n in coarse_to_fine(config.sizes):
         images = fmnist.subset(train_all, n, config.seed)
         ref = descriptor.parts(to_rgb(images))
         row: dict = dict(n=n, models={})
@@ -308,15 +309,47 @@ def run_regimes_analysis(out_dir, config: RegimesConfig | None = None, *, comman
         rows.append(row)
         log(f"N={n}: RP {row['rp']['value']:.2f}, GL " + ", ".join(
             f"{k} {m['gl']['value']:.2f}" for k, m in row["models"].items()))
-    timings["total"] = round(time.perf_counter() - t_all, 1)
-    timings["training"] = round(sum(m["train_seconds"] for r in rows for m in r["models"].values()), 1)
+        rows.sort(key=lambda r: r["n"])
+        timings["total"] = round(time.perf_counter() - t_all, 1)
+        timings["training"] = round(sum(m["train_seconds"] for r in rows for m in r["models"].values()), 1)
+        # a report after every size, so a run stopped early leaves what it measured (marked partial)
+        report = _write(out, config, command, train_all, test_all, descriptor, calib, rows, shown, timings)
+    return report
 
+
+def coarse_to_fine(sizes: Sequence[int]) -> list[int]:
+    """``sizes`` in the order that spans the range soonest: both ends, then the middle of each gap
+    (16, 16 384, 256, 64, 1024, 4096 for the default), so an early partial report already shows
+    the whole curve coarsely."""
+    sizes = list(sizes)
+    order, spans = [], [(0, len(sizes) - 1)]
+    seen = set()
+    for i in (0, len(sizes) - 1):
+        if i not in seen:
+            seen.add(i)
+            order.append(sizes[i])
+    while spans:
+        a, b = spans.pop(0)
+        if b - a < 2:
+            continue
+        m = (a + b) // 2
+        if m not in seen:
+            seen.add(m)
+            order.append(sizes[m])
+        spans += [(a, m), (m, b)]
+    return order
+
+
+def _write(out: Path, config: RegimesConfig, command, train_all, test_all, descriptor, calib, rows, shown,
+           timings) -> dict:
     figures = dict(curves="rp_gl.png", samples="samples.png", calibration="calibration.png")
     _plot_curves(rows, config, out / figures["curves"])
     _plot_samples(shown, config, out / figures["samples"])
     _plot_calibration(calib, out / figures["calibration"])
+    done = [r["n"] for r in rows]
     report = dict(
         analysis="regimes", command=command or f"shallowmark analyze regimes --out {out}",
+        complete=len(done) == len(config.sizes), sizes_measured=done,
         config=dict(asdict(config), models=[asdict(m) for m in config.models], sizes=list(config.sizes)),
         data=dict(source=str(config.data_dir or fmnist.DEFAULT_DIR), train=len(train_all), test=len(test_all),
                   subsets="first N of one fixed permutation of the training split (nested)"),
@@ -397,7 +430,7 @@ def _plot_curves(rows, config, path: Path) -> None:
 
 def _plot_samples(shown, config, path: Path) -> None:
     plt = pyplot()
-    ns = list(shown)
+    ns = sorted(shown)
     labels = []
     for m in config.models:
         labels += [m.name, f"{m.name}: nearest training image"]
@@ -443,6 +476,10 @@ def _markdown(rep: dict) -> str:
     lines = ["# Two regimes of reproducibility on Fashion-MNIST", "", f"Command: `{rep['command']}`  ",
              f"Machine: {rep['machine']}; total {rep['timings_s']['total']:.0f} s "
              f"(training {rep['timings_s']['training']:.0f} s).", "",
+             *([] if rep.get("complete", True) else [
+                 f"**Partial report:** {len(rep['sizes_measured'])} of {len(c['sizes'])} sizes measured so far "
+                 f"(N = {', '.join(map(str, rep['sizes_measured']))}); the run goes coarse to fine and resumes "
+                 "from its cache.", ""]),
              "Models (trained on the same nested subsets, differing in width and seed): " + "; ".join(
                  f"**{m['name']}** {m['arch']} width {m['width']} depth {m['depth']} seed {m['seed']}" for m in c["models"])
              + f". Training: {rep['training']['loss']}; {c['steps']} steps of batch {c['batch']}, Adam lr "
@@ -459,11 +496,12 @@ def _markdown(rep: dict) -> str:
              "`= optimum`: the share of noises on which the model gives the same image as the closed-form optimum "
              "of the empirical distribution (perfect memorization).", ""]
     head = ["N", "RP", "chance"] + [f"GL {n}" for n in names] + [f"{n} = optimum" for n in names] + [
-        "GL optimum"] + [f"train s {n}" for n in names]
+        "GL optimum"] + [f"nearest-image similarity, median, {n}" for n in names] + [f"train s {n}" for n in names]
     lines += markdown_table(head, ([r["n"], _ci(r["rp"]), f"{r['rp_chance']['value']:.2f}"]
                                    + [_ci(r["models"][n]["gl"]) for n in names]
                                    + [_ci(r["models"][n]["same_as_optimum"]) for n in names]
                                    + [f"{r['optimum_gl']['value']:.2f}"]
+                                   + [f"{r['models'][n]['nearest_similarity_median']:.3f}" for n in names]
                                    + [f"{r['models'][n]['train_seconds']:.0f}" for n in names] for r in rep["rows"]))
     lines += ["", f"![RP and GL]({rep['figures']['curves']})", "", f"![samples]({rep['figures']['samples']})", "",
               f"![calibration]({rep['figures']['calibration']})", "", "## Reading", "",

@@ -104,3 +104,11 @@ def test_cli_quick(tmp_path, fmnist_dir, capsys):
     assert rep["command"].startswith("shallowmark analyze regimes --quick")
     assert main(["analyze", "regimes", "--quick", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) != 0
     assert "dataset-fashion-mnist" in capsys.readouterr().err
+
+
+def test_sizes_run_coarse_to_fine_and_the_report_says_when_complete(quick_run):
+    assert regimes.coarse_to_fine([16, 64, 256, 1024, 4096, 16384]) == [16, 16384, 256, 64, 1024, 4096]
+    assert regimes.coarse_to_fine([7]) == [7] and regimes.coarse_to_fine([2, 3]) == [2, 3]
+    rep = quick_run["report"]
+    assert rep["complete"] is True and sorted(rep["sizes_measured"]) == [16, 64, 256]
+    assert "Partial report" not in (quick_run["root"] / "out" / "report.md").read_text()
