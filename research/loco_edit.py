@@ -14,6 +14,16 @@ default 50 %) of ``Σ_c u_i²``, mapped to image pixels by the autoencoder's dow
 change energy ``Σ_rgb (edit − base)²`` that falls inside that region; a change spread evenly over
 the image would score the region's area fraction (the chance level).
 
+Masked LOCO (the method proper): for a region Ω of the image, :func:`masked_direction` takes the top
+right singular vector v_Ω of the masked Jacobian ``P_Ω J`` and projects it onto the null space of
+the top r' right singular vectors of the complement's ``P_Ωᶜ J``, so the step moves x̂0 inside Ω
+and, to first order, as little as possible outside. :class:`MaskedMean` is the adapter that lets
+the Jacobian tools see ``P_Ω J``; masks are given in pixels and act on latent cells
+(:func:`mask_cells`). Any backend works the same way: tiny-ldm's 4×64×64 latent (4×4 pixels a
+cell) and the Fashion-MNIST pixel model (:class:`~shallowmark.research.fmnist_backend.FmnistBackend`,
+one cell a pixel). ``shallowmark analyze loco-masked`` (:mod:`shallowmark.research.loco_masked`)
+measures its properties.
+
 :func:`loco_edit_image` is the one-image path behind ``shallowmark edit``;
 :func:`run_loco_edit_analysis` writes the report behind ``shallowmark analyze loco-edit``.
 """
@@ -32,8 +42,8 @@ import torch
 
 from shallowmark.core import ddim
 from shallowmark.core import jacobian as jac
-from shallowmark.core.images import to_tensor, to_uint8
-from shallowmark.errors import InvalidImageError, InvalidParameterError
+from shallowmark.core.images import to_tensor
+from shallowmark.errors import InvalidImageError, InvalidParameterError, check_int
 from shallowmark.reports import markdown_table
 
 DEFAULT_T = 0.5
@@ -90,17 +100,22 @@ def check_index(index: int, rank: int) -> int:
 def read_image(path, size: int | None = None) -> np.ndarray:
     """An image file as uint8 RGB. With ``size``, other sizes are resized on the short side and
     centre-cropped to ``size``×``size`` (:func:`prepare_image`)."""
+    arr = _open_image(path, "RGB", "image")
+    return arr if size is None else prepare_image(arr, size)
+
+
+def _open_image(path, mode: str, what: str) -> np.ndarray:
+    """The file at ``path`` decoded and converted to PIL ``mode``, or InvalidImageError naming ``what``."""
     from PIL import Image, UnidentifiedImageError
 
     p = Path(path)
     if not p.is_file():
-        raise InvalidImageError(f"cannot read image {str(p)!r}: no such file")
+        raise InvalidImageError(f"cannot read {what} {str(p)!r}: no such file")
     try:
         with Image.open(p) as im:
-            arr = np.asarray(im.convert("RGB"))
+            return np.asarray(im.convert(mode))
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise InvalidImageError(f"cannot read image {str(p)!r}: not a decodable image ({e})")
-    return arr if size is None else prepare_image(arr, size)
+        raise InvalidImageError(f"cannot read {what} {str(p)!r}: not a decodable image ({e})")
 
 
 def prepare_image(image: np.ndarray, size: int = 256) -> np.ndarray:
@@ -223,6 +238,164 @@ def region_for(u, image_size: int, mass: float = DEFAULT_MASS) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
+# Masked LOCO: a region Ω to edit, the masked Jacobian and the null space of the complement's
+# ----------------------------------------------------------------------------------------------
+#
+# The mask Ω is given in image pixels (a rectangle or a mask image) and acts on latent cells: a
+# backend whose latent is h×w for an S×S image gives each cell an f×f pixel block (f = S / h; 8 for
+# Stable Diffusion, 4 for tiny-ldm, 1 for the Fashion-MNIST pixel model, whose latent is the image).
+# A cell belongs to Ω when at least half of its block does, in every latent channel; the pixels of
+# those cells (:func:`mask_cells` then :func:`upsample_mask`) are the region the method controls,
+# and the region every measurement uses. A rectangle on multiples of f maps exactly.
+
+def rect_mask(size: int, rect: Sequence[int]) -> np.ndarray:
+    """A bool (size, size) pixel mask, True inside ``rect = (top, left, height, width)`` (pixels)."""
+    try:
+        top, left, height, width = (int(v) for v in rect)
+    except (TypeError, ValueError):
+        raise InvalidParameterError(f"a rectangle is (top, left, height, width) in pixels; got {rect!r}")
+    if height < 1 or width < 1 or top < 0 or left < 0 or top + height > size or left + width > size:
+        raise InvalidParameterError(f"rectangle (top={top}, left={left}, height={height}, width={width}) is empty "
+                                    f"or leaves the {size}×{size} image")
+    m = np.zeros((size, size), dtype=bool)
+    m[top:top + height, left:left + width] = True
+    return m
+
+
+def mask_from_image(mask) -> np.ndarray:
+    """A pixel mask from a bool array, a grey (H, W) or RGB (H, W, 3) uint8 image (pixels brighter
+    than 127, channels averaged, are in Ω) or the path of such an image file."""
+    a = _open_image(mask, "L", "mask") if isinstance(mask, (str, Path)) else np.asarray(mask)
+    if a.dtype == bool and a.ndim == 2:
+        return a.copy()
+    if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] == 3)):
+        raise InvalidParameterError(f"a mask is a bool (H, W) array or a uint8 grey/RGB image; got {a.dtype} {a.shape}")
+    return (a if a.ndim == 2 else a.mean(-1)) > 127
+
+
+def mask_cells(mask: np.ndarray, latent_hw: Sequence[int]) -> np.ndarray:
+    """The latent cells (bool (h, w)) of a pixel mask (bool (S, S), S a multiple of h and w): a cell
+    is in Ω when at least half of its pixel block is. Refuses a mask that leaves no cell inside or
+    none outside (then there is nothing to edit, or nothing to keep)."""
+    m = np.asarray(mask)
+    h, w = (int(v) for v in latent_hw)
+    if m.dtype != bool or m.ndim != 2 or m.shape[0] != m.shape[1]:
+        raise InvalidParameterError(f"a pixel mask is a square bool array; got {m.dtype} {m.shape}")
+    size = m.shape[0]
+    if size % h or size % w:
+        raise InvalidParameterError(f"a {size}×{size} mask does not map onto a {h}×{w} latent "
+                                    "(the image size must be a multiple of the latent size)")
+    if not m.any():
+        raise InvalidParameterError("the mask is empty: no region to edit")
+    if m.all():
+        raise InvalidParameterError("the mask covers the whole image: no region left to keep unchanged")
+    fy, fx = size // h, size // w
+    cells = m.reshape(h, fy, w, fx).mean(axis=(1, 3)) >= 0.5
+    if not cells.any():
+        raise InvalidParameterError(f"the mask covers no latent cell: each cell is a {fy}×{fx} pixel block and "
+                                    "needs at least half of it inside the mask")
+    if cells.all():
+        raise InvalidParameterError("the mask covers every latent cell: no region left to keep unchanged")
+    return cells
+
+
+class MaskedMean:
+    """A backend seen through an output mask m (0/1, broadcast over the latent): its posterior
+    mean is m ⊙ x̂0, so the Jacobian tools of :mod:`shallowmark.core.jacobian` (JVP, VJP, subspace
+    iteration) see ``P_Ω J``, the masked Jacobian. Everything else is the wrapped backend's.
+
+    It works through ``eps``: with ε' = m ⊙ ε + (1 − m) ⊙ x_t / √(1−ᾱ_t), Tweedie's formula
+    (x_t − √(1−ᾱ_t) ε') / √ᾱ_t is m ⊙ x̂0 (outside the mask the x_t terms cancel, to float rounding)."""
+
+    def __init__(self, backend, mask: torch.Tensor):
+        self.backend = backend
+        self.mask = mask
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def eps(self, x_t: torch.Tensor, t, cond=None) -> torch.Tensor:
+        tt = torch.as_tensor(t, dtype=torch.long).flatten()
+        a = self.backend.alphas_cumprod[tt].to(x_t.dtype).view(-1, 1, 1, 1)
+        m = self.mask.to(x_t.dtype)
+        return m * self.backend.eps(x_t, t, cond).to(x_t.dtype) + (1 - m) * x_t / (1 - a).sqrt()
+
+
+def null_project(v: torch.Tensor, vectors: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``(I − V Vᵀ) v`` renormalised, with V the orthonormal rows ``vectors`` (r, *shape); returns it
+    and ``‖(I − V Vᵀ) v‖ / ‖v‖`` (the share of v the projection kept). r = 0 returns v unchanged."""
+    if vectors.shape[0] == 0:
+        return v / v.norm(), 1.0
+    p = jac.nullspace_project(v[None], vectors)[0]
+    kept = float(p.norm() / v.norm())
+    if not kept > 1e-6:
+        raise InvalidParameterError("the direction lies in the complement's top subspace: the projection leaves "
+                                    "nothing of it (use a smaller null_rank)")
+    return p / p.norm(), kept
+
+
+@dataclass(frozen=True)
+class MaskedDirection:
+    """One masked LOCO direction at one x_t.
+
+    ``vector``: the edit direction, (I − V_c V_cᵀ) v_Ω renormalised (unit, latent shape); ``raw``:
+    v_Ω itself, the ``index``-th right singular vector of P_Ω J; ``kept``: ‖(I − V_c V_cᵀ) v_Ω‖.
+    ``masked`` and ``complement`` hold the singular triplets of P_Ω J and P_Ωᶜ J (``complement`` is
+    None with ``null_rank = 0``: no projection, ``vector`` is ``raw``). ``cells`` is Ω on the latent
+    grid, ``region`` its pixels (what the measurements use)."""
+
+    vector: torch.Tensor
+    raw: torch.Tensor
+    kept: float
+    index: int
+    masked: LocoDirections
+    complement: LocoDirections | None
+    cells: np.ndarray
+    region: np.ndarray
+
+    def projected(self, null_rank: int) -> tuple[torch.Tensor, float]:
+        """v_Ω projected onto the null space of the top ``null_rank`` complement vectors only
+        (a prefix of those computed: subspace iteration sorts them by σ)."""
+        have = 0 if self.complement is None else self.complement.subspace.vectors.shape[0]
+        check_int("null_rank (at most the complement directions computed)", null_rank, 0, have)
+        vecs = self.raw.new_zeros((0, *self.raw.shape)) if null_rank == 0 else \
+            self.complement.subspace.vectors[:int(null_rank)]
+        return null_project(self.raw, vecs)
+
+
+def check_masked_args(backend, mask, rank: int, null_rank: int, iters: int, index: int = 0) -> np.ndarray:
+    """Every input check of :func:`masked_direction`, before any model call; returns Ω's cells."""
+    check_index(index, rank)
+    check_int("null_rank (complement directions projected out)", null_rank, 0, int(np.prod(backend.latent_shape)) - 1)
+    check_int("iters", iters, 1)
+    m = np.asarray(mask)
+    if m.shape != (backend.image_size, backend.image_size):
+        raise InvalidParameterError(f"the mask has shape {m.shape}; the model's images are "
+                                    f"{backend.image_size}×{backend.image_size}")
+    return mask_cells(m, backend.latent_shape[1:])
+
+
+def masked_direction(backend, x_t: torch.Tensor, grid: ddim.DDIMGrid, position: int, mask: np.ndarray, *,
+                     rank: int = 4, null_rank: int = 8, iters: int = DEFAULT_ITERS, index: int = 0,
+                     seed: int = 0, cond=None) -> MaskedDirection:
+    """The LOCO edit direction for the pixel region ``mask`` (bool, image size) at grid ``position``:
+    v_Ω, the ``index``-th of the top ``rank`` right singular vectors of P_Ω J, projected onto the null
+    space of the top ``null_rank`` right singular vectors of P_Ωᶜ J (both by subspace iteration)."""
+    cells = check_masked_args(backend, mask, rank, null_rank, iters, index)
+    m = torch.as_tensor(cells, dtype=x_t.dtype, device=x_t.device)[None, None]
+    masked = loco_directions(MaskedMean(backend, m), x_t, grid, position, rank, iters, seed, cond)
+    raw = masked.subspace.vectors[index]
+    comp = None
+    if null_rank:
+        comp = loco_directions(MaskedMean(backend, 1 - m), x_t, grid, position, int(null_rank), iters, seed + 1, cond)
+        vector, kept = null_project(raw, comp.subspace.vectors)
+    else:
+        vector, kept = raw, 1.0
+    return MaskedDirection(vector, raw, kept, int(index), masked, comp, cells,
+                           upsample_mask(cells, backend.image_size))
+
+
+# ----------------------------------------------------------------------------------------------
 # One image (shallowmark edit)
 # ----------------------------------------------------------------------------------------------
 
@@ -234,8 +407,14 @@ def image_to_xt(backend, image: np.ndarray, grid: ddim.DDIMGrid, position: int) 
 
 
 def _decode_u8(backend, latents: torch.Tensor) -> np.ndarray:
+    return np.round(decode_levels(backend, latents)).astype(np.uint8)
+
+
+def decode_levels(backend, latents: torch.Tensor) -> np.ndarray:
+    """Decoded images as float64 grey levels in [0, 255] (N, H, W, 3), not yet rounded to uint8."""
     with torch.no_grad():
-        return np.concatenate([to_uint8(backend.decode(latents[i:i + 8])) for i in range(0, latents.shape[0], 8)])
+        return np.concatenate([((backend.decode(latents[i:i + 8]).float().cpu().clamp(-1, 1) + 1) * 127.5)
+                               .permute(0, 2, 3, 1).double().numpy() for i in range(0, latents.shape[0], 8)])
 
 
 @dataclass(frozen=True)

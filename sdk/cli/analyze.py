@@ -12,7 +12,7 @@ from shallowmark.errors import ShallowmarkError
 def register(sub) -> None:
     an = sub.add_parser("analyze", help="the research analyses; each writes report.md, report.json and PNGs")
     an.add_argument("analysis", choices=["molrg", "loco-edit", "jacobian-rank", "reproducibility", "regimes",
-                                         "jacobian-energy"],
+                                         "jacobian-energy", "fmnist-watermark", "loco-masked", "molrg-training"],
                     help="molrg: MoLRG posterior mean, DAE = PCA, phase transition; loco-edit: edits along the top "
                          "singular vectors of the posterior-mean Jacobian and their locality; jacobian-rank: rank "
                          "ratio of the posterior-mean Jacobian across t and the automatic t* of Shallow Diffuse; "
@@ -20,7 +20,13 @@ def register(sub) -> None:
                          "(copies of the training set); regimes: RP and GL against the training-set size N on "
                          "Fashion-MNIST, two models per N, with the empirical optimum as the memorization limit; "
                          "jacobian-energy: the Jacobian's rank by the 99 %-energy rule, exact on the Fashion-MNIST "
-                         "model, randomized on tiny-ldm at full size")
+                         "model, randomized on tiny-ldm at full size; fmnist-watermark: Shallow Diffuse in pixel "
+                         "space on the generalizing Fashion-MNIST model, fidelity and detection against generated "
+                         "and real negatives under pixel attacks; loco-masked: LOCO edit with a mask and the "
+                         "null-space projection on the Fashion-MNIST model and tiny-ldm, and its locality, change "
+                         "outside the mask, homogeneity/transfer, linearity and composability; molrg-training: the "
+                         "MoLRG N-vs-r transition with sampled noise (K = 1, 2) and an MLP trained by denoising "
+                         "score matching (subspace error, distance to the exact score, generalization against N)")
     an.add_argument("--out", help="output folder (default docs/analysis/<analysis>)")
     an.add_argument("--quick", action="store_true", help="a small run that finishes in seconds")
     an.add_argument("--seed", type=int, default=0)
@@ -30,9 +36,10 @@ def register(sub) -> None:
                                                    "(default: the documented thumbnail stand-in)")
     an.add_argument("--models", metavar="DIRS", help="reproducibility: comma-separated tiny-ldm folders to compare "
                                                      "with the shipped model and its variants")
-    an.add_argument("--data", metavar="DIR", help="regimes, jacobian-energy: folder of the Fashion-MNIST IDX files (default "
+    fm = "regimes, jacobian-energy, fmnist-watermark, loco-masked"
+    an.add_argument("--data", metavar="DIR", help=f"{fm}: folder of the Fashion-MNIST IDX files (default "
                                                   "/usr/share/datasets/fashion-mnist, Debian's dataset-fashion-mnist)")
-    an.add_argument("--cache", metavar="DIR", help="regimes, jacobian-energy: trained models (default ~/.cache/shallowmark/analysis/fmnist)")
+    an.add_argument("--cache", metavar="DIR", help=f"{fm}: trained models (default ~/.cache/shallowmark/analysis/fmnist)")
     an.set_defaults(func=_cmd_analyze)
 
     ed = sub.add_parser("edit", help="LOCO edit of one image with tiny-ldm: x_t + λ v_i along a top singular vector "
@@ -106,18 +113,49 @@ def _regimes(args) -> str:
 
 def _jacobian_energy(args) -> str:
     from shallowmark.research.jacobian_energy import JacobianEnergyConfig, run_jacobian_energy_analysis
-    from shallowmark.research.regimes import RegimesConfig
 
     out = args.out or "docs/analysis/jacobian-energy"
-    kw = dict(data_dir=args.data, cache_dir=args.cache)
-    config = (JacobianEnergyConfig.quick(RegimesConfig.quick(**kw), seed=args.seed) if args.quick
-              else JacobianEnergyConfig(regimes=RegimesConfig(**kw), seed=args.seed))
-    run_jacobian_energy_analysis(out, config, command=args.invocation, log=log)
+    run_jacobian_energy_analysis(out, _fmnist_config(args, JacobianEnergyConfig), command=args.invocation, log=log)
+    return out
+
+
+def _fmnist_watermark(args) -> str:
+    from shallowmark.research.fmnist_watermark import FmnistWatermarkConfig, run_fmnist_watermark_analysis
+
+    out = args.out or "docs/analysis/fmnist-watermark"
+    run_fmnist_watermark_analysis(out, _fmnist_config(args, FmnistWatermarkConfig), command=args.invocation, log=log)
+    return out
+
+
+def _fmnist_config(args, cls):
+    """The config of a Fashion-MNIST analysis from --quick, --data, --cache and --seed (``cls`` and
+    its ``quick`` both take ``regimes=`` and ``seed=``)."""
+    from shallowmark.research.regimes import RegimesConfig
+
+    regimes = (RegimesConfig.quick if args.quick else RegimesConfig)(data_dir=args.data, cache_dir=args.cache)
+    return (cls.quick if args.quick else cls)(regimes=regimes, seed=args.seed)
+
+
+def _loco_masked(args) -> str:
+    from shallowmark.research.loco_masked import LocoMaskedConfig, run_loco_masked_analysis
+
+    out = args.out or "docs/analysis/loco-masked"
+    run_loco_masked_analysis(out, _fmnist_config(args, LocoMaskedConfig), command=args.invocation, log=log)
+    return out
+
+
+def _molrg_training(args) -> str:
+    from shallowmark.research.molrg_training import MolrgTrainingConfig, run_molrg_training_analysis
+
+    out = args.out or "docs/analysis/molrg-training"
+    config = (MolrgTrainingConfig.quick if args.quick else MolrgTrainingConfig)(seed=args.seed)
+    run_molrg_training_analysis(out, config, command=args.invocation, log=log)
     return out
 
 
 _ANALYSES = {"molrg": _molrg, "loco-edit": _loco_edit, "jacobian-rank": _jacobian_rank,
-             "reproducibility": _reproducibility, "regimes": _regimes, "jacobian-energy": _jacobian_energy}
+             "reproducibility": _reproducibility, "regimes": _regimes, "jacobian-energy": _jacobian_energy,
+             "fmnist-watermark": _fmnist_watermark, "loco-masked": _loco_masked, "molrg-training": _molrg_training}
 
 
 def _cmd_analyze(args) -> int:

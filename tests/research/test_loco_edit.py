@@ -261,3 +261,235 @@ def test_analysis_rejects_bad_config(tmp_path):
         le.run_loco_edit_analysis(tmp_path, config=le.LocoAnalysisConfig(lambdas=(0.0, 0.1)))
     with pytest.raises(InvalidParameterError, match="t must be"):
         le.run_loco_edit_analysis(tmp_path, config=le.LocoAnalysisConfig(t=1.0))
+
+
+# -- masked LOCO: the mask, the masked Jacobian, the null-space projection ---------------------------
+
+def test_masked_mean_is_the_masked_posterior_mean(planted):
+    b, grid, pos, x_t = planted
+    t = grid.timesteps[pos - 1]
+    cells = le.rect_mask(8, (0, 0, 4, 8))                        # upper half of the 8×8 latent
+    m = torch.as_tensor(cells, dtype=x_t.dtype)[None, None]
+    wrapped = le.MaskedMean(b, m)
+    assert torch.allclose(jac.posterior_mean(wrapped, x_t, t), m * jac.posterior_mean(b, x_t, t), atol=1e-12)
+    v = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(2), dtype=x_t.dtype)
+    assert torch.allclose(jac.jvp(wrapped, x_t, t, v), m * jac.jvp(b, x_t, t, v), atol=1e-12)
+    assert wrapped.latent_shape == b.latent_shape                # everything else is the backend's
+
+
+def _first_order_leakage(backend, x_t, t, cells, v) -> float:
+    """‖P_Ωᶜ J v‖ / ‖P_Ω J v‖ through the masked adapter."""
+    m = torch.as_tensor(cells, dtype=x_t.dtype)[None, None]
+    out, inside = (jac.jvp(le.MaskedMean(backend, w), x_t, t, v[None]).norm() for w in (1 - m, m))
+    return float(out / inside)
+
+
+def test_null_projection_is_orthogonal_to_the_complement_with_the_exact_answers_of_one_cluster(planted):
+    """K = 1: J = c·U Uᵀ, so P_Ω J = c·U (UᵀP_Ω U) Uᵀ and P_Ωᶜ J = c·U (I − UᵀP_Ω U) Uᵀ share their right
+    singular vectors, in reverse order: the top of P_Ω J is the bottom of P_Ωᶜ J. Projecting out the
+    complement's top 2 keeps v_Ω whole; its top 4 span all of range(U), and nothing is left."""
+    b, grid, pos, x_t = planted
+    mask = le.rect_mask(8, (0, 0, 8, 3))                         # the 3 left columns
+    d = le.masked_direction(b, x_t, grid, pos, mask, rank=2, null_rank=2, iters=30)
+    vc = d.complement.subspace.vectors.flatten(1)
+    assert float(d.vector.norm()) == pytest.approx(1.0, abs=1e-12)
+    assert float((vc @ d.vector.flatten()).abs().max()) < 1e-10  # in the null space of the top r' = 2
+    assert d.kept == pytest.approx(1.0, abs=1e-8)
+    assert d.projected(0)[0].equal(d.raw / d.raw.norm()) and d.projected(0)[1] == 1.0
+    with pytest.raises(InvalidParameterError, match="leaves nothing"):
+        le.masked_direction(b, x_t, grid, pos, mask, rank=2, null_rank=4, iters=30)
+
+
+def test_masks_map_onto_latent_cells():
+    m = le.rect_mask(256, (56, 80, 80, 96))
+    cells = le.mask_cells(m, (64, 64))                           # 4×4 pixels a cell: exact on multiples of 4
+    assert cells.sum() == 20 * 24 and cells[14:34, 20:44].all()
+    assert np.array_equal(le.upsample_mask(cells, 256), m)
+    half = le.mask_cells(le.rect_mask(256, (2, 0, 6, 4)), (64, 64))   # half of cell (0, 0), all of (1, 0)
+    assert half.sum() == 2 and half[0, 0] and half[1, 0]
+    quarter = le.mask_cells(le.rect_mask(256, (2, 2, 5, 5)), (64, 64))  # 4/16 of (0, 0): out; 9/16 of (1, 1): in
+    assert quarter.sum() == 1 and quarter[1, 1]
+    grey = np.zeros((28, 28), np.uint8)
+    grey[3:9, 4:10] = 200
+    assert np.array_equal(le.mask_from_image(grey), le.rect_mask(28, (3, 4, 6, 6)))
+    assert np.array_equal(le.mask_from_image(np.stack([grey] * 3, -1)), le.mask_from_image(grey))
+
+
+def test_mask_image_files(tmp_path):
+    from PIL import Image
+
+    grey = np.zeros((28, 28), np.uint8)
+    grey[10:20, 5:9] = 255
+    Image.fromarray(grey).save(tmp_path / "mask.png")
+    assert np.array_equal(le.mask_from_image(tmp_path / "mask.png"), le.rect_mask(28, (10, 5, 10, 4)))
+    with pytest.raises(InvalidImageError, match="cannot read mask .* no such file"):
+        le.mask_from_image(tmp_path / "missing.png")
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    with pytest.raises(InvalidImageError, match="cannot read mask .* not a decodable image"):
+        le.mask_from_image(str(tmp_path / "junk.png"))
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: le.mask_cells(np.zeros((28, 28), bool), (28, 28)), "empty"),
+    (lambda: le.mask_cells(np.ones((28, 28), bool), (28, 28)), "whole image"),
+    (lambda: le.mask_cells(le.rect_mask(256, (0, 0, 1, 1)), (64, 64)), "covers no latent cell"),
+    (lambda: le.mask_cells(~le.rect_mask(256, (0, 0, 1, 1)), (64, 64)), "every latent cell"),
+    (lambda: le.mask_cells(np.ones((28, 28)), (28, 28)), "square bool"),
+    (lambda: le.mask_cells(np.ones((30, 30), bool), (28, 28)), "multiple"),
+    (lambda: le.rect_mask(28, (0, 0, 0, 5)), "empty or leaves"),
+    (lambda: le.rect_mask(28, (20, 0, 10, 5)), "empty or leaves"),
+    (lambda: le.rect_mask(28, (1, 2, 3)), "top, left, height, width"),
+    (lambda: le.mask_from_image(np.zeros((28, 28), np.float32)), "bool"),
+])
+def test_bad_masks_are_refused(make, match):
+    with pytest.raises(InvalidParameterError, match=match):
+        make()
+
+
+class _NoModel:
+    """Shapes only: any model call fails, so these checks must run before one."""
+    image_size = 28
+    latent_shape = (1, 28, 28)
+
+
+@pytest.mark.parametrize("mask, kw, match", [
+    (np.zeros((28, 28), bool), {}, "empty"),
+    (np.ones((28, 28), bool), {}, "whole image"),
+    (np.ones((27, 27), bool), {}, "shape"),
+    (le.rect_mask(28, (0, 0, 5, 5)), dict(null_rank=784), "null_rank"),
+    (le.rect_mask(28, (0, 0, 5, 5)), dict(null_rank=-1), "null_rank"),
+    (le.rect_mask(28, (0, 0, 5, 5)), dict(index=2, rank=2), "computed rank 2"),
+    (le.rect_mask(28, (0, 0, 5, 5)), dict(iters=0), "iters"),
+])
+def test_masked_direction_checks_before_any_model_call(mask, kw, match):
+    with pytest.raises(InvalidParameterError, match=match):
+        le.masked_direction(_NoModel(), torch.zeros(1, 1, 28, 28), None, 1, mask, **kw)
+
+
+@pytest.mark.parametrize("lam", [float("nan"), float("inf"), "big"])
+def test_edit_with_bad_lambda_is_refused_before_denoising(lam):
+    with pytest.raises(InvalidParameterError, match="λ must be"):
+        le.edit_latents(_NoModel(), torch.zeros(1, 1, 28, 28), None, 1, torch.zeros(1, 28, 28), [0.0, lam])
+
+
+def test_masked_direction_on_tiny_ldm_stays_in_its_cells(tiny_ldm):
+    """The same code on a 4-channel latent with 4×4-pixel cells: the masked left vector lives in Ω's
+    cells, the projection is orthogonal to the complement's vectors, and the edit's change is
+    concentrated in Ω beyond chance (smoke sizes: one iteration, 10-step grid)."""
+    from shallowmark.core.photos import center_crop, heldout_photo
+    from shallowmark.research.loco_masked import LDM_MASKS, region_stats
+
+    grid = ddim.make_grid(tiny_ldm, 10)
+    k = grid.position(0.5)
+    x = le.image_to_xt(tiny_ldm, center_crop(heldout_photo(), 256), grid, k)
+    mask = le.rect_mask(256, LDM_MASKS[0])
+    d = le.masked_direction(tiny_ldm, x, grid, k, mask, rank=1, null_rank=2, iters=1)
+    left = d.masked.subspace.left[0]
+    assert float(left[:, ~d.cells].abs().max()) < 1e-4 * float(left.abs().max())
+    assert float((d.complement.subspace.vectors.flatten(1) @ d.vector.flatten()).abs().max()) < 1e-5
+    levels = le.decode_levels(tiny_ldm, le.edit_latents(tiny_ldm, x, grid, k, d.vector, [0.0, 0.05 * float(x.norm())]))
+    s = region_stats(levels[1], levels[0], d.region)
+    assert s["locality"] > 2 * float(d.region.mean())           # chance is Ω's area (0.117)
+
+
+# -- the five properties on a small trained model -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_fmnist(fmnist_dir, tmp_path_factory):
+    from shallowmark.research.fmnist_backend import FmnistBackend
+    from shallowmark.research.regimes import RegimesConfig, generalizing_model, to_rgb
+    from shallowmark.research import fmnist
+
+    cfg = RegimesConfig.quick(data_dir=str(fmnist_dir), cache_dir=str(tmp_path_factory.mktemp("cache")))
+    model, _ = generalizing_model(cfg)
+    return FmnistBackend(model.net), to_rgb(fmnist.load_fashion_mnist("test", str(fmnist_dir))[:4])
+
+
+def test_projected_edit_changes_the_outside_less_than_the_unprojected(small_fmnist):
+    from shallowmark.research.loco_masked import FMNIST_MASKS, region_stats
+
+    backend, images = small_fmnist
+    grid = ddim.make_grid(backend, 20)
+    k = grid.position(0.5)
+    mask = le.rect_mask(28, FMNIST_MASKS[0])
+    for image in images[:2]:
+        x = le.image_to_xt(backend, image, grid, k)
+        d = le.masked_direction(backend, x, grid, k, mask, rank=2, null_rank=8, iters=4)
+        lam = 0.1 * float(x.norm())
+        lv = le.decode_levels(backend, le._denoise_all(backend, torch.cat([x, x + lam * d.raw[None],
+                                                                          x + lam * d.vector[None]]), grid, k))
+        raw, proj = (region_stats(e, lv[0], d.region) for e in lv[1:])
+        t = grid.timesteps[k - 1]                                # first order, at x_t: the leak is cut
+        assert _first_order_leakage(backend, x, t, d.cells, d.vector) < _first_order_leakage(backend, x, t, d.cells, d.raw)
+        assert proj["rms_out"] < raw["rms_out"]                  # measured on the final image
+        assert proj["psnr_out"] > raw["psnr_out"]
+        assert proj["rms_in"] > 2 * proj["rms_out"]              # and it still edits inside Ω
+
+
+def test_property_measures_on_known_arrays():
+    from shallowmark.research.loco_masked import composability, linearity, region_stats
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(8, 8, 3))
+    b = rng.normal(size=(8, 8, 3))
+    assert composability(a + b, a, b) == pytest.approx(0.0, abs=1e-12)
+    assert composability(np.zeros_like(a), a, b) == pytest.approx(np.linalg.norm(a + b) / (np.linalg.norm(a) + np.linalg.norm(b)))
+    lin = linearity([-1.0, 1.0, 2.0], [-a, a, 2 * a])
+    assert lin["r2"] == pytest.approx(1.0) and lin["symmetry"]["1"] == pytest.approx(0.0, abs=1e-12)
+    assert lin["doubling"]["1"] == pytest.approx(0.0, abs=1e-12) and max(lin["off_axis"].values()) < 1e-12
+    assert lin["slope"] == pytest.approx(np.linalg.norm(a) / np.sqrt(a.size))   # RMS per unit λ
+    sat = linearity([-1.0, 1.0, 2.0], [-a, a, 1.2 * a])          # saturating: doubling error 0.4
+    assert sat["doubling"]["1"] == pytest.approx(0.4) and sat["r2"] < 1.0
+    base = np.full((28, 28, 3), 100.0)
+    region = le.rect_mask(28, (0, 0, 14, 28))
+    inside = base.copy()
+    inside[region] += 10.0
+    s = region_stats(inside, base, region)
+    assert s["locality"] == 1.0 and s["rms_out"] == 0.0 and s["rms_in"] == pytest.approx(10.0)
+    assert s["psnr_out"] == float("inf") and s["ssim_out"] == pytest.approx(1.0)
+
+
+def test_quick_masked_analysis_writes_its_report(tmp_path, fmnist_dir, capsys):
+    from shallowmark.cli import main
+    from shallowmark.research.loco_masked import LocoMaskedConfig
+
+    out = tmp_path / "lm"
+    argv = ["analyze", "loco-masked", "--quick", "--data", str(fmnist_dir), "--cache", str(tmp_path / "c"),
+            "--out", str(out)]
+    assert main(argv) == 0
+    assert {"report.md", "report.json", "edits_fmnist.png", "properties.png"} <= {p.name for p in out.iterdir()}
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["command"] == "shallowmark " + " ".join(argv)
+    cfg = LocoMaskedConfig.quick().fmnist
+    f = rep["parts"]["fmnist"]
+    assert set(rep["parts"]) == {"fmnist"} and len(f["results"]) == cfg.images + 1   # + the source at t_other
+    for r in f["results"].values():
+        assert {"raw1", "p1", "random"} <= set(r["stats"])
+        assert all(0.0 <= s["locality"] <= 1.0 for s in r["stats"].values())
+        assert r["linearity"]["r2"] <= 1.0 and r["composability"]["projected"] >= 0.0
+        assert len(r["linearity"]["lambdas"]) == len(cfg.multiples) + 1
+    md = (out / "report.md").read_text()
+    assert rep["command"] in md and "Not tested here" in md and "edits_fmnist.png" in md
+    assert "Fashion-MNIST model" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(lam=0.0), "lam must be > 0"),
+    (dict(lam=float("nan")), "λ must be"),
+    (dict(multiples=(1.0, 2.0)), "negative"),
+    (dict(multiples=(-1.0, 0.0, 1.0)), "non-zero"),
+    (dict(masks=((3, 6, 10, 16), (10, 6, 10, 16))), "disjoint"),
+    (dict(masks=((3, 6, 10, 16),)), "two masks"),
+    (dict(null_sweep=(0, 2)), "null_sweep"),
+    (dict(t_other=0.5), "t_other"),
+    (dict(t=1.0), "t must be"),
+])
+def test_masked_analysis_rejects_bad_config(kw, match, tmp_path):
+    from dataclasses import replace
+
+    from shallowmark.research.loco_masked import LocoMaskedConfig, run_loco_masked_analysis
+
+    cfg = LocoMaskedConfig.quick()
+    with pytest.raises(InvalidParameterError, match=match):
+        run_loco_masked_analysis(tmp_path, replace(cfg, fmnist=replace(cfg.fmnist, **kw)))
+    assert not (tmp_path / "report.json").exists()
