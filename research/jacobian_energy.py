@@ -8,8 +8,8 @@ report also gives for comparison.
 
 - **Fashion-MNIST** (d = 784): exact dense Jacobians of the generalizing model (the larger model of
   ``analyze regimes`` trained on the largest N, :func:`~shallowmark.research.regimes.generalizing_model`)
-  at held-out test images, across t; the same for that model trained on 64 images (it memorizes)
-  for contrast. The randomized estimator below is checked against the exact rank here.
+  at held-out test images, across t; the same for that model trained on the smallest N of
+  ``analyze regimes`` (16 images) for contrast. The randomized estimator below is checked against the exact rank here.
 - **tiny-ldm at full size** (d = 4·64·64 = 16 384, too large for a dense Jacobian on a CPU):
   stochastic Lanczos quadrature of JᵀJ (:func:`~shallowmark.core.jacobian.lanczos_spectrum`), whose
   Gauss nodes and weights estimate the whole spectrum, Σσ² (Hutchinson's estimate) included, from
@@ -46,10 +46,6 @@ from shallowmark.errors import InvalidParameterError
 from shallowmark.reports import markdown_table, pyplot, save_figure, write_report
 from shallowmark.research import fmnist
 from shallowmark.research.regimes import RegimesConfig, generalizing_model, trained
-
-#: Training-set size of the memorizing contrast model (``analyze regimes`` shows it copies there).
-MEMORIZING_N = 64
-
 
 @dataclass(frozen=True)
 class JacobianEnergyConfig:
@@ -165,7 +161,7 @@ def fmnist_profile(model: fmnist.TrainedModel, images: np.ndarray, fractions, en
         smax.append(sm)
         log(f"  image {i}: energy rank ratio " + " ".join(f"{v:.3f}" for v in er)
             + f" [{time.perf_counter() - t0:.0f} s]")
-    return dict(energy_ratio=np.array(e_r), tol_ratio=np.array(tol_r), sigma_max=np.array(smax),
+    return dict(n=model.n_train, energy_ratio=np.array(e_r), tol_ratio=np.array(tol_r), sigma_max=np.array(smax),
                 spectra_image0=spectra0, seconds=time.perf_counter() - t0)
 
 
@@ -274,8 +270,7 @@ def run_jacobian_energy_analysis(out_dir, config: JacobianEnergyConfig | None = 
 
     model, train = generalizing_model(cfg.regimes, log)
     rc = cfg.regimes
-    memo_images = fmnist.subset(fmnist.load_fashion_mnist("train", rc.data_dir), min(MEMORIZING_N, rc.sizes[-1]),
-                                rc.seed)
+    memo_images = fmnist.subset(fmnist.load_fashion_mnist("train", rc.data_dir), rc.sizes[0], rc.seed)
     memo = trained(memo_images, rc.models[-1].train_config(rc.steps, rc.batch, rc.lr), rc.resolved_cache(), log)
     test = fmnist.load_fashion_mnist("test", rc.data_dir)
     pick = test[np.random.default_rng(cfg.seed).choice(len(test), min(cfg.fmnist_images, len(test)), replace=False)]
@@ -283,7 +278,7 @@ def run_jacobian_energy_analysis(out_dir, config: JacobianEnergyConfig | None = 
     t = time.perf_counter()
     log(f"Fashion-MNIST, generalizing model (N = {len(train)})")
     gen = fmnist_profile(model, pick, cfg.fmnist_fractions, cfg.energy, cfg.seed, log)
-    log(f"Fashion-MNIST, memorizing model (N = {len(memo_images)})")
+    log(f"Fashion-MNIST, smallest-N model (N = {len(memo_images)})")
     mem = fmnist_profile(memo, pick, cfg.fmnist_fractions, cfg.energy, cfg.seed, log)
     timings["fmnist"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
@@ -311,7 +306,7 @@ def run_jacobian_energy_analysis(out_dir, config: JacobianEnergyConfig | None = 
                           tol_ratio_mean=_r(gen["tol_ratio"].mean(0)), sigma_max_mean=_r(gen["sigma_max"].mean(0)),
                           final_loss=round(model.final_loss, 5), below_0_1=middle_range(fr, gen_mean),
                           minimum=float(gen_mean.min()), minimum_at=fr[int(np.argmin(gen_mean))]),
-        memorizing=dict(n_train=len(memo_images), energy_ratio_mean=_r(mem["energy_ratio"].mean(0)),
+        smallest_n=dict(n_train=len(memo_images), energy_ratio_mean=_r(mem["energy_ratio"].mean(0)),
                         energy_ratio_sd=_r(mem["energy_ratio"].std(0)), tol_ratio_mean=_r(mem["tol_ratio"].mean(0)),
                         final_loss=round(memo.final_loss, 5),
                         below_0_1=middle_range(fr, mem["energy_ratio"].mean(0))))
@@ -339,7 +334,7 @@ def run_jacobian_energy_analysis(out_dir, config: JacobianEnergyConfig | None = 
 def _plot_profiles(fr, gen, mem, gauss, check, ldm, path: Path) -> None:
     plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    for prof, label in ((gen, "generalizing"), (mem, "memorizing (N = 64)")):
+    for prof, label in ((gen, f"N = {gen['n']}"), (mem, f"N = {mem['n']}")):
         m, s = prof["energy_ratio"].mean(0), prof["energy_ratio"].std(0)
         line, = a1.plot(fr, m, marker="o", ms=3, label=f"{label}: 99 % energy")
         a1.fill_between(fr, m - s, m + s, alpha=0.2, color=line.get_color())
@@ -388,7 +383,7 @@ def _range(r) -> str:
 
 def _markdown(rep: dict) -> str:
     fm, ck, ld, c = rep["fmnist"], rep["estimator_check"], rep["tiny_ldm"], rep["config"]
-    g, m = fm["generalizing"], fm["memorizing"]
+    g, m = fm["generalizing"], fm["smallest_n"]
     lines = ["# Rank of the posterior-mean Jacobian by the 99 % energy rule", "",
              f"Command: `{rep['command']}`  ", f"Machine: {rep['machine']}; total {rep['timings_s']['total']:.0f} s "
              f"({', '.join(f'{k} {v:.0f} s' for k, v in rep['timings_s'].items() if k != 'total')}).", "",
@@ -397,16 +392,16 @@ def _markdown(rep: dict) -> str:
              f"Dense 784×784 Jacobians of x̂0(x_t) at {fm['images']} held-out test images, each with one seeded "
              f"noise shared across t. Generalizing model: the larger `analyze regimes` model "
              f"({c['regimes']['models'][-1]['width']}×{c['regimes']['models'][-1]['depth']} MLP) trained on "
-             f"N = {g['n_train']}; memorizing: the same on N = {m['n_train']}.", ""]
+             f"N = {g['n_train']}; beside it the same model trained on the smallest N, {m['n_train']}.", ""]
     lines += markdown_table(["t/T", "t", "generalizing: energy ratio (sd)", "generalizing: σ>0.01σ_max",
-                             "memorizing: energy ratio", "memorizing: σ>0.01σ_max", "best linear denoiser"],
+                             f"N = {m['n_train']}: energy ratio", f"N = {m['n_train']}: σ>0.01σ_max", "best linear denoiser"],
                             ([f"{f:g}", t, f"{a:.3f} ({s:.3f})", f"{b:.3f}", f"{x:.3f}", f"{y:.3f}", f"{z:.3f}"]
                              for f, t, a, s, b, x, y, z in zip(fm["fractions"], fm["timesteps"], g["energy_ratio_mean"],
                                                                g["energy_ratio_sd"], g["tol_ratio_mean"],
                                                                m["energy_ratio_mean"], m["tol_ratio_mean"],
                                                                fm["gaussian_ratio"])))
     lines += ["", f"Generalizing model: minimum {g['minimum']:.3f} at t/T = {g['minimum_at']:g}; below 0.1 over "
-                  f"**{_range(g['below_0_1'])}** (goal: below 0.1 over a middle range). Memorizing model: below 0.1 "
+                  f"**{_range(g['below_0_1'])}** (goal: below 0.1 over a middle range). Smallest-N model: below 0.1 "
                   f"over {_range(m['below_0_1'])}. The best linear (Gaussian) denoiser of the same training "
                   f"images, J = √ᾱ Σ(ᾱΣ + (1 − ᾱ)I)⁻¹: below 0.1 over {_range(fm['gaussian_below_0_1'])}.", "",
               "## The randomized estimator against the exact rank", "",

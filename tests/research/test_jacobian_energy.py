@@ -65,7 +65,7 @@ def test_quick_report_from_the_cli(tmp_path, fmnist_dir, capsys):
         assert (tmp_path / "out" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     g = rep["fmnist"]["generalizing"]
     assert len(g["energy_ratio_mean"]) == 4 and all(0 < v <= 1 for v in g["energy_ratio_mean"])
-    assert rep["fmnist"]["memorizing"]["n_train"] == 64
+    assert rep["fmnist"]["smallest_n"]["n_train"] == 16
     ld = rep["tiny_ldm"]
     assert ld["d"] == 4 * 64 * 64 and 0 < ld["energy_ratio"][0][0] <= 1 and 0 < ld["t_star_rule"] < 1
     for row in rep["estimator_check"]["rows"]:
