@@ -467,6 +467,18 @@ def _plot_calibration(calib: Calibration, path: Path) -> None:
     save_figure(fig, path)
 
 
+def _shape(rd: dict) -> str:
+    """What the RP curve's shape means, given whether the small-N end is memorization at all."""
+    memorized = max(rd["gl_first"].values()) < 0.5
+    if rd["dip"] and memorized:
+        return "a dip between two higher ends, the talk's shape."
+    if rd["dip"]:
+        return ("a dip between two higher ends, **but not the talk's shape**: at the smallest N neither model "
+                "copies its training images (GL " + ", ".join(f"{v:.2f}" for v in rd["gl_first"].values())
+                + "), so the high end there is not the memorization regime.")
+    return "**no dip between two higher ends**."
+
+
 def _ci(s: dict) -> str:
     return f"{s['value']:.2f} [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]"
 
@@ -507,8 +519,7 @@ def _markdown(rep: dict) -> str:
     lines += ["", f"![RP and GL]({rep['figures']['curves']})", "", f"![samples]({rep['figures']['samples']})", "",
               f"![calibration]({rep['figures']['calibration']})", "", "## Reading", "",
               f"- RP: {rd['rp_first']:.2f} at the smallest N, lowest {rd['rp_min']:.2f} at N = {rd['rp_min_at_n']}, "
-              f"{rd['rp_last']:.2f} at the largest; " + ("a dip between two higher ends, the talk's shape." if rd["dip"]
-                                                           else "**no dip between two higher ends**."),
+              f"{rd['rp_last']:.2f} at the largest; " + _shape(rd),
               "- GL: " + "; ".join(f"{n} {rd['gl_first'][n]:.2f} → {rd['gl_last'][n]:.2f}, first ≥ 0.5 at N = "
                                    f"{rd['transition_n'][n]}" for n in names)
               + f"; the transition comes later for: {rd['transition_later_for']}.", ""]

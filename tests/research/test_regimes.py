@@ -112,3 +112,11 @@ def test_sizes_run_coarse_to_fine_and_the_report_says_when_complete(quick_run):
     rep = quick_run["report"]
     assert rep["complete"] is True and sorted(rep["sizes_measured"]) == [16, 64, 256]
     assert "Partial report" not in (quick_run["root"] / "out" / "report.md").read_text()
+
+
+def test_reading_does_not_call_a_dip_the_talks_shape_without_memorization():
+    copies = dict(dip=True, gl_first={"small": 0.1, "large": 0.0})
+    assert regimes._shape(copies) == "a dip between two higher ends, the talk's shape."
+    novel = dict(dip=True, gl_first={"small": 1.0, "large": 0.9})
+    assert "not the talk's shape" in regimes._shape(novel) and "GL 1.00, 0.90" in regimes._shape(novel)
+    assert "no dip" in regimes._shape(dict(dip=False, gl_first={"small": 0.0, "large": 0.0}))
