@@ -214,8 +214,8 @@ def lanczos_spectrum(matvec, shape: tuple, *, probes: int = 4, steps: int = 40, 
         d *= int(s)
     steps = min(int(steps), d)
     g = torch.Generator().manual_seed(int(seed))
-    v = (torch.randint(0, 2, (int(probes), d), generator=g) * 2 - 1).to(dtype)
-    v = (v / v.norm(dim=1, keepdim=True)).to(device) if device is not None else v / v.norm(dim=1, keepdim=True)
+    v = (torch.randint(0, 2, (int(probes), d), generator=g) * 2 - 1).to(dtype=dtype, device=device)
+    v = v / v.norm(dim=1, keepdim=True)
     basis = [v]
     alphas, betas = [], []
     alive = torch.ones(int(probes), dtype=torch.bool, device=v.device)

@@ -111,22 +111,6 @@ def _regimes(args) -> str:
     return out
 
 
-def _jacobian_energy(args) -> str:
-    from shallowmark.research.jacobian_energy import JacobianEnergyConfig, run_jacobian_energy_analysis
-
-    out = args.out or "docs/analysis/jacobian-energy"
-    run_jacobian_energy_analysis(out, _fmnist_config(args, JacobianEnergyConfig), command=args.invocation, log=log)
-    return out
-
-
-def _fmnist_watermark(args) -> str:
-    from shallowmark.research.fmnist_watermark import FmnistWatermarkConfig, run_fmnist_watermark_analysis
-
-    out = args.out or "docs/analysis/fmnist-watermark"
-    run_fmnist_watermark_analysis(out, _fmnist_config(args, FmnistWatermarkConfig), command=args.invocation, log=log)
-    return out
-
-
 def _fmnist_config(args, cls):
     """The config of a Fashion-MNIST analysis from --quick, --data, --cache and --seed (``cls`` and
     its ``quick`` both take ``regimes=`` and ``seed=``)."""
@@ -136,12 +120,17 @@ def _fmnist_config(args, cls):
     return (cls.quick if args.quick else cls)(regimes=regimes, seed=args.seed)
 
 
-def _loco_masked(args) -> str:
-    from shallowmark.research.loco_masked import LocoMaskedConfig, run_loco_masked_analysis
+def _fmnist_analysis(module: str, config: str, run: str):
+    """The runner of a Fashion-MNIST analysis: ``run`` of ``shallowmark.research.<module>`` with the
+    ``config`` class built by :func:`_fmnist_config`, into docs/analysis/<name> by default."""
+    def runner(args) -> str:
+        import importlib
 
-    out = args.out or "docs/analysis/loco-masked"
-    run_loco_masked_analysis(out, _fmnist_config(args, LocoMaskedConfig), command=args.invocation, log=log)
-    return out
+        mod = importlib.import_module(f"shallowmark.research.{module}")
+        out = args.out or f"docs/analysis/{args.analysis}"
+        getattr(mod, run)(out, _fmnist_config(args, getattr(mod, config)), command=args.invocation, log=log)
+        return out
+    return runner
 
 
 def _molrg_training(args) -> str:
@@ -154,8 +143,11 @@ def _molrg_training(args) -> str:
 
 
 _ANALYSES = {"molrg": _molrg, "loco-edit": _loco_edit, "jacobian-rank": _jacobian_rank,
-             "reproducibility": _reproducibility, "regimes": _regimes, "jacobian-energy": _jacobian_energy,
-             "fmnist-watermark": _fmnist_watermark, "loco-masked": _loco_masked, "molrg-training": _molrg_training}
+             "reproducibility": _reproducibility, "regimes": _regimes, "molrg-training": _molrg_training,
+             "jacobian-energy": _fmnist_analysis("jacobian_energy", "JacobianEnergyConfig", "run_jacobian_energy_analysis"),
+             "fmnist-watermark": _fmnist_analysis("fmnist_watermark", "FmnistWatermarkConfig",
+                                                  "run_fmnist_watermark_analysis"),
+             "loco-masked": _fmnist_analysis("loco_masked", "LocoMaskedConfig", "run_loco_masked_analysis")}
 
 
 def _cmd_analyze(args) -> int:
