@@ -250,14 +250,20 @@ def region_for(u, image_size: int, mass: float = DEFAULT_MASS) -> np.ndarray:
 
 def rect_mask(size: int, rect: Sequence[int]) -> np.ndarray:
     """A bool (size, size) pixel mask, True inside ``rect = (top, left, height, width)`` (pixels)."""
+    return rect_mask_of((size, size), rect)
+
+
+def rect_mask_of(hw: Sequence[int], rect: Sequence[int]) -> np.ndarray:
+    """A bool (H, W) pixel mask, True inside ``rect = (top, left, height, width)`` (pixels)."""
+    h_img, w_img = (int(v) for v in hw)
     try:
         top, left, height, width = (int(v) for v in rect)
     except (TypeError, ValueError):
         raise InvalidParameterError(f"a rectangle is (top, left, height, width) in pixels; got {rect!r}")
-    if height < 1 or width < 1 or top < 0 or left < 0 or top + height > size or left + width > size:
+    if height < 1 or width < 1 or top < 0 or left < 0 or top + height > h_img or left + width > w_img:
         raise InvalidParameterError(f"rectangle (top={top}, left={left}, height={height}, width={width}) is empty "
-                                    f"or leaves the {size}×{size} image")
-    m = np.zeros((size, size), dtype=bool)
+                                    f"or leaves the {w_img}×{h_img} image")
+    m = np.zeros((h_img, w_img), dtype=bool)
     m[top:top + height, left:left + width] = True
     return m
 
@@ -417,11 +423,30 @@ def decode_levels(backend, latents: torch.Tensor) -> np.ndarray:
                                .permute(0, 2, 3, 1).double().numpy() for i in range(0, latents.shape[0], 8)])
 
 
+def prepare_mask(mask, image_hw: Sequence[int], size: int) -> np.ndarray:
+    """A pixel mask (anything :func:`mask_from_image` takes) on the model's ``size``² grid. A mask
+    of the uploaded image's own size (``image_hw``) goes through the same resize and centre crop as
+    the image (:func:`prepare_image`), so it marks the same pixels; one already ``size``² is kept."""
+    m = mask_from_image(mask)
+    if m.shape == (size, size):
+        return m
+    if m.shape != tuple(int(v) for v in image_hw):
+        raise InvalidParameterError(f"the mask is {m.shape[1]}×{m.shape[0]}; it must be the image's own size "
+                                    f"({image_hw[1]}×{image_hw[0]}) or the model's ({size}×{size})")
+    grey = np.repeat((m.astype(np.uint8) * 255)[..., None], 3, axis=-1)
+    return prepare_image(grey, size).mean(-1) > 127
+
+
 @dataclass(frozen=True)
 class EditResult:
     """One LOCO edit. ``image`` the edited uint8 picture, ``base`` the same pipeline with λ = 0.
-    ``lam`` in units of ‖x_t‖, ``lam_latent`` the latent distance it is. ``locality`` is the share of
-    the change inside the region u_i highlights, ``area_fraction`` that region's share of the image."""
+    ``lam`` in units of ‖x_t‖, ``lam_latent`` the latent distance it is.
+
+    Unmasked: ``locality`` is the share of the change inside the region u_i highlights (holding
+    ``mass`` of |u_i|²), ``area_fraction`` that region's share of the image. Masked (``masked``):
+    the region is the mask's latent cells in pixels, ``sigma`` is v_Ω's singular value of P_Ω J,
+    ``kept`` the share of v_Ω the null-space projection kept (1.0 with ``null_rank`` 0), and
+    ``psnr_out`` / ``ssim_out`` compare the edit with the base outside the mask only."""
 
     image: np.ndarray
     base: np.ndarray
@@ -435,9 +460,21 @@ class EditResult:
     area_fraction: float
     mass: float
     change_rms: float  # grey levels, over all pixels and channels
+    masked: bool = False
+    null_rank: int = 0
+    kept: float = 1.0
+    psnr_out: float | None = None
+    ssim_out: float | None = None
 
     def summary(self) -> str:
         i = self.index
+        if self.masked:
+            return (f"masked LOCO edit along v_{i} of the masked Jacobian (σ = {self.sigma:.3g}), projected off the "
+                    f"top {self.null_rank} directions of the outside's (kept {100 * self.kept:.0f}% of it), at "
+                    f"t = {self.t:g}T, λ = {self.lam:g}·‖x_t‖ = {self.lam_latent:.3g}: "
+                    f"{100 * self.locality:.1f}% of the pixel change lies in the mask, which covers "
+                    f"{100 * self.area_fraction:.1f}% of the image (chance); outside it PSNR "
+                    f"{self.psnr_out:.1f} dB, SSIM {self.ssim_out:.3f}; RMS change {self.change_rms:.2f} grey levels")
         return (f"LOCO edit along v_{i} (σ = {self.sigma:.3g}) at t = {self.t:g}T, λ = {self.lam:g}·‖x_t‖ "
                 f"= {self.lam_latent:.3g}: {100 * self.locality:.1f}% of the pixel change lies in the region holding "
                 f"{100 * self.mass:.0f}% of |u_{i}|², which covers {100 * self.area_fraction:.1f}% of the image "
@@ -446,31 +483,48 @@ class EditResult:
 
 def loco_edit_image(backend, image: np.ndarray, *, t: float = DEFAULT_T, index: int = 0,
                     lam: float = DEFAULT_LAMBDA, rank: int = DEFAULT_RANK, iters: int = DEFAULT_ITERS,
-                    num_steps: int = 50, mass: float = DEFAULT_MASS, seed: int = 0) -> EditResult:
+                    num_steps: int = 50, mass: float = DEFAULT_MASS, seed: int = 0,
+                    mask=None, null_rank: int = 8) -> EditResult:
     """Edit ``image`` (uint8 RGB; resized/cropped to the model's size) along v_index at t·T by
-    ``lam``·‖x_t‖ and measure the edit's locality. Inputs are checked before any model call."""
+    ``lam``·‖x_t‖ and measure the edit's locality. With ``mask`` (a pixel mask of the image's own
+    size or the model's: see :func:`prepare_mask`), the masked LOCO direction
+    (:func:`masked_direction`, projected off the outside's top ``null_rank`` directions) and the
+    change outside the mask. Inputs are checked before any model call."""
     t, lam, mass = check_t(t), check_lambda(lam), check_mass(mass)
     index = check_index(index, rank)
     if int(iters) != iters or iters < 1:
         raise InvalidParameterError(f"iters must be an integer >= 1; got {iters}")
+    hw = np.asarray(image).shape[:2]
     image = prepare_image(image, backend.image_size)
+    if mask is not None:
+        mask = prepare_mask(mask, hw, backend.image_size)
+        check_masked_args(backend, mask, rank, null_rank, iters, index)
     grid = ddim.make_grid(backend, num_steps)
     k = grid.position(t)
     x_t = image_to_xt(backend, image, grid, k)
-    dirs = loco_directions(backend, x_t, grid, k, rank=rank, iters=iters, seed=seed)
     lam_latent = lam * float(x_t.norm())
-    z = edit_latents(backend, x_t, grid, k, dirs.subspace.vectors[index], [0.0, lam_latent])
-    base, edited = _decode_u8(backend, z)
-    region = region_for(dirs.subspace.left[index], base.shape[0], mass)
+    if mask is None:
+        dirs = loco_directions(backend, x_t, grid, k, rank=rank, iters=iters, seed=seed)
+        z = edit_latents(backend, x_t, grid, k, dirs.subspace.vectors[index], [0.0, lam_latent])
+        base, edited = _decode_u8(backend, z)
+        region = region_for(dirs.subspace.left[index], base.shape[0], mass)
+        change = change_energy(edited, base)
+        return EditResult(edited, base, index, t, dirs.timestep, lam, lam_latent,
+                          float(dirs.subspace.singular_values[index]), locality(change, region), float(region.mean()),
+                          mass, float(np.sqrt(change.mean() / 3)))
+    # loco_masked builds on this module; its measures are imported here, where they are needed
+    from shallowmark.research.loco_masked import region_stats
+
+    d = masked_direction(backend, x_t, grid, k, mask, rank=rank, null_rank=null_rank, iters=iters, index=index,
+                         seed=seed)
+    base, edited = _decode_u8(backend, edit_latents(backend, x_t, grid, k, d.vector, [0.0, lam_latent]))
+    stats = region_stats(edited.astype(np.float64), base.astype(np.float64), d.region)
     change = change_energy(edited, base)
-    return EditResult(edited, base, index, t, dirs.timestep, lam, lam_latent,
-                      float(dirs.subspace.singular_values[index]), locality(change, region), float(region.mean()),
-                      mass, float(np.sqrt(change.mean() / 3)))
+    return EditResult(edited, base, index, t, d.masked.timestep, lam, lam_latent,
+                      float(d.masked.subspace.singular_values[index]), stats["locality"], float(d.region.mean()),
+                      mass, float(np.sqrt(change.mean() / 3)), masked=True, null_rank=int(null_rank),
+                      kept=float(d.kept), psnr_out=stats["psnr_out"], ssim_out=stats["ssim_out"])
 
-
-# ----------------------------------------------------------------------------------------------
-# The analysis (shallowmark analyze loco-edit)
-# ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class LocoAnalysisConfig:

@@ -60,6 +60,15 @@ def register(sub) -> None:
     ed.add_argument("--seed", type=int, default=0, help="seed of the subspace iteration's start")
     ed.add_argument("--model", help="tiny-ldm folder (default: the embedded one)")
     ed.add_argument("--base", help="also write the unedited (λ = 0) reconstruction here")
+    region = ed.add_mutually_exclusive_group()
+    region.add_argument("--mask", metavar="FILE",
+                        help="masked LOCO edit of the white region of this image (grey or RGB, pixels brighter than "
+                             "127; the input's own size or 256²): v_i of the masked Jacobian, projected off the "
+                             "outside's top --null-rank directions; prints the change outside the mask")
+    region.add_argument("--rect", metavar="TOP,LEFT,HEIGHT,WIDTH",
+                        help="the same with a rectangle, in pixels of the input image")
+    ed.add_argument("--null-rank", type=int, default=8,
+                    help="with --mask/--rect: directions of the outside's Jacobian projected out (0: none; default 8)")
     ed.add_argument("--out", required=True, help="output PNG")
     ed.set_defaults(func=_cmd_edit)
 
@@ -172,9 +181,15 @@ def _cmd_edit(args) -> int:
         if path is not None and (Path(path).suffix.lower() != ".png" or not Path(path).resolve().parent.is_dir()):
             raise ShallowmarkError(f"{flag} must be a .png file in an existing folder; got {path}")
     image = loco_edit.read_image(args.image)
+    mask = None
+    if args.mask is not None:
+        mask = loco_edit.mask_from_image(args.mask)
+    elif args.rect is not None:
+        mask = loco_edit.rect_mask_of(image.shape[:2], args.rect.split(","))
     backend = load_backend("tiny-ldm", **({"path": args.model} if args.model else {}))
     res = loco_edit.loco_edit_image(backend, image, t=args.t, index=args.index, lam=args.lam, rank=args.rank,
-                                    iters=args.iters, num_steps=args.steps, mass=args.mass, seed=args.seed)
+                                    iters=args.iters, num_steps=args.steps, mass=args.mass, seed=args.seed,
+                                    mask=mask, null_rank=args.null_rank)
     Image.fromarray(res.image).save(args.out)
     if args.base:
         Image.fromarray(res.base).save(args.base)

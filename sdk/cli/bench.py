@@ -79,6 +79,9 @@ def _register_bench(sub) -> None:
     be.add_argument("--method-attacks", action="append", metavar="METHODS=ATTACKS",
                     help="run these methods on only these of --attacks, e.g. tree-ring,ringid=clean,jpeg,blur "
                          "(repeatable; the other methods run every attack; the report marks the cells left out)")
+    be.add_argument("--method-option", action="append", metavar="METHOD:KEY=VALUE",
+                    help="a configuration option of one method, e.g. shallow-diffuse:key_variants=16 (repeatable; "
+                         "VALUE is read as JSON, else as a string); in-process only. The report states it")
     be.add_argument("--n", type=int, help="watermarked images per method and unwatermarked images (default 100)")
     be.add_argument("--seed", type=int, help="first seed (default 10000)")
     be.add_argument("--keys", type=int, help="test keys per method; image i carries key i mod keys (default 1)")
@@ -207,6 +210,8 @@ def _bench_options(args, parse_attacks) -> dict:
             kw[name] = getattr(args, name)
     if args.method_attacks:
         kw["method_attacks"] = _method_attacks(args.method_attacks)
+    if args.method_option:
+        kw["method_config"] = _method_options(args.method_option)
     if args.keys is not None:
         kw["n_keys"] = args.keys
     if args.steps is not None:
@@ -235,6 +240,28 @@ def _method_attacks(specs: list[str]) -> dict:
             if m in out:
                 raise InvalidParameterError(f"--method-attacks names {m!r} twice")
             out[m] = subset
+    return out
+
+
+def _method_options(specs: list[str]) -> dict:
+    """``["shallow-diffuse:key_variants=16", ...]`` -> ``{"shallow-diffuse": {"key_variants": 16}}``.
+    Method names and option names are checked with the rest of the config; the shape here."""
+    import json
+
+    from shallowmark.errors import InvalidParameterError
+
+    out: dict = {}
+    for spec in specs:
+        method, sep, assignment = spec.partition(":")
+        key, eq, value = assignment.partition("=")
+        if not sep or not eq or not method.strip() or not key.strip():
+            raise InvalidParameterError(f"--method-option {spec!r}: write METHOD:KEY=VALUE, e.g. "
+                                        "shallow-diffuse:key_variants=16")
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        out.setdefault(method.strip(), {})[key.strip()] = parsed
     return out
 
 

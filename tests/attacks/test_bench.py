@@ -251,6 +251,23 @@ def test_cli_method_attacks(capsys, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_cli_method_option(capsys, tmp_path):
+    from shallowmark.cli import main
+    from shallowmark.cli.bench import _method_options
+
+    assert _method_options(["shallow-diffuse:key_variants=16", "shallow-diffuse:output=residual",
+                            "tree-ring:strength=1.5"]) == {
+        "shallow-diffuse": {"key_variants": 16, "output": "residual"}, "tree-ring": {"strength": 1.5}}
+    # the flag's shape: refused before any work, with the form to write
+    assert main(["bench", "--method-option", "shallow-diffuse.key_variants=16", "--out", str(tmp_path / "o")]) == 2
+    assert "write METHOD:KEY=VALUE" in capsys.readouterr().err
+    # an option the method does not take: named with the valid ones, nothing written
+    assert main(["bench", "--methods", "shallow-diffuse", "--method-option", "shallow-diffuse:variants=16",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "unknown option(s) ['variants']" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_server_error_type():
     bench = _bench()
     assert issubclass(bench.ServerModeUnavailableError, ShallowmarkError)

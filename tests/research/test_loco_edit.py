@@ -213,7 +213,46 @@ def test_cli_edit_writes_png_and_prints_locality(photo_file, tmp_path, capsys):
     assert np.abs(edited.astype(int) - unedited.astype(int)).mean() > 0.5   # λ = 0.1‖x_t‖ visibly changes it
 
 
+def test_cli_masked_edit_changes_the_mask_more_than_the_outside(photo_file, tmp_path, capsys):
+    """``edit --rect`` on the input's own pixels (the 400×300 photo is resized and cropped to 256²,
+    and the rectangle with it): the summary reports the outside's PSNR, and the change per pixel is
+    larger inside the mask than outside it."""
+    from PIL import Image
+
+    from shallowmark.cli import main
+
+    out, base = tmp_path / "edit.png", tmp_path / "base.png"
+    rc = main(["edit", "--image", str(photo_file), "--rect", "60,150,150,100", "--null-rank", "2", "--t", "0.5",
+               "--lambda", "0.1", "--rank", "1", "--iters", "2", "--steps", "10", "--out", str(out), "--base", str(base)])
+    assert rc == 0
+    line = capsys.readouterr().out.strip()
+    assert "masked LOCO edit" in line and "lies in the mask" in line and "outside it PSNR" in line
+    edited, unedited = (np.asarray(Image.open(p)).astype(float) for p in (out, base))
+    region = le.prepare_mask(le.rect_mask_of((300, 400), (60, 150, 150, 100)), (300, 400), 256)
+    assert 0.1 < region.mean() < 0.5            # 150×100 of 400×300, scaled by 256/300, then to latent cells
+    change = ((edited - unedited) ** 2).sum(-1)
+    assert change[region].mean() > 2 * change[~region].mean()
+
+
+def test_prepare_mask_follows_the_image_or_is_refused():
+    square = le.rect_mask(256, (0, 0, 128, 256))
+    assert np.array_equal(le.prepare_mask(square, (300, 400), 256), square)     # already on the model's grid
+    wide = le.rect_mask_of((300, 400), (0, 0, 300, 200))                        # left half of a 400×300 photo
+    got = le.prepare_mask(wide, (300, 400), 256)
+    # short side 300 -> 256: the 400-wide image becomes 341 wide, cropped by 42 on each side
+    assert got.shape == (256, 256) and abs(int(got[0].sum()) - (171 - 42)) <= 1
+    with pytest.raises(InvalidParameterError, match="must be the image's own size"):
+        le.prepare_mask(le.rect_mask(28, (0, 0, 5, 5)), (300, 400), 256)
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["--image", "{photo}", "--mask", "{missing}"], "no such file"),
+    (["--image", "{photo}", "--mask", "{small_mask}"], "must be the image's own size"),
+    (["--image", "{photo}", "--rect", "0,0,0,10"], "empty or leaves"),
+    (["--image", "{photo}", "--rect", "290,0,20,10"], "empty or leaves"),
+    (["--image", "{photo}", "--rect", "a,b,c,d"], "(top, left, height, width)"),
+    (["--image", "{photo}", "--rect", "0,0,300,400"], "covers the whole image"),
+    (["--image", "{photo}", "--rect", "0,0,10,10", "--null-rank", "-1"], "null_rank"),
     (["--image", "{missing}"], "no such file"),
     (["--image", "{junk}"], "not a decodable image"),
     (["--image", "{photo}", "--lambda", "nan"], "λ must be finite"),
@@ -228,7 +267,11 @@ def test_cli_edit_bad_input(argv, message, photo_file, tmp_path, capsys):
 
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"\x89PNG but truncated")
-    subs = dict(missing=str(tmp_path / "missing.png"), junk=str(junk), photo=str(photo_file), tmp=str(tmp_path))
+    from PIL import Image
+
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "small.png")
+    subs = dict(missing=str(tmp_path / "missing.png"), junk=str(junk), photo=str(photo_file), tmp=str(tmp_path),
+                small_mask=str(tmp_path / "small.png"))
     argv = [a.format(**subs) for a in argv]
     if "--out" not in argv:
         argv += ["--out", str(tmp_path / "o.png")]
