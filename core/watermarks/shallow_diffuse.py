@@ -251,8 +251,10 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         for i in range(len(p)):
             # With several variants, the best key's variant index is the image's payload (its bits,
             # most significant first); which variant an image got is not secret from its key holder.
-            bits = None if self.config.key_variants == 1 else \
-                variant_bits(int(found[i, best_key(p[i], score[i])]), self.config.key_variants)
+            # A family member has no variants, hence no payload.
+            row = best_key(p[i], score[i])
+            n_var = self.variants_of(rows.keys[rows.owner(row)[0]])
+            bits = None if n_var == 1 else variant_bits(int(found[i, row]), n_var)
             out.append(rows_verdict(self.name, p[i], score[i], rows, target_fpr, evals, bits=bits))
         return out
 
@@ -274,8 +276,8 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         min(2·h₀·p₀, 2·h_s·p_s), p₀ and p_s the smallest p-values of each family, h₀ and h_s their
         sizes. Without shifts it is the plain Bonferroni bound h₀·p₀."""
         views = dihedral(x) if self.config.geometric_search == "dihedral" else [x]
-        n_var = self.config.key_variants
-        values = torch.cat([self.variant_values(k) for k in keys])       # (rows·variants, n_values)
+        blocks = [self.variant_values(k) for k in keys]    # per key: (rows·variants, n_values)
+        values = torch.cat(blocks)
         dims, w = self.geom.dims, self.config.shift_window
         wh, ch = self.whitened, self.config.channel
         c0 = torch.stack([rings.cosines(v.contiguous(), ch, values, self.geom, wh) for v in views]).max(0).values
@@ -286,31 +288,34 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
             cs = rings.max_cosines(profiles, self.geom, values)
             ps = rings.p_values(cs, dims) * len(views) * (2 * w + 1) ** 2
             p = 2.0 * np.minimum(p, ps)
-        p = p.reshape(p.shape[0], -1, n_var)     # a family is one row per member
-        return np.minimum(1.0, p.min(axis=2) * n_var), p.argmin(axis=2)
+        out_p, out_j, at = [], [], 0
+        for k, block in zip(keys, blocks):
+            # a family is one row per member, each its own pattern; a plain key one row of n variants
+            n = self.variants_of(k)
+            kp = p[:, at:at + len(block)].reshape(p.shape[0], -1, n)
+            out_p.append(np.minimum(1.0, kp.min(axis=2) * n))
+            out_j.append(kp.argmin(axis=2))
+            at += len(block)
+        return np.concatenate(out_p, axis=1), np.concatenate(out_j, axis=1)
 
-    def check_keys(self, keys, n: int | None = None) -> list:
-        keys = super().check_keys(keys, n)
-        if self.config.key_variants > 1 and any(isinstance(k, (KeyFamily, FamilyMember)) for k in keys):
-            raise InvalidParameterError(self._FAMILY_VARIANTS)
-        return keys
-
-    _FAMILY_VARIANTS = ("key families need key_variants=1 (this configuration has more): each member is already its "
-                        "own pattern, and variants would multiply 100 000 rows by their number")
+    def variants_of(self, key: MethodKey) -> int:
+        """How many variants ``key`` has: ``key_variants`` for a plain key, 1 for a key family or
+        one of its members, whose members are already one pattern each (variants would multiply a
+        100 000-member family's rows by their number). Averaging images of one member works as it
+        does with one variant (SECURITY.md)."""
+        return 1 if isinstance(key, (KeyFamily, FamilyMember)) else self.config.key_variants
 
     def variant_values(self, key: MethodKey) -> torch.Tensor:
-        """The ring values of each of the key's variants: (key_variants, n_values). With one
-        variant, the key's own values (a family's: one row per member)."""
-        if self.config.key_variants == 1:
+        """The ring values of each of the key's variants: (variants_of(key), n_values); a family's
+        rows are its members (one variant each)."""
+        if self.variants_of(key) == 1:
             return self.key_rows(key)
-        if isinstance(key, (KeyFamily, FamilyMember)):
-            raise InvalidParameterError(self._FAMILY_VARIANTS)
         return rings.orthogonal_key_values(ring_variants_seed(key), self.geom, self.config.key_variants,
                                            self.config.strength)
 
     def variant_for(self, key: MethodKey, token: bytes) -> int:
         """The variant an image identified by ``token`` carries (0 with one variant)."""
-        n = self.config.key_variants
+        n = self.variants_of(key)
         return 0 if n == 1 else ring_variant_choice(key, token, n)
 
     def _variant_values(self, keys: Sequence[MethodKey], variants: Sequence[int] | None) -> torch.Tensor:

@@ -113,6 +113,23 @@ def test_ringid_members_are_discrete_and_tree_ring_members_embed(tiny_ldm):
     assert det.detected and det.member == 417
 
 
+def test_families_verify_beside_variant_keys(tiny_ldm):
+    """With key_variants > 1 a plain key is searched over its variants and a family over its
+    members, one pattern each, in one call: a member's image is identified as the member, with no
+    variant payload, and a variant key's image keeps its bits and its own key's verdict."""
+    m = load_method("shallow-diffuse", tiny_ldm, num_steps=20, key_variants=4)
+    fam, plain = _family(50), WatermarkKey.from_hex("22" * 32).for_method("shallow-diffuse")
+    images = np.concatenate([m.generate([fam.member(7)], [3]), m.generate([plain], [4])])
+    by_member, by_plain = m.detect(images, [plain, fam])
+    assert by_member.detected and by_member.member == 7 and by_member.bits is None
+    assert by_plain.detected and by_plain.key_id == plain.key_id and by_plain.bits.shape == (2,)
+    p, found = m.variant_p_values(m.invert(images), [plain, fam])
+    assert p.shape == found.shape == (2, 51) and (found[:, 1:] == 0).all()   # members: one variant each
+    # the family's p-values are what a one-variant configuration gives it, the plain key pays ×4
+    one = load_method("shallow-diffuse", tiny_ldm, num_steps=20)
+    assert np.allclose(p[:, 1:], one.variant_p_values(m.invert(images), [fam])[0], rtol=1e-9)
+
+
 def test_family_misuse_in_the_methods(tiny_ldm, sd):
     fam = _family(10)
     with pytest.raises(KeyMaterialError, match="only verifies"):
@@ -120,6 +137,3 @@ def test_family_misuse_in_the_methods(tiny_ldm, sd):
     gs = load_method("gaussian-shading", tiny_ldm, num_steps=10)
     with pytest.raises(KeyMaterialError, match="does not take key families"):
         gs.generate([WatermarkKey.from_hex("11" * 32).family("ringid", 4).member(0)], [1])
-    variants = load_method("shallow-diffuse", tiny_ldm, num_steps=20, key_variants=4)
-    with pytest.raises(InvalidParameterError, match="key_variants=1"):
-        variants.detect(np.zeros((1, 256, 256, 3), np.uint8), [fam])
