@@ -20,26 +20,14 @@ from PIL import Image
 from shallowmark.attacks.registry import apply_attack
 from shallowmark.core.backends import load_backend
 from shallowmark.core.watermarks import load_method, rings
-from shallowmark.core.watermarks.shallow_diffuse import ShallowDiffuse
 from shallowmark.keys import WatermarkKey, ring_variant_choice, ring_variants_seed
 
 
-def capture_profiles(method, images, key) -> np.ndarray:
-    """The whitened ring profile (identity view, unshifted) of what verification scores."""
-    seen = []
-    original = ShallowDiffuse._score
-
-    def keep(self, x, keys, target_fpr):
-        seen.append(x.detach().clone())
-        return original(self, x, keys, target_fpr)
-
-    ShallowDiffuse._score = keep
-    try:
-        for j in range(0, len(images), 10):
-            method.detect(np.stack(images[j:j + 10]), [key])
-    finally:
-        ShallowDiffuse._score = original
-    return rings.ring_profile(torch.cat(seen), method.config.channel, method.geom, True).numpy()
+def profiles_of(method, images) -> np.ndarray:
+    """The whitened ring profile (identity view, unshifted) of what verification scores: ``invert``'s
+    output is exactly what ``score`` reads."""
+    inverted = torch.cat([method.invert(np.stack(images[j:j + 10])) for j in range(0, len(images), 10)])
+    return rings.ring_profile(inverted, method.config.channel, method.geom, True).numpy()
 
 
 def main():
@@ -63,7 +51,7 @@ def main():
             im = np.asarray(Image.open(cache / folder / f"{10000 + i}.png").convert("RGB"))
             rng = np.random.default_rng([zlib.crc32(a.attack.encode()), i])
             images.append(apply_attack(name, im, strength, rng=rng))
-        profiles[kind] = capture_profiles(method, images, key)
+        profiles[kind] = profiles_of(method, images)
     pos, neg = profiles["pos"], profiles["neg"]
     variant = np.array([ring_variant_choice(key, b"seed:%d" % (10000 + i), 16) for i in range(a.n)])
     geom = method.geom
