@@ -19,7 +19,7 @@ def register(sub) -> None:
                          "reproducibility: RP score between tiny-ldm models from the same noise and GL score "
                          "(copies of the training set); regimes: RP and GL against the training-set size N on "
                          "Fashion-MNIST, two models per N, with the empirical optimum as the memorization limit; "
-                         "jacobian-energy: the Jacobian's rank by the 99 %-energy rule, exact on the Fashion-MNIST "
+                         "jacobian-energy: the Jacobian's rank by the 99 %%-energy rule, exact on the Fashion-MNIST "
                          "model, randomized on tiny-ldm at full size; fmnist-watermark: Shallow Diffuse in pixel "
                          "space on the generalizing Fashion-MNIST model, fidelity and detection against generated "
                          "and real negatives under pixel attacks; loco-masked: LOCO edit with a mask and the "
