@@ -43,21 +43,35 @@ from shallowmark.errors import InvalidParameterError
 from shallowmark.keys import FamilyMember, KeyFamily, MethodKey, family_seed, ring_seed
 
 CENTRES = ("nyquist", "dc")
+ORIGINS = ("corner", "centre")
 
 
 @dataclass(frozen=True)
 class RingGeometry:
-    """Rings ``inner..radius`` (in frequency bins) around ``centre`` of a ``size``² spectrum."""
+    """Rings ``inner..radius`` (in frequency bins) around ``centre`` of a ``size``² spectrum.
+
+    ``origin``: where the pattern sits in space. A ring pattern is radially symmetric about the
+    spatial origin of the FFT, pixel (0, 0), and its energy is concentrated there (for keys on rings
+    8-16 of a 64² latent the middle quarter of the area holds a median 0.52 of a centred pattern's
+    energy, 0.15 of a corner one's): with "corner" (the FFT's own origin, Tree-Ring's placement) in
+    the latent's corners, which a rotation, a zoom or a platform crop is the first to cut away; with
+    "centre" the spectrum is taken of the latent rolled by half its side, so the pattern is centred
+    on the image, which those attacks keep (docs/reliability/forgery, "Where the pattern sits")."""
 
     size: int
     radius: int
     centre: str
     inner: int = 0
     complex_values: bool = False
+    origin: str = "corner"
 
     def __post_init__(self):
         if self.centre not in CENTRES:
             raise InvalidParameterError(f"ring centre must be one of {CENTRES}; got {self.centre!r}")
+        if self.origin not in ORIGINS:
+            raise InvalidParameterError(f"ring origin must be one of {ORIGINS}; got {self.origin!r}")
+        if self.origin == "centre" and self.size % 2:
+            raise InvalidParameterError(f"a centred ring pattern needs an even latent side; got {self.size}")
         if not 1 <= self.radius < self.size // 2 - 6:
             raise InvalidParameterError(f"ring radius must be in [1, {self.size // 2 - 7}] for {self.size}² "
                                         f"latents; got {self.radius}")
@@ -99,6 +113,23 @@ def _geometry_tensors(geom: RingGeometry):
     conj = flat[(-idx) % n][:, (-idx) % n]
     canonical = flat < conj  # strict: self-conjugate bins drop out
     return ring, canonical, flat == conj
+
+
+def _to_origin(plane: torch.Tensor, geom: RingGeometry) -> torch.Tensor:
+    """The (…, size, size) plane as the FFT should see it: rolled by half its side for a centred
+    pattern (an involution for an even side, so the same call maps back)."""
+    if geom.origin == "corner":
+        return plane
+    half = geom.size // 2
+    return torch.roll(plane, (half, half), (-2, -1))
+
+
+def _spectrum(x: torch.Tensor, channel: int, geom: RingGeometry) -> torch.Tensor:
+    return torch.fft.fft2(_to_origin(x[:, channel].double(), geom), norm="ortho")
+
+
+def _plane(spec: torch.Tensor, geom: RingGeometry) -> torch.Tensor:
+    return _to_origin(torch.fft.ifft2(spec, norm="ortho").real, geom)
 
 
 def ring_values_from_seed(seed: int, radius: int, strength: float = 1.0) -> torch.Tensor:
@@ -177,9 +208,9 @@ def inject(x: torch.Tensor, channel: int, patterns: torch.Tensor, geom: RingGeom
     ``x_c <- ifft(fft(x_c)·(1 − M) + W·M)``. Other channels are untouched."""
     m = mask(geom).to(x.device)
     out = x.clone()
-    spec = torch.fft.fft2(x[:, channel].double(), norm="ortho")
+    spec = _spectrum(x, channel, geom)
     spec = torch.where(m, patterns.to(x.device).to(spec.dtype), spec)
-    out[:, channel] = torch.fft.ifft2(spec, norm="ortho").real.to(x.dtype)
+    out[:, channel] = _plane(spec, geom).to(x.dtype)
     return out
 
 
@@ -197,7 +228,7 @@ def set_ring_means(x: torch.Tensor, channel: int, values: torch.Tensor, geom: Ri
     idx = ring[inside] - geom.inner
     can = canonical[inside]
     out = x.clone()
-    spec = torch.fft.fft2(x[:, channel].double(), norm="ortho")
+    spec = _spectrum(x, channel, geom)
     bins = spec[:, inside]
     upright = torch.where(can, bins, bins.conj())          # every bin seen from the upper half-plane
     sums = torch.zeros(x.shape[0], geom.n_values, dtype=torch.complex128, device=x.device)
@@ -207,7 +238,7 @@ def set_ring_means(x: torch.Tensor, channel: int, values: torch.Tensor, geom: Ri
     shift = torch.where(can, shift, shift.conj())
     shift = torch.where(selfconj[inside], shift.real.to(shift.dtype), shift)
     spec[:, inside] = bins + shift
-    out[:, channel] = torch.fft.ifft2(spec, norm="ortho").real.to(x.dtype)
+    out[:, channel] = _plane(spec, geom).to(x.dtype)
     return out
 
 
@@ -234,7 +265,7 @@ def ring_profile(x: torch.Tensor, channel: int, geom: RingGeometry, whiten: bool
     scored = (ring >= geom.first_scored) & canonical
     idx = ring[scored] - geom.first_scored
     nr = geom.radius - geom.first_scored + 1
-    spec = torch.fft.fft2(x[:, channel].detach().double().cpu(), norm="ortho")[:, scored]
+    spec = _spectrum(x.detach().cpu(), channel, geom)[:, scored]
     counts = torch.bincount(idx, minlength=nr).double()
 
     def ring_mean(values):
@@ -279,7 +310,7 @@ def shift_profiles(x: torch.Tensor, channel: int, geom: RingGeometry, window: in
     :func:`ring_profile`, per shift (a shift keeps each bin's magnitude, so only the mean moves)."""
     ring, canonical, _ = _geometry_tensors(geom)
     n = geom.size
-    spec = torch.fft.fft2(x[:, channel].detach().double().cpu(), norm="ortho")
+    spec = _spectrum(x.detach().cpu(), channel, geom)
     offsets = torch.cat([torch.arange(0, window + 1), torch.arange(n - window, n)]) if window else torch.zeros(1, dtype=torch.long)
     profiles = []
     for r in range(geom.first_scored, geom.radius + 1):
