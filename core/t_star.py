@@ -22,7 +22,8 @@ fallen to within ``margin`` of its minimum over the profile, measured on the pro
 key should sit where the Jacobian is low rank (little of the injected change survives into the
 predicted image), but every step deeper costs a model evaluation per verification and adds DDIM
 round-trip error, so once the rank has nearly stopped falling, going deeper buys little.
-:func:`auto_t_star` applies it to a profile of four photos and caches the answer per model.
+:func:`auto_t_star` applies it to the rank by the 99 %-energy rule at the full latent size
+(:func:`energy_profile`, stochastic Lanczos quadrature) and caches the answer per model.
 
 The analysis behind ``shallowmark analyze jacobian-rank`` (report, figures, cross-checks) is
 :mod:`shallowmark.research.jacobian_rank`.
@@ -44,7 +45,7 @@ import numpy as np
 import torch
 
 from shallowmark.core import ddim
-from shallowmark.core.jacobian import DEFAULT_ENERGY, energy_rank, vjp
+from shallowmark.core.jacobian import DEFAULT_ENERGY, energy_rank, jtj, lanczos_spectrum, vjp
 from shallowmark.errors import InvalidParameterError
 
 DEFAULT_TOL = 1e-2          # σ_i counts towards the rank when σ_i > tol·σ_max
@@ -54,11 +55,16 @@ DEFAULT_CROP = 16           # latent crop side of the profile (d = C·crop² = 1
 DEFAULT_FRACTIONS = tuple(k / 50 for k in (1, 5, 10, 15, 20, 25, 30, 35, 40, 45, 50))
 DEFAULT_PHOTOS = ("grace_hopper", "astronaut", "chelsea", "coffee")
 
-# What auto_t_star measures: the same four photos at 8 points of t/T, the profile's crop. One
-# photo is not enough: the bottom of a single image's profile is flat and noisy, and the rule
-# then lands anywhere from 0.36T to 0.84T (see the report). Cached per model afterwards.
+# What auto_t_star measures on a convolutional model: the rank by the 99 %-energy rule (the papers'
+# definition) at the full latent size, by stochastic Lanczos quadrature, at 8 points of t/T. The
+# 16×16 crops the profile above uses put tiny-ldm's t* at 0.44T; the full latent puts it at 0.20T
+# (docs/analysis/jacobian-energy), because a crop cannot hold the global directions that dominate
+# J at larger t. One photo: the full-size estimate costs ~80 s per t on one CPU thread, and its
+# bootstrap spread over probes is at most 0.013 of d; the spread across photos is not measured.
 AUTO_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-AUTO_PHOTOS = DEFAULT_PHOTOS
+AUTO_PHOTOS = ("grace_hopper",)
+AUTO_PROBES = 4             # Lanczos starts per (photo, t)
+AUTO_STEPS = 24             # Lanczos steps: each one JVP and one VJP on a batch of the probes
 
 
 # ------------------------------------------------------------------------------------------------
@@ -289,6 +295,87 @@ def rank_profile(backend, x0: torch.Tensor, *, fractions: Sequence[float] = DEFA
         cpu_seconds=time.process_time() - c0)
 
 
+@dataclass(frozen=True)
+class EnergyProfile:
+    """The rank ratio by the 99 %-energy rule at a grid of t, for each image, at the full latent size,
+    from stochastic Lanczos quadrature of JᵀJ (:func:`energy_profile`).
+
+    ``ratios`` and ``ratio_sd`` are (images, t): the energy rank over d, and its bootstrap spread over
+    the Lanczos probes; ``mean_square_gain`` is Σσ²/d (Hutchinson's estimate of the share of a random
+    change of x_t that reaches the predicted clean image).
+    """
+
+    fractions: tuple[float, ...]
+    positions: tuple[int, ...]
+    timesteps: tuple[int, ...]
+    num_steps: int
+    energy: float
+    probes: int
+    steps: int
+    jacobian_shape: tuple[int, int, int]
+    images: tuple[str, ...]
+    ratios: np.ndarray
+    ratio_sd: np.ndarray
+    mean_square_gain: np.ndarray
+    seconds: float = 0.0
+
+    @property
+    def dim(self) -> int:
+        return int(np.prod(self.jacobian_shape))
+
+    def mean(self) -> np.ndarray:
+        return self.ratios.mean(0)
+
+
+def energy_profile(backend, x0: torch.Tensor, *, fractions: Sequence[float] = AUTO_FRACTIONS, num_steps: int = 50,
+                   energy: float = DEFAULT_ENERGY, probes: int = 4, steps: int = 24, seed: int = 0,
+                   names: Sequence[str] | None = None, log: Callable[[str], None] | None = None) -> EnergyProfile:
+    """The energy-rule rank ratio of J at each t of ``fractions`` for each clean latent of ``x0``
+    (N, C, H, W), on the whole latent: ``steps`` Lanczos steps of JᵀJ from ``probes`` Rademacher
+    starts per (image, t), each step one JVP and one VJP on a batch of the probes, so no dense
+    Jacobian and no crop. Noise as in :func:`rank_profile` (one seeded ε per image, shared by every t).
+    """
+    energy = float(energy)
+    if not 0.0 < energy < 1.0:
+        raise InvalidParameterError(f"energy must be in (0, 1); got {energy}")
+    if not isinstance(x0, torch.Tensor) or x0.dim() != 4 or x0.shape[0] == 0:
+        raise InvalidParameterError(f"x0 must be a non-empty batch of latents (N, C, H, W); got "
+                                    f"{tuple(x0.shape) if isinstance(x0, torch.Tensor) else type(x0).__name__}")
+    grid = ddim.make_grid(backend, num_steps)
+    positions = grid_points(grid, fractions)
+    names = tuple(names) if names is not None else tuple(f"latent {i}" for i in range(x0.shape[0]))
+    if len(names) != x0.shape[0]:
+        raise InvalidParameterError(f"{len(names)} names for {x0.shape[0]} latents")
+    x0 = x0.to(backend.device, backend.dtype)
+    d = x0[0].numel()
+    ratio, spread, gain = [], [], []
+    t0 = time.perf_counter()
+    for i in range(len(x0)):
+        noise = profile_noise(x0.shape[1:], seed, i).to(x0)[None]
+        r, sd, g = [], [], []
+        for k in positions:
+            t = grid.timesteps[k - 1]
+            x_t = forward_noise(backend, x0[i:i + 1], t, noise)
+            est = lanczos_spectrum(jtj(backend, x_t, t), tuple(x_t.shape[1:]), probes=probes, steps=steps,
+                                   seed=seed + 17 * i + k, dtype=x_t.dtype)
+            r.append(est.energy_rank(energy) / d)
+            sd.append(est.energy_rank_spread(energy, seed=seed) / d)
+            g.append(est.total_energy() / d)
+            if log:
+                log(f"  {names[i]}: t/T = {k / grid.num_steps:.2f} (t = {t}): energy rank ratio {r[-1]:.4f} "
+                    f"± {sd[-1]:.4f}, Σσ²/d {g[-1]:.4f} [{time.perf_counter() - t0:.0f} s]")
+        ratio.append(r)
+        spread.append(sd)
+        gain.append(g)
+    c, h, w = x0.shape[1:]
+    return EnergyProfile(
+        fractions=tuple(k / grid.num_steps for k in positions), positions=tuple(positions),
+        timesteps=tuple(grid.timesteps[k - 1] for k in positions), num_steps=grid.num_steps, energy=energy,
+        probes=int(probes), steps=int(steps), jacobian_shape=(int(c), int(h), int(w)), images=names,
+        ratios=np.array(ratio), ratio_sd=np.array(spread), mean_square_gain=np.array(gain),
+        seconds=time.perf_counter() - t0)
+
+
 # ------------------------------------------------------------------------------------------------
 # The rule
 # ------------------------------------------------------------------------------------------------
@@ -335,11 +422,8 @@ def profile_noise(shape, seed: int, index: int) -> torch.Tensor:
 # auto t*: a quick profile, cached per model
 # ------------------------------------------------------------------------------------------------
 
-# The profile's own 16×16 crops. 8×8 crops would be ~8× cheaper, but their context is too small:
-# their profile bottoms out earlier and moves t* from 0.42T to 0.30T (docs/analysis/jacobian-rank).
-AUTO_CROP = DEFAULT_CROP
-AUTO_MAX_DIM = 4096         # non-convolutional models are profiled whole, up to this d
-_AUTO_VERSION = 1           # bump when the quick profile's recipe changes (invalidates disk caches)
+AUTO_MAX_DIM = 4096         # non-convolutional models get exact dense Jacobians, up to this d
+_AUTO_VERSION = 2           # bump when the recipe changes (invalidates disk caches); 2: energy rule, full size
 _auto_memory: dict[str, float] = {}
 _auto_lock = threading.Lock()
 _fingerprints: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -380,12 +464,17 @@ def model_fingerprint(backend) -> str:
     return digest
 
 
-def _auto_inputs(backend) -> tuple[torch.Tensor, tuple[str, ...], int | None]:
-    """Clean latents, their names and the crop for the quick profile of ``backend``."""
-    if _downsampling(backend) > 1 or getattr(backend, "vae", None) is not None:
-        side = min(backend.latent_shape[1:])
-        crop = AUTO_CROP if side >= AUTO_CROP and AUTO_CROP % _downsampling(backend) == 0 else None
-        return photo_latents(backend, AUTO_PHOTOS), AUTO_PHOTOS, crop
+def _convolutional(backend) -> bool:
+    return _downsampling(backend) > 1 or getattr(backend, "vae", None) is not None
+
+
+def _auto_curve(backend, num_steps: int, energy: float, log) -> tuple[list[int], list[float], list[float], float]:
+    """(grid positions, fractions, mean energy-rule rank ratio, seconds) of the quick profile of ``backend``."""
+    if _convolutional(backend):
+        prof = energy_profile(backend, photo_latents(backend, AUTO_PHOTOS), fractions=AUTO_FRACTIONS,
+                              num_steps=num_steps, energy=energy, probes=AUTO_PROBES, steps=AUTO_STEPS,
+                              names=AUTO_PHOTOS, log=log)
+        return list(prof.positions), list(prof.fractions), prof.mean().tolist(), prof.seconds
     d = int(np.prod(backend.latent_shape))
     if d > AUTO_MAX_DIM:
         raise InvalidParameterError(
@@ -393,7 +482,10 @@ def _auto_inputs(backend) -> tuple[torch.Tensor, tuple[str, ...], int | None]:
             f"profiled whole, and d = {d} > {AUTO_MAX_DIM} is too costly; give t* as a number")
     if not hasattr(backend, "sample_data"):
         raise InvalidParameterError(f"auto t*: no clean data to profile {backend.name} on; give t* as a number")
-    return backend.sample_data(len(AUTO_PHOTOS), seed=0), tuple(f"sample {i}" for i in range(len(AUTO_PHOTOS))), None
+    names = tuple(f"sample {i}" for i in range(4))
+    prof = rank_profile(backend, backend.sample_data(len(names), seed=0), fractions=AUTO_FRACTIONS,
+                        num_steps=num_steps, crop=None, names=names, log=log)
+    return list(prof.positions), list(prof.fractions), prof.energy_ratios(energy).mean(0).tolist(), prof.seconds
 
 
 def _cache_dir() -> Path:
@@ -401,36 +493,38 @@ def _cache_dir() -> Path:
     return Path(base) / "shallowmark" / "jacobian-rank"
 
 
-def auto_t_star(backend, *, num_steps: int = 50, tol: float = DEFAULT_TOL, margin: float = DEFAULT_MARGIN,
+def auto_t_star(backend, *, num_steps: int = 50, energy: float = DEFAULT_ENERGY, margin: float = DEFAULT_MARGIN,
                 cache: bool = True, log: Callable[[str], None] | None = None) -> float:
     """t* (a fraction of T on the ``num_steps`` DDIM grid, in (0, 1)) for Shallow Diffuse on
-    ``backend``, by :func:`choose_t_star` on a rank profile: four bundled photos, t/T in
-    0.1…0.8, 16×16 latent crops for convolutional UNets (whole latents of ``backend.sample_data``,
-    d ≤ 4096, for the analytic model). Unconditional: the model is evaluated with ``cond=None``.
+    ``backend``: :func:`t_star_from_curve` (the rule of :func:`choose_t_star`) on the mean rank ratio
+    by the ``energy`` rule at t/T = 0.1…0.8. Convolutional UNets are measured at their full latent
+    size by :func:`energy_profile` on one bundled photo (about 10 minutes on one CPU thread for
+    tiny-ldm); other models (the analytic MoLRG, d ≤ 4096) by exact dense Jacobians at four of
+    ``backend.sample_data``. Unconditional: the model is evaluated with ``cond=None``.
 
     The answer is cached in memory and under ``$XDG_CACHE_HOME/shallowmark/jacobian-rank/``,
-    keyed by :func:`model_fingerprint` and the settings, so only the first call per model pays
-    (32 dense 1024×1024 Jacobians: about 2-3 minutes on one CPU thread for tiny-ldm, see
-    ``docs/analysis/jacobian-rank``). Concurrent first calls wait for
-    one measurement. ``cache=False`` measures afresh and stores nothing.
+    keyed by :func:`model_fingerprint` and the settings, so only the first call per model pays.
+    Concurrent first calls wait for one measurement. ``cache=False`` measures afresh and stores nothing.
     """
-    tol = check_tol(tol)
+    energy = float(energy)
+    if not 0.0 < energy < 1.0:
+        raise InvalidParameterError(f"energy must be in (0, 1); got {energy}")
     margin = float(margin)
     if not 0.0 <= margin < 1.0:
         raise InvalidParameterError(f"margin must be in [0, 1); got {margin}")
     if not 10 <= int(num_steps) <= backend.num_train_timesteps:
         # fewer steps than 10 cannot resolve the 0.1-spaced profile (and t* would round to T)
         raise InvalidParameterError(f"auto t* needs num_steps in [10, {backend.num_train_timesteps}]; got {num_steps}")
-    settings = dict(version=_AUTO_VERSION, num_steps=int(num_steps), tol=tol, margin=margin,
-                    fractions=list(AUTO_FRACTIONS), photos=list(AUTO_PHOTOS), crop=AUTO_CROP)
+    settings = dict(version=_AUTO_VERSION, num_steps=int(num_steps), energy=energy, margin=margin,
+                    fractions=list(AUTO_FRACTIONS), photos=list(AUTO_PHOTOS), probes=AUTO_PROBES, steps=AUTO_STEPS)
     key = hashlib.sha256(json.dumps([model_fingerprint(backend), settings], sort_keys=True).encode()).hexdigest()[:32]
     if cache and key in _auto_memory:
         return _auto_memory[key]
     with _auto_lock:
-        return _auto_measure(backend, key, settings, num_steps, tol, margin, cache, log)
+        return _auto_measure(backend, key, settings, int(num_steps), energy, margin, cache, log)
 
 
-def _auto_measure(backend, key, settings, num_steps, tol, margin, cache, log) -> float:
+def _auto_measure(backend, key, settings, num_steps, energy, margin, cache, log) -> float:
     path = _cache_dir() / f"{key}.json"
     if cache:
         if key in _auto_memory:  # measured by a concurrent caller while this one waited
@@ -442,16 +536,13 @@ def _auto_measure(backend, key, settings, num_steps, tol, margin, cache, log) ->
                 return value
         except (OSError, ValueError, KeyError, TypeError):
             pass  # no cache entry yet, or an unreadable one: measure
-    x0, names, crop = _auto_inputs(backend)
-    profile = rank_profile(backend, x0, fractions=AUTO_FRACTIONS, num_steps=num_steps, crop=crop, tol=tol,
-                           names=names, log=log)
-    value = choose_t_star(profile, margin=margin)
+    positions, fractions, curve, seconds = _auto_curve(backend, num_steps, energy, log)
+    value = t_star_from_curve(positions, curve, num_steps, margin)
     if cache:
         _auto_memory[key] = value
         record = dict(t_star=value, fingerprint=model_fingerprint(backend), settings=settings,
-                      backend=backend.name, fractions=list(profile.fractions),
-                      mean_rank_ratio=[round(float(r), 6) for r in profile.mean()],
-                      seconds=round(profile.seconds, 2))
+                      backend=backend.name, fractions=fractions,
+                      mean_energy_rank_ratio=[round(float(r), 6) for r in curve], seconds=round(seconds, 2))
         try:  # a read-only or full disk only loses the cache
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -460,4 +551,3 @@ def _auto_measure(backend, key, settings, num_steps, tol, margin, cache, log) ->
         except OSError:
             pass
     return value
-

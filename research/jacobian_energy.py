@@ -30,14 +30,15 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from shallowmark.core import ddim
-from shallowmark.core.jacobian import DEFAULT_ENERGY, energy_rank, jtj, lanczos_spectrum
+from shallowmark.core.jacobian import DEFAULT_ENERGY, energy_rank, lanczos_spectrum
 from shallowmark.core.t_star import (
+    AUTO_FRACTIONS,
+    AUTO_PHOTOS,
+    AUTO_PROBES,
+    AUTO_STEPS,
     DEFAULT_MARGIN,
     DEFAULT_TOL,
-    auto_t_star as t_star_auto,
-    forward_noise,
-    grid_points,
+    energy_profile,
     photo_latents,
     profile_noise,
     t_star_from_curve,
@@ -63,8 +64,6 @@ class JacobianEnergyConfig:
         num_steps: DDIM grid of tiny-ldm (as Shallow Diffuse uses).
         margin: the t* rule's margin (as ``t_star="auto"``).
         regimes: the Fashion-MNIST models and data (``analyze regimes``' config; its cache is shared).
-        auto_t_star: also give tiny-ldm's current ``t_star="auto"`` (16×16 crops; measured once per
-            model, a few minutes, unless cached) beside the rule applied to the full-size curve.
         seed: noises and probes.
     """
 
@@ -74,22 +73,21 @@ class JacobianEnergyConfig:
                                0.9, 0.97)
     check_probes: int = 8
     check_steps: int = 40
-    ldm_photos: tuple = ("grace_hopper",)
-    ldm_fractions: tuple = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7)
-    ldm_probes: int = 4
-    ldm_steps: int = 24
+    # the defaults are ``t_star="auto"``'s recipe, so the rule's answer on this curve is what it returns
+    ldm_photos: tuple = AUTO_PHOTOS
+    ldm_fractions: tuple = AUTO_FRACTIONS
+    ldm_probes: int = AUTO_PROBES
+    ldm_steps: int = AUTO_STEPS
     num_steps: int = 50
     margin: float = DEFAULT_MARGIN
     regimes: RegimesConfig = field(default_factory=RegimesConfig)
-    auto_t_star: bool = True
     seed: int = 0
 
     @classmethod
     def quick(cls, regimes: RegimesConfig | None = None, **kw) -> "JacobianEnergyConfig":
         """Two images, four t, a short Lanczos on one tiny-ldm t: seconds to a minute, for the tests."""
         base = dict(fmnist_images=2, fmnist_fractions=(0.1, 0.3, 0.5, 0.8), check_probes=4, check_steps=12,
-                    ldm_fractions=(0.3,), ldm_probes=2, ldm_steps=4, regimes=regimes or RegimesConfig.quick(),
-                    auto_t_star=False)
+                    ldm_fractions=(0.3,), ldm_probes=2, ldm_steps=4, regimes=regimes or RegimesConfig.quick())
         base.update(kw)
         return cls(**base)
 
@@ -210,34 +208,20 @@ def estimator_check(model: fmnist.TrainedModel, image: np.ndarray, exact: dict, 
 # ----------------------------------------------------------------------------------------------
 
 def ldm_profile(backend, cfg: JacobianEnergyConfig, log: Callable[[str], None]) -> dict:
-    grid = ddim.make_grid(backend, cfg.num_steps)
-    positions = grid_points(grid, cfg.ldm_fractions)
-    x0 = photo_latents(backend, cfg.ldm_photos).to(backend.device, backend.dtype)
-    d = x0[0].numel()
-    ratio, spread, energy_total = [], [], []
-    t0 = time.perf_counter()
-    for i in range(len(x0)):
-        noise = profile_noise(x0.shape[1:], cfg.seed, i).to(x0)[None]
-        r, sd, et = [], [], []
-        for k in positions:
-            t = grid.timesteps[k - 1]
-            x_t = forward_noise(backend, x0[i:i + 1], t, noise)
-            est = lanczos_spectrum(jtj(backend, x_t, t), tuple(x_t.shape[1:]), probes=cfg.ldm_probes,
-                                   steps=cfg.ldm_steps, seed=cfg.seed + 17 * i + k, dtype=x_t.dtype)
-            r.append(est.energy_rank(cfg.energy) / d)
-            sd.append(est.energy_rank_spread(cfg.energy, seed=cfg.seed) / d)
-            et.append(est.total_energy() / d)
-            log(f"  tiny-ldm full size {cfg.ldm_photos[i]}, t/T = {k / grid.num_steps:.2f}: energy rank ratio "
-                f"{r[-1]:.4f} ± {sd[-1]:.4f}, Σσ²/d {et[-1]:.4f} [{time.perf_counter() - t0:.0f} s]")
-        ratio.append(r)
-        spread.append(sd)
-        energy_total.append(et)
-    ratio = np.array(ratio)
-    return dict(d=d, shape=list(x0.shape[1:]), fractions=[k / grid.num_steps for k in positions],
-                positions=list(positions), timesteps=[grid.timesteps[k - 1] for k in positions],
-                energy_ratio=ratio.tolist(), energy_ratio_sd=spread, mean_square_gain=energy_total,
-                t_star_rule=t_star_from_curve(positions, ratio.mean(0), grid.num_steps, cfg.margin),
-                seconds=time.perf_counter() - t0)
+    x0 = photo_latents(backend, cfg.ldm_photos)
+    prof = energy_profile(backend, x0, fractions=cfg.ldm_fractions, num_steps=cfg.num_steps, energy=cfg.energy,
+                          probes=cfg.ldm_probes, steps=cfg.ldm_steps, seed=cfg.seed, names=cfg.ldm_photos,
+                          log=lambda m: log("  tiny-ldm full size" + m[1:]))
+    # t_star="auto" runs exactly this recipe (same photos, t, probes, steps, seeds and rule)
+    auto_recipe = (tuple(cfg.ldm_photos) == tuple(AUTO_PHOTOS) and tuple(cfg.ldm_fractions) == tuple(AUTO_FRACTIONS)
+                   and cfg.ldm_probes == AUTO_PROBES and cfg.ldm_steps == AUTO_STEPS and cfg.seed == 0
+                   and cfg.energy == DEFAULT_ENERGY and cfg.margin == DEFAULT_MARGIN)
+    return dict(d=prof.dim, shape=list(prof.jacobian_shape), fractions=list(prof.fractions),
+                positions=list(prof.positions), timesteps=list(prof.timesteps),
+                energy_ratio=prof.ratios.tolist(), energy_ratio_sd=prof.ratio_sd.tolist(),
+                mean_square_gain=prof.mean_square_gain.tolist(),
+                t_star_rule=t_star_from_curve(prof.positions, prof.mean(), prof.num_steps, cfg.margin),
+                is_auto_recipe=auto_recipe, seconds=prof.seconds)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,10 +281,6 @@ def run_jacobian_energy_analysis(out_dir, config: JacobianEnergyConfig | None = 
     t = time.perf_counter()
     ldm = ldm_profile(backend, cfg, log)
     timings["tiny_ldm_full_size"] = round(time.perf_counter() - t, 1)
-    t = time.perf_counter()
-    # the current t_star="auto" (16×16 crops, tol rule): from its cache, or measured once per model
-    ldm["t_star_auto_crop"] = t_star_auto(backend, num_steps=cfg.num_steps, log=log) if cfg.auto_t_star else None
-    timings["auto_t_star"] = round(time.perf_counter() - t, 1)
     timings["total"] = round(time.perf_counter() - t_all, 1)
 
     fr = list(cfg.fmnist_fractions)
@@ -358,9 +338,6 @@ def _plot_profiles(fr, gen, mem, gauss, check, ldm, path: Path) -> None:
     sd = np.array(ldm["energy_ratio_sd"]).mean(0)
     a2.errorbar(ldm["fractions"], m, yerr=sd, marker="o", ms=3, label="99 % energy, randomized (full size)")
     a2.axvline(ldm["t_star_rule"], color="C1", ls="--", lw=1, label=f"rule on this curve: t* = {ldm['t_star_rule']:.2f}")
-    if ldm.get("t_star_auto_crop") is not None:
-        a2.axvline(ldm["t_star_auto_crop"], color="C2", ls=":", lw=1,
-                   label=f"t_star='auto' (16×16 crops): {ldm['t_star_auto_crop']:.2f}")
     a2.set_title(f"tiny-ldm, d = {ldm['d']}, stochastic Lanczos quadrature", fontsize=9)
     a2.set_xlabel("t / T")
     a2.set_ylim(0, 1.02)
@@ -425,9 +402,8 @@ def _markdown(rep: dict) -> str:
     lines += markdown_table(["t/T", "t", "energy ratio ± sd", "Σσ²/d"],
                             ([f"{f:.2f}", t, f"{a:.3f} ± {s:.3f}", f"{e:.4f}"]
                              for f, t, a, s, e in zip(ld["fractions"], ld["timesteps"], mean, sd, gain)))
-    auto = ld.get("t_star_auto_crop")
     lines += ["", f"The t* rule (`t_star_from_curve`, margin {c['margin']}) on this curve gives **t* = "
-                  f"{ld['t_star_rule']:.2f}**" + (f"; `t_star=\"auto\"` (16×16 crops, tol rule) gives {auto:.2f}."
-                                                  if auto is not None else "."), "",
+                  f"{ld['t_star_rule']:.2f}**" + ("; this is the recipe `t_star=\"auto\"` runs, so it returns the same."
+                                                  if ld.get("is_auto_recipe") else "."), "",
               f"![profiles]({rep['figures']['profiles']})", "", f"![spectra]({rep['figures']['spectra']})", ""]
     return "\n".join(lines) + "\n"

@@ -1,9 +1,11 @@
 """The analysis behind ``shallowmark analyze jacobian-rank``: the rank profile of the
-posterior-mean Jacobian across t, the automatic t*, and how far both can be trusted.
+posterior-mean Jacobian across t on latent crops (σ_i > tol·σ_max), the t* its rule gives, and how
+far both can be trusted.
 
-The measurement itself (:func:`~shallowmark.core.t_star.rank_profile`), the rule for t*
-(:func:`~shallowmark.core.t_star.choose_t_star`) and :func:`~shallowmark.core.t_star.auto_t_star`
-live in :mod:`shallowmark.core.t_star`, on the watermark's data path. This module adds what only
+The measurement itself (:func:`~shallowmark.core.t_star.rank_profile`) and the rule for t*
+(:func:`~shallowmark.core.t_star.choose_t_star`) live in :mod:`shallowmark.core.t_star`, on the
+watermark's data path. ``t_star="auto"`` no longer uses this crop profile: it applies the same rule
+to the 99 %-energy rank at the full latent size (``analyze jacobian-energy``). This module adds what only
 the report needs: :func:`full_size_check` (Σσ² and Σσ⁴ at the full latent size by Hutchinson's
 estimator, the top of the spectrum by subspace iteration), :func:`round_trip_error` (DDIM 0 → t → 0),
 :func:`run_jacobian_rank_analysis` (the runner), and the figures and Markdown report.
@@ -24,9 +26,6 @@ import torch
 from shallowmark.core import ddim
 from shallowmark.core.jacobian import jvp, top_subspace, vjp
 from shallowmark.core.t_star import (
-    AUTO_CROP,
-    AUTO_FRACTIONS,
-    AUTO_PHOTOS,
     DEFAULT_CROP,
     DEFAULT_FRACTIONS,
     DEFAULT_MARGIN,
@@ -266,18 +265,6 @@ def run_jacobian_rank_analysis(out_dir, quick: bool = False, *, seed: int = 0, t
     rt_pos = grid_points(grid, rt_fr)
     timings["round_trip"] = time.perf_counter() - t
 
-    # auto_t_star(backend) evaluates exactly the profile's columns at AUTO_FRACTIONS when the photos,
-    # crop, seed and grid are the same, so its answer and cost can be read off this run.
-    auto_fn = None
-    auto_pos = {grid.position(f) for f in AUTO_FRACTIONS}
-    if (tuple(names) == tuple(AUTO_PHOTOS) and cfg["crop"] == AUTO_CROP and seed == 0
-            and profile.num_steps == 50 and auto_pos <= set(profile.positions)):
-        sub = profile.subset(AUTO_FRACTIONS)
-        per_jac = profile.cpu_seconds / (len(names) * len(profile.positions))  # CPU: not inflated by sharing
-        auto_fn = dict(t_star=choose_t_star(sub, margin=margin), jacobians=len(names) * len(sub.positions),
-                       cpu_seconds_estimate=round(per_jac * len(names) * len(sub.positions), 1),
-                       cpu_seconds_per_jacobian=round(per_jac, 2))
-
     def compare(k: int) -> dict:
         r, j = column(k), rt_pos.index(k)
         return dict(t_fraction=k / grid.num_steps, position=k, timestep=grid.timesteps[k - 1],
@@ -324,7 +311,6 @@ def run_jacobian_rank_analysis(out_dir, quick: bool = False, *, seed: int = 0, t
             by_margin={f"{m:g}": choose_t_star(profile, margin=m) for m in REPORT_MARGINS},
             by_image={n: choose_t_star(profile.image(i), margin=margin) for i, n in enumerate(profile.images)},
             bootstrap_p10_p50_p90=_r(_bootstrap_t_star(profile, margin, seed=seed), 3),
-            auto_t_star_function=auto_fn,
             compare=dict(reference=compare(k_ref), auto=compare(k_auto),
                          rank_ratio_diff_mean=_r(diff.mean()),
                          rank_ratio_diff_std=_r(diff.std(ddof=1) if len(diff) > 1 else 0.0),
@@ -556,16 +542,9 @@ def _md_rule(rep: dict) -> list[str]:
 
 
 def _md_rule_elsewhere(rep: dict) -> list[str]:
-    """What ``auto_t_star`` returns, and what the rule gives on smaller crops."""
+    """What the rule gives on smaller crops."""
     s, p, ts = rep["settings"], rep["profile"], rep["t_star"]
     L = []
-    a = ts["auto_t_star_function"]
-    if a:
-        L += [f"`auto_t_star(backend)` — what `ShallowDiffuseConfig(t_star=\"auto\")` calls — applies the same rule to "
-              f"the same photos, crop and noise at t/T = {', '.join(f'{x:g}' for x in AUTO_FRACTIONS)}, i.e. to "
-              f"{a['jacobians']} of the Jacobians above, so on tiny-ldm it returns **{a['t_star']:.2f}T**. At this "
-              f"run's {a['cpu_seconds_per_jacobian']:.2f} CPU seconds per Jacobian (one thread) that first call "
-              f"costs about {a['cpu_seconds_estimate']:.0f} s; later calls read the cache.", ""]
     sm = rep.get("smaller_crop")
     if sm:
         L += [f"Why not smaller crops: the same profile on {sm['crop']}×{sm['crop']} crops (d = {sm['dim']}, "

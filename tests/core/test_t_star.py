@@ -92,8 +92,12 @@ def test_bad_input_is_rejected(molrg_k1, tiny_ldm):
             R.choose_t_star(prof, margin=margin)
     with pytest.raises(InvalidParameterError, match="tolerance"):
         prof.ratios(1.5)
-    with pytest.raises(InvalidParameterError, match="tolerance"):
-        R.auto_t_star(molrg_k1, tol=0.0)
+    with pytest.raises(InvalidParameterError, match="energy must be in"):
+        R.auto_t_star(molrg_k1, energy=1.0)
+    with pytest.raises(InvalidParameterError, match="energy must be in"):
+        R.energy_profile(molrg_k1, molrg_k1.sample_data(1, seed=0), energy=0.0)
+    with pytest.raises(InvalidParameterError, match="non-empty batch"):
+        R.energy_profile(molrg_k1, torch.zeros(0, 1, 8, 8))
     with pytest.raises(InvalidParameterError, match="num_steps"):
         R.auto_t_star(molrg_k1, num_steps=5)
     with pytest.raises(InvalidParameterError, match="unknown photo 'nope'"):
@@ -128,6 +132,45 @@ def test_auto_t_star_caches_per_model(molrg_k1, tmp_path, monkeypatch):
     assert R.model_fingerprint(other) != R.model_fingerprint(molrg_k1)
     assert R.model_fingerprint(load_backend("analytic", latent_shape=(1, 8, 8), rank=5, clusters=1, seed=3)) \
         == R.model_fingerprint(molrg_k1)
+
+
+def test_energy_profile_finds_the_planted_rank(molrg_k1):
+    """K = 1 MoLRG: J = c·UUᵀ with rank 5 at every t. Lanczos finds the one eigenvalue c² exactly,
+    but how many directions carry it is a Hutchinson-type estimate, d·mean‖Uᵀv‖² over the probes:
+    unbiased, with a spread the bootstrap reports (about 0.3 of a direction with 64 probes)."""
+    prof = R.energy_profile(molrg_k1, molrg_k1.sample_data(2, seed=1), fractions=(0.1, 0.5), probes=64, steps=12)
+    assert prof.ratios.shape == (2, 2) and prof.positions == (5, 25) and prof.dim == 64
+    err = np.abs(prof.ratios * 64 - 5)
+    assert (err < 1.0).all() and (err < 3 * prof.ratio_sd * 64).all() and (prof.ratio_sd > 0).all()
+    # Σσ²/d: five equal σ = c_t, so it is 5·c_t²/64, and c_t shrinks as t grows
+    assert prof.mean_square_gain[0, 0] > prof.mean_square_gain[0, 1] > 0
+
+
+def test_auto_t_star_on_a_unet_uses_the_full_size_energy_profile(tiny_ldm, tmp_path, monkeypatch):
+    """A convolutional model gets the energy rule on its whole latent (never a crop): the rule runs
+    on energy_profile's mean curve, and the cache records that curve and the recipe."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(R, "_auto_memory", {})
+    seen = {}
+    curve = np.array([0.44, 0.39, 0.35, 0.46, 0.58, 0.70, 0.78, 0.80])  # the shape tiny-ldm measured
+
+    def fake(backend, x0, **kw):
+        seen.update(kw, shape=tuple(x0.shape))
+        pos = tuple(round(f * kw["num_steps"]) for f in kw["fractions"])
+        return R.EnergyProfile(fractions=tuple(kw["fractions"]), positions=pos, timesteps=pos,
+                               num_steps=kw["num_steps"], energy=kw["energy"], probes=kw["probes"],
+                               steps=kw["steps"], jacobian_shape=tuple(x0.shape[1:]), images=tuple(kw["names"]),
+                               ratios=curve[None], ratio_sd=np.zeros((1, 8)), mean_square_gain=np.zeros((1, 8)))
+    monkeypatch.setattr(R, "energy_profile", fake)
+    monkeypatch.setattr(R, "rank_profile", lambda *a, **k: pytest.fail("a UNet must not get the crop profile"))
+    value = R.auto_t_star(tiny_ldm)
+    assert seen["shape"] == (1, *tiny_ldm.latent_shape)          # the full latent of one photo
+    assert seen["probes"] == R.AUTO_PROBES and seen["steps"] == R.AUTO_STEPS
+    assert value == R.t_star_from_curve([5, 10, 15, 20, 25, 30, 35, 40], curve, 50, R.DEFAULT_MARGIN)
+    assert 0.1 < value < 0.3                                     # 0.35 + 0.1·(0.80 − 0.35) = 0.395: before 0.2T
+    record = json.loads(next((tmp_path / "shallowmark" / "jacobian-rank").glob("*.json")).read_text())
+    assert record["settings"]["version"] == 2 and record["settings"]["photos"] == list(R.AUTO_PHOTOS)
+    assert record["mean_energy_rank_ratio"] == pytest.approx(curve.tolist())
 
 
 @pytest.mark.slow

@@ -60,7 +60,7 @@ def test_quick_report_from_the_cli(tmp_path, fmnist_dir, capsys):
                  "--out", str(tmp_path / "out")]) == 0
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
     assert rep["analysis"] == "jacobian-energy" and rep["command"].startswith("shallowmark analyze jacobian-energy")
-    assert rep["config"]["auto_t_star"] is False  # --quick does not measure tiny-ldm's crop profile
+    assert rep["tiny_ldm"]["is_auto_recipe"] is False  # --quick runs a shorter Lanczos than t_star="auto"
     for png in ("energy_rank.png", "spectra.png"):
         assert (tmp_path / "out" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     g = rep["fmnist"]["generalizing"]

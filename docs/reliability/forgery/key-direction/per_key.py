@@ -8,6 +8,8 @@ way and scored against every key. Per key: the median score (−log10 p) of its 
 its TPR at 1 % FPR against its own 100 negatives (at most one at or above the threshold).
 
     python docs/reliability/forgery/key-direction/per_key.py --out DIR
+    python docs/reliability/forgery/key-direction/per_key.py --option key_variants=16 --option strength=1.05 \
+        --option 'ring_origin="centre"' --out DIR
     python docs/reliability/forgery/key-direction/per_key.py --from-scores DIR/per-key-scores.json --out DIR
 """
 import argparse
@@ -22,13 +24,13 @@ from PIL import Image
 ATTACKS = (("rotate", 30.0), ("zoom", None), ("platform-4x5", None))
 
 
-def measure(cache: Path, per: int, n_keys: int) -> dict:
+def measure(cache: Path, per: int, n_keys: int, options: dict) -> dict:
     from shallowmark.attacks.registry import apply_attack
     from shallowmark.core.backends import load_backend
     from shallowmark.core.watermarks import load_method
     from shallowmark.keys import WatermarkKey
 
-    method = load_method("shallow-diffuse", load_backend("tiny-ldm"))
+    method = load_method("shallow-diffuse", load_backend("tiny-ldm"), **options)
     keys = [WatermarkKey.from_hex(f"{i:064x}").for_method("shallow-diffuse") for i in range(1, n_keys + 1)]
     t0 = time.time()
     pos = []
@@ -70,6 +72,8 @@ def tpr_at(pos: np.ndarray, neg: np.ndarray, fpr: float = 0.01) -> float:
 def summarise(scores: dict) -> dict:
     rows = {}
     for tag, s in scores.items():
+        if tag == "options":
+            continue
         p, n = np.array(s["pos"]), np.array(s["neg"])
         rows[tag] = [{"key": ki + 1, "median_score": float(np.median(p[ki])), "tpr_at_1pct_fpr": tpr_at(p[ki], n[:, ki])}
                      for ki in range(p.shape[0])]
@@ -81,6 +85,7 @@ def main():
     ap.add_argument("--cache", default=str(Path.home() / ".cache/shallowmark/bench/images/tiny-ldm-b92808e3b69e7561/reference-plain-32f7b85636"))
     ap.add_argument("--per", type=int, default=12)
     ap.add_argument("--keys", type=int, default=9)
+    ap.add_argument("--option", action="append", default=[], help="Shallow Diffuse option key=value (JSON value)")
     ap.add_argument("--from-scores")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -89,7 +94,9 @@ def main():
     if a.from_scores:
         scores = json.loads(Path(a.from_scores).read_text())
     else:
-        scores = measure(Path(a.cache), a.per, a.keys)
+        options = {k: json.loads(v) for k, v in (o.split("=", 1) for o in a.option)}
+        scores = measure(Path(a.cache), a.per, a.keys, options)
+        scores = {"options": options, **scores}
     (out / "per-key-scores.json").write_text(json.dumps(scores))
     summary = summarise(scores)
     (out / "per-key.json").write_text(json.dumps(summary, indent=1))
@@ -97,7 +104,9 @@ def main():
              "|---|" + "---|" * len(next(iter(summary.values())))]
     for tag, rows in summary.items():
         lines.append(f"| {tag} | " + " | ".join(f"{r['median_score']:.1f} / {r['tpr_at_1pct_fpr']:.2f}" for r in rows) + " |")
-    (out / "per-key.md").write_text("Median −log10 p / TPR at 1 % FPR, per key\n\n" + "\n".join(lines) + "\n")
+    options = scores.get("options", {})
+    header = "Median −log10 p / TPR at 1 % FPR, per key; options: " + (json.dumps(options) if options else "defaults")
+    (out / "per-key.md").write_text(header + "\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
