@@ -14,6 +14,7 @@ Writes ``report.json`` and ``report.md``.
 
 from __future__ import annotations
 
+import json
 import platform
 import secrets
 import tempfile
@@ -43,6 +44,9 @@ class PhotoScenarioConfig:
     target_fpr: float = 0.01
     cache_dir: Optional[str] = None
     num_steps: Optional[int] = None     # the server's DDIM steps for the method (None: its default)
+    # more of the method's configuration, as the server's ``method_options`` take it (e.g.
+    # {"key_variants": 16}); the report's config holds it, so a run says what it measured
+    method_options: Optional[dict] = None
 
 
 def pick(photos: list, n: int) -> list:
@@ -89,9 +93,10 @@ def run(cfg: PhotoScenarioConfig, out_dir: Path, log: Callable = print,
     token = secrets.token_urlsafe(16)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        options = dict(cfg.method_options or {}, **({"num_steps": cfg.num_steps} if cfg.num_steps else {}))
         app = ServerApp(ServerConfig(host="127.0.0.1", port=0, tokens={token: "bench-photos"},
                                      state_dir=Path(tmp) / "server", models=(cfg.model,),
-                                     method_options={cfg.method: {"num_steps": cfg.num_steps}} if cfg.num_steps else {})
+                                     method_options={cfg.method: options} if options else {})
                         ).start()
         try:
             with Client(app.address, token, timeout=600) as client:
@@ -149,7 +154,8 @@ def _markdown(res: dict) -> str:
              f"{s['n']} photos the model never saw, at their own sizes, uploaded to a real gRPC server (loopback) "
              f"with Embed (output \"residual\") and checked with Verify, one fixed test key ({c['key_id']}), "
              f"target FPR {c['target_fpr']:g}. Machine: {c['machine']}, {c['cpus']} CPUs, torch {c['torch']}; "
-             f"run took {res['seconds']:.0f} s.", "",
+             f"run took {res['seconds']:.0f} s." + (f" Method options: `{json.dumps(c['method_options'], sort_keys=True)}`"
+                                                    if c.get("method_options") else ""), "",
              f"PSNR against the original at native resolution: mean {s['psnr_mean']:.2f} dB, lowest "
              f"{s['psnr_min']:.2f} dB; SSIM mean {s['ssim_mean']:.4f}, lowest {s['ssim_min']:.4f}.", "",
              "Detected (fraction of photos):", ""]

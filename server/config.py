@@ -244,6 +244,27 @@ class ServerConfig:
     metrics_host: str = "127.0.0.1"
     log_format: str = "text"
 
+    def _check_method_options(self) -> None:
+        """Refuse a method option the server could not apply, now rather than when a model loads in
+        the background (where it would leave the model unavailable and the server never ready)."""
+        from shallowmark.core.watermarks import latent_method_names, method_class
+
+        if not isinstance(self.method_options, Mapping):
+            raise InvalidParameterError(f"method_options must map method names to option tables; got "
+                                        f"{type(self.method_options).__name__}")
+        for name, options in self.method_options.items():
+            if name not in latent_method_names():
+                raise InvalidParameterError(f"method_options: {name!r} takes no options here; methods with options: "
+                                            f"{', '.join(latent_method_names())}")
+            if not isinstance(options, Mapping):
+                raise InvalidParameterError(f"method_options.{name} must be a table of options; got {options!r}")
+            # the names here; the values need the model's latent shape, so load_method checks them
+            valid = [f.name for f in fields(method_class(name).config_class)]
+            unknown = sorted(set(options) - set(valid))
+            if unknown:
+                raise InvalidParameterError(f"method_options.{name}: unknown option(s) {unknown}; valid: "
+                                            f"{', '.join(valid)}")
+
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise InvalidParameterError(f"port must be an int in 0..65535; got {self.port!r}")
@@ -280,6 +301,7 @@ class ServerConfig:
             if tok.startswith("sha256:") and len(tok) != 7 + 64:
                 raise InvalidParameterError("a hashed token must be 'sha256:' followed by 64 hex digits")
         object.__setattr__(self, "tenant_limits", self._checked_tenant_limits())
+        self._check_method_options()
         object.__setattr__(self, "state_dir", Path(self.state_dir).expanduser())
         if self.ledger_head_file is not None:
             object.__setattr__(self, "ledger_head_file", Path(self.ledger_head_file).expanduser())

@@ -55,6 +55,8 @@ def register(sub) -> None:
     ph.add_argument("--n", type=int, default=20, help="photos, spread evenly over the sources (default 20)")
     ph.add_argument("--sources", help="comma-separated photo sets (default: all fetched; see fetch-photos)")
     ph.add_argument("--cache", help="photo cache folder (default: the fetch-photos cache)")
+    ph.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a Shallow Diffuse option for the server, e.g. key_variants=16 (repeatable; JSON values)")
     ph.set_defaults(func=_cmd_bench_photos)
 
     ident = sub.add_parser("bench-identify", help="identification across a key family of up to 100 000 members: "
@@ -170,8 +172,10 @@ def _cmd_bench_photos(args) -> int:
     need("server", "bench-photos")
     from shallowmark.attacks import photos_report
 
+    method = photos_report.PhotoScenarioConfig.method
+    options = _method_options([f"{method}:{o}" for o in args.method_option]).get(method)
     cfg = photos_report.PhotoScenarioConfig(n=args.n, sources=tuple(args.sources.split(",")) if args.sources else None,
-                                            cache_dir=args.cache)
+                                            cache_dir=args.cache, method_options=options)
     photos_report.run(cfg, Path(args.out), log=log, command=args.invocation)
     print_report(args.out)
     return 0

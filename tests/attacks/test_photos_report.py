@@ -57,3 +57,22 @@ def test_photos_through_a_real_server_keep_their_size_and_are_detected(tmp_path)
         assert r["verdicts"]["watermarked/platform-1x1"]["size"] == [512, 512]
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| watermarked | 1.00 |" in md and "ifct/a.png" in md
+
+
+def test_method_options_reach_the_server_and_the_report(tmp_path):
+    """``method_options`` configure the server's method (an unknown one is refused by name, before
+    any photo is sent), and a run records them in report.json and report.md."""
+    from shallowmark.core.photos import heldout_photo
+
+    _fake_source(tmp_path, {"a.png": heldout_photo()[:300, :480]})
+    bad = photos_report.PhotoScenarioConfig(n=1, sources=("ifct",), cache_dir=str(tmp_path), num_steps=10,
+                                            method_options={"no_such_option": 1})
+    with pytest.raises(InvalidParameterError, match=r"unknown option\(s\) \[.no_such_option.\]"):
+        photos_report.run(bad, tmp_path / "bad", log=lambda *_: None)
+    assert not (tmp_path / "bad" / "report.json").exists()
+    cfg = photos_report.PhotoScenarioConfig(n=1, sources=("ifct",), cache_dir=str(tmp_path), num_steps=10,
+                                            method_options={"ring_origin": "centre"})
+    res = photos_report.run(cfg, tmp_path / "out", log=lambda *_: None)
+    assert res["config"]["method_options"] == {"ring_origin": "centre"}
+    assert res["rows"][0]["verdicts"]["watermarked/clean"]["detected"]
+    assert 'Method options: `{"ring_origin": "centre"}`' in (tmp_path / "out" / "report.md").read_text()

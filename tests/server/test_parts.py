@@ -190,6 +190,16 @@ def test_config_errors(tmp_path):
         ServerConfig(max_batch=0)
     with pytest.raises(InvalidParameterError, match="port"):
         ServerConfig(port=70000)
+    # a method option the server could not apply is refused with the config, not when the model
+    # loads in the background (which would leave the server never ready)
+    (tmp_path / "opt.toml").write_text("[methods.shallow-diffuse]\nkey_variant = 16\n")
+    with pytest.raises(InvalidParameterError, match=r"method_options.shallow-diffuse: unknown option\(s\) "
+                                                    r"\['key_variant'\]; valid: .*key_variants"):
+        load_config(tmp_path / "opt.toml")
+    with pytest.raises(InvalidParameterError, match="'rivagan' takes no options here"):
+        ServerConfig(method_options={"rivagan": {"num_bits": 32}})
+    with pytest.raises(InvalidParameterError, match="must be a table of options"):
+        ServerConfig(method_options={"shallow-diffuse": 16})
 
 
 # -- attestation key and auth ----------------------------------------------------------------------
