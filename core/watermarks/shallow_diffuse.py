@@ -103,10 +103,10 @@ class ShallowDiffuseConfig:
     # where the ring pattern sits in space (rings.RingGeometry): "corner", the FFT's origin
     # (Tree-Ring's and the paper's placement), or "centre" of the latent. A rotation's fill, a zoom
     # or a platform crop removes the corners, where a corner pattern's energy is concentrated:
-    # with 16 key_variants at strength 1.05, 24 generations kept TPR 1.00 at 1 % FPR after a 30°
-    # rotation, a zoom and a 4:5 crop when centred, 0.58-0.79 at the corner
-    # (docs/reliability/forgery, "Where the pattern sits"). "corner" until the full benchmark and
-    # the forgery runs have been redone centred.
+    # with 16 key_variants at strength 1.05, the benchmark's 100 generations kept TPR 1.00 at 1 % FPR
+    # after a 30° rotation, a zoom and a 4:5 crop when centred, 0.54-0.73 at the corner, and 9 keys
+    # of 9 kept every image (docs/reliability/forgery). Still "corner" by default: an image verifies
+    # only under the origin it was embedded with, and the server keeps no per-embed configuration.
     ring_origin: str = "corner"
     complex_key: bool = True         # complex ring values (2 numbers per ring) or real (Tree-Ring's)
     # "replace": overwrite the rings with the key (the paper's code); "mean": shift each ring's mean
