@@ -247,7 +247,7 @@ class ServerConfig:
     def _check_method_options(self) -> None:
         """Refuse a method option the server could not apply, now rather than when a model loads in
         the background (where it would leave the model unavailable and the server never ready)."""
-        from shallowmark.core.watermarks import latent_method_names, method_class
+        from shallowmark.core.watermarks import config_fields, latent_method_names
 
         if not isinstance(self.method_options, Mapping):
             raise InvalidParameterError(f"method_options must map method names to option tables; got "
@@ -259,7 +259,7 @@ class ServerConfig:
             if not isinstance(options, Mapping):
                 raise InvalidParameterError(f"method_options.{name} must be a table of options; got {options!r}")
             # the names here; the values need the model's latent shape, so load_method checks them
-            valid = [f.name for f in fields(method_class(name).config_class)]
+            valid = config_fields(name)
             unknown = sorted(set(options) - set(valid))
             if unknown:
                 raise InvalidParameterError(f"method_options.{name}: unknown option(s) {unknown}; valid: "
