@@ -55,6 +55,8 @@ class CalibrationConfig:
     n_keys: int = 20
     batch: int = 8
     cache_dir: Optional[str] = None
+    # keywords of the method's config dataclass (load_method); the report's method_params resolve them
+    method_options: dict = dataclasses.field(default_factory=dict)
 
 
 def _upper_bound(k: int, n: int, conf: float = 0.95) -> float:
@@ -124,7 +126,7 @@ def run_calibration(cfg: CalibrationConfig, out_dir, log: Callable = print) -> d
     from shallowmark.core.backends import load_backend
     from shallowmark.core.watermarks import load_method
 
-    method = load_method(cfg.method, load_backend(cfg.model))
+    method = load_method(cfg.method, load_backend(cfg.model), **cfg.method_options)
     if cfg.n_keys < 1:
         raise InvalidParameterError(f"n_keys must be at least 1; got {cfg.n_keys}")
     keys = bench_keys(cfg.n_keys, cfg.method)

@@ -26,7 +26,7 @@ import secrets
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -63,6 +63,8 @@ class IdentifyConfig:
     latency_calls: int = 5
     batch: int = 8
     cache_dir: Optional[str] = None
+    # keywords of the method's config dataclass, for the scoring and the served latency alike
+    method_options: dict = field(default_factory=dict)
 
 
 def family_for(cfg: IdentifyConfig):
@@ -82,7 +84,7 @@ def run(cfg: IdentifyConfig, out_dir: Path, log: Callable = print, command: str 
     if cfg.members > min(cfg.sizes) or min(cfg.sizes) < 1:
         raise InvalidParameterError(f"members ({cfg.members}) must fit in the smallest family size ({min(cfg.sizes)})")
     t0 = time.perf_counter()
-    method = load_method(cfg.method, load_backend(cfg.model))
+    method = load_method(cfg.method, load_backend(cfg.model), **cfg.method_options)
     family = family_for(cfg)
     root = _cache_root(cfg)
     ctx = _context(method, cfg, family)
@@ -195,7 +197,8 @@ def _served_latency(cfg: IdentifyConfig, family, image: np.ndarray, log) -> dict
     found = {}
     with tempfile.TemporaryDirectory() as tmp:
         app = ServerApp(ServerConfig(host="127.0.0.1", port=0, tokens={token: "bench-identify"},
-                                     state_dir=Path(tmp) / "server", models=(cfg.model,))).start()
+                                     state_dir=Path(tmp) / "server", models=(cfg.model,),
+                                     method_options={cfg.method: dict(cfg.method_options)})).start()
         try:
             with Client(app.address, token, timeout=600, retries=0) as client:
                 client.wait_until_ready(timeout=300)

@@ -22,7 +22,9 @@ no whitespace, floats in Python's shortest round-trip form::
      "image_sha256": hex, "issued_at": "YYYY-MM-DDTHH:MM:SS.ffffffZ", "method_score": float,
      "model": str, "bits": hex of the packed bits, "num_bits": int, "request_id": str,
      "target_fpr": float, "tenant": str, "nonce": hex (empty: none sent),
-     "methods": [{"name", "config_sha256"}, ...] (each method that ran, sorted by name),
+     "methods": [{"name", "config_sha256"}, ...] (each method and configuration that ran, sorted;
+       a method is listed once per configuration: a key is verified under the configurations it
+       was embedded with, which the server's ledger records),
      "identified_member": int (only when a member was found by searching a key family),
      "verdicts": [{"detected", "key_id", "method", "p_value", "p_value_corrected", "score"}, ...]}
 

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from shallowmark.attestation import PAYLOAD_FORMAT, canonical_json
 from shallowmark.errors import KeystoreError
 
-__all__ = ["Signer", "config_sha256", "verify_payload"]
+__all__ = ["Signer", "config_json", "config_sha256", "verify_payload"]
 
 log = logging.getLogger("shallowmark.server")
 
@@ -96,23 +96,30 @@ class Signer:
         return data, self._key.sign(data)
 
 
-def config_sha256(config: Any) -> str:
-    """Hex SHA-256 of a method's effective configuration (its config dataclass, defaults included,
-    or a mapping), so an attestation says which settings produced the verdict, and a change of a
-    built-in default changes it too; values JSON cannot hold count by repr."""
+def config_json(config: Any) -> str:
+    """A method's effective configuration (its config dataclass, defaults included, or a mapping)
+    as canonical JSON: keys sorted, no whitespace; values JSON cannot hold are written by repr."""
     options = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config or {})
-    data = json.dumps(options, sort_keys=True, separators=(",", ":"), default=repr)
-    return hashlib.sha256(data.encode("utf-8")).hexdigest()
+    return json.dumps(options, sort_keys=True, separators=(",", ":"), default=repr)
+
+
+def config_sha256(config: Any) -> str:
+    """Hex SHA-256 of :func:`config_json`, so an attestation says which settings produced the
+    verdict, a change of a built-in default changes it too, and the ledger can name the
+    configuration each image was embedded with."""
+    return hashlib.sha256(config_json(config).encode("utf-8")).hexdigest()
 
 
 def verify_payload(*, request_id: str, image_sha256: str, model: str, target_fpr: float, detected: bool,
                    identified_key_id: str, method_score: float, bits_packed: bytes, num_bits: int,
-                   verdicts: Sequence[dict[str, Any]], tenant: str = "", methods: dict[str, str] | None = None,
+                   verdicts: Sequence[dict[str, Any]], tenant: str = "",
+                   methods: Sequence[tuple[str, str]] | dict[str, str] | None = None,
                    nonce: bytes = b"", issued_at: datetime | None = None,
                    identified_member: int | None = None) -> dict[str, Any]:
     """The payload to sign for one Verify result (see :mod:`shallowmark.attestation`).
 
-    ``methods`` maps each method that ran to :func:`config_sha256` of its configuration; ``nonce``
+    ``methods`` lists each ``(method, config_sha256)`` that ran (a method appears once per
+    configuration it verified under: a key is verified under the ones it was embedded with); ``nonce``
     is the caller's (empty when none was sent). A key family's verdict also signs its size, best
     member and that member's id; ``identified_member``, the index of a member found by searching a
     family, is signed when there is one (a payload without it is a v2 payload as before)."""
@@ -120,7 +127,8 @@ def verify_payload(*, request_id: str, image_sha256: str, model: str, target_fpr
     payload = {
         "format": PAYLOAD_FORMAT,
         "tenant": tenant,
-        "methods": [{"name": n, "config_sha256": h} for n, h in sorted((methods or {}).items())],
+        "methods": [{"name": n, "config_sha256": h}
+                    for n, h in sorted(set(methods.items() if isinstance(methods, dict) else methods or ()))],
         "nonce": bytes(nonce).hex(),
         "request_id": request_id,
         "issued_at": when.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),

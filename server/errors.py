@@ -55,6 +55,12 @@ class PermissionDenied(ShallowmarkError):
     """The caller asked for another tenant's data. PERMISSION_DENIED."""
 
 
+class RecordedConfigUnsupported(ShallowmarkError):
+    """A key was embedded under a method configuration (the ledger records it) that this server
+    version cannot build: an option it no longer has, or a value it refuses. FAILED_PRECONDITION:
+    verify on a server of the version that embedded it."""
+
+
 class MalformedRequest(ShallowmarkError):
     """The request bytes do not parse as the RPC's protobuf message (corrupt wire data, or a string
     field holding bytes that are not UTF-8). INVALID_ARGUMENT: build it with the generated stubs."""

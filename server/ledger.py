@@ -1,8 +1,15 @@
 """The embed ledger: one row per watermarked image the server handed out.
 
 A row holds the tenant, the key's public ``key_id``, method, model, the SHA-256 of the returned
-PNG, the time (UTC) and the request id; never key material, tokens or prompts. It answers "did we
-watermark this image, for whom, with which key?" from the image hash alone.
+PNG, the time (UTC), the request id and the SHA-256 of the method's effective configuration;
+never key material, tokens or prompts. It answers "did we watermark this image, for whom, with
+which key?" from the image hash alone. Each configuration's text (canonical JSON of the method's
+config dataclass) is kept once, in ``method_configs`` (PostgreSQL: ``shallowmark_method_configs``),
+under its digest: an image verifies only under the configuration it was embedded with, so Verify
+asks the ledger which ones a key was embedded with (:meth:`SQLiteLedger.configs`) and rebuilds
+the method from them, which lets a server change its options or a release change a default
+without orphaning the images made before. Records made before the configuration was recorded
+have none (NULL) and are verified under the method's ``unrecorded_options``.
 
 Backends, chosen by URL (:func:`open_ledger`):
 
@@ -54,7 +61,11 @@ changed or deleted record raises :class:`LedgerIntegrityError`, which says what 
 to do; the server does not start. A new ledger (no database, no head) starts empty. A ledger made
 by an older version (no ``link`` column, or no head) is adopted: its records are linked as they
 are, the head is written and a warning is logged. Records without a link (written by an older
-version after the upgrade) are not covered by the chain and are counted in a warning. Corruption
+version after the upgrade) are not covered by the chain and are counted in a warning. A ledger made
+before per-embed configurations gains the column and the table at its first open (PostgreSQL: by
+a role that may alter the table); its records keep their links. The configuration's digest is in
+the chain (a record's content ends with it when it has one); the texts are not, and each is
+checked against its digest when read. Corruption
 met at run time raises :class:`LedgerIntegrityError` as well; the servicer answers DATA_LOSS,
 which clients do not retry.
 """
@@ -96,10 +107,17 @@ CREATE TABLE IF NOT EXISTS embeds (
     request_id   TEXT NOT NULL,
     source       TEXT NOT NULL,
     link         TEXT,
+    config_sha256 TEXT,
     UNIQUE (tenant, request_id)
 );
 CREATE INDEX IF NOT EXISTS embeds_tenant_id ON embeds (tenant, id);
 CREATE INDEX IF NOT EXISTS embeds_sha ON embeds (image_sha256);
+CREATE INDEX IF NOT EXISTS embeds_key ON embeds (key_id, model);
+CREATE TABLE IF NOT EXISTS method_configs (
+    config_sha256 TEXT PRIMARY KEY,
+    method        TEXT NOT NULL,
+    config        TEXT NOT NULL
+);
 """
 
 
@@ -203,8 +221,9 @@ def _create_private(path: Path) -> None:
 #: The link "before" the first record.
 GENESIS = hashlib.sha256(b"shallowmark ledger chain v1").hexdigest()
 
-#: The row of the chain, for either backend: id, the eight content columns, then the link.
-_CHAIN_COLUMNS = "id, tenant, key_id, method, model, image_sha256, created_at, request_id, source"
+#: The row of the chain, for either backend: id, the eight content columns and the method
+#: configuration's digest (NULL in records made before it was recorded); the link follows.
+_CHAIN_COLUMNS = "id, tenant, key_id, method, model, image_sha256, created_at, request_id, source, config_sha256"
 
 #: Rows read (and linked, on adoption) per query when walking the chain.
 _CHAIN_BATCH = 2000
@@ -213,11 +232,54 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def _content(tenant: str, key_id: str, method: str, model: str, image_sha256: str, created_at: str,
-             request_id: str, source: str) -> bytes:
+             request_id: str, source: str, config_sha256: str | None = None) -> bytes:
     """The canonical bytes of one record (``created_at``: UTC ISO 8601 to the microsecond, as
-    ``datetime.isoformat(timespec="microseconds")`` writes it)."""
-    return json.dumps([tenant, key_id, method, model, image_sha256, created_at, request_id, source],
-                      ensure_ascii=False, separators=(",", ":")).encode()
+    ``datetime.isoformat(timespec="microseconds")`` writes it). The configuration's digest joins
+    only when there is one, so the records of the versions before it keep their links."""
+    fields = [tenant, key_id, method, model, image_sha256, created_at, request_id, source]
+    if config_sha256 is not None:
+        fields.append(config_sha256)
+    return json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _checked_config(config_sha256: str | None, config: str | None) -> None:
+    """A configuration is stored under the SHA-256 of its text (server.attestation.config_json)."""
+    if (config_sha256 is None) != (config is None):
+        raise InvalidParameterError("config_sha256 and config go together: pass both or neither")
+    if config is not None and hashlib.sha256(config.encode()).hexdigest() != config_sha256:
+        raise InvalidParameterError("config_sha256 is not the SHA-256 of config")
+
+
+#: Keys per query of ``configs`` (SQLite allows 32 766 parameters; a smaller IN list plans better).
+_CONFIGS_CHUNK = 500
+
+
+def _configs_query(embeds: str, configs: str, ph: str, n: int) -> str:
+    return (f"SELECT DISTINCT e.key_id, e.method, e.config_sha256, c.config FROM {embeds} e LEFT JOIN {configs} c "
+            f"ON c.config_sha256 = e.config_sha256 WHERE e.model = {ph} AND e.key_id IN ({', '.join([ph] * n)})")
+
+
+def _configs(keys, model: str, fetch: Callable[[str, list], list], where: str,
+             embeds: str, configs: str, ph: str) -> dict[tuple[str, str], list[tuple[str | None, str | None]]]:
+    """:meth:`SQLiteLedger.configs` for either backend: ``fetch(sql, args)`` runs one query.
+    Each configuration is checked against its digest: the texts sit outside the hash chain (the
+    records' digests are in it)."""
+    wanted = {(k, m) for k, m in keys}
+    ids = sorted({k for k, _ in wanted})
+    out: dict[tuple[str, str], list] = {w: [] for w in wanted}
+    for i in range(0, len(ids), _CONFIGS_CHUNK):
+        chunk = ids[i:i + _CONFIGS_CHUNK]
+        for key_id, method, sha, text in fetch(_configs_query(embeds, configs, ph, len(chunk)), [model, *chunk]):
+            if (key_id, method) not in out:
+                continue
+            if sha is not None and (text is None or hashlib.sha256(text.encode()).hexdigest() != sha):
+                log.error("the ledger %s has lost or changed the method configuration %s", where, sha)
+                raise LedgerIntegrityError(_RUNTIME_CORRUPT.format(f"method configuration {sha[:16]} is "
+                                                                   "missing or does not match its digest"))
+            out[(key_id, method)].append((sha, text))
+    for found in out.values():
+        found.sort(key=lambda c: c[0] or "")
+    return out
 
 
 def _link(prev: str, content: bytes) -> str:
@@ -248,11 +310,11 @@ def _walk(batches, where: str, created: Callable[[Any], str], mark: int | None =
     for rows in batches:
         for r in rows:
             c.rows += 1
-            if r[9] is None:
+            if r[10] is None:
                 c.trailing += 1
                 continue
-            link = _link(c.head, _content(r[1], r[2], r[3], r[4], r[5], created(r[6]), r[7], r[8]))
-            if r[9] != link:
+            link = _link(c.head, _content(r[1], r[2], r[3], r[4], r[5], created(r[6]), r[7], r[8], r[9]))
+            if r[10] != link:
                 raise LedgerIntegrityError(
                     f"the ledger {where} is damaged: record id {r[0]} (number {c.count + 1} of the hash chain) does "
                     "not match the chain, so it or a record before it was changed, or a record before it was "
@@ -413,8 +475,11 @@ class SQLiteLedger:
         # acknowledged. SQLite's default, set in case a build defaults to NORMAL.
         db.execute("PRAGMA synchronous=FULL")
         db.executescript(_SCHEMA)
-        if "link" not in {r[1] for r in db.execute("PRAGMA table_info(embeds)")}:
+        cols = {r[1] for r in db.execute("PRAGMA table_info(embeds)")}
+        if "link" not in cols:
             db.execute("ALTER TABLE embeds ADD COLUMN link TEXT")  # made by an older version: _link_trailing
+        if "config_sha256" not in cols:
+            db.execute("ALTER TABLE embeds ADD COLUMN config_sha256 TEXT")  # its records keep NULL
         return db
 
     def _check(self, acked: tuple[int, str] | None) -> _Chain:
@@ -443,10 +508,11 @@ class SQLiteLedger:
                 raise _corrupt(where, problems, f"{self.path.name} and its -wal file")
             cols = {r[1] for r in ro.execute("PRAGMA table_info(embeds)")}
             link = "link" if "link" in cols else "NULL"
+            columns = _CHAIN_COLUMNS if "config_sha256" in cols else _CHAIN_COLUMNS.replace("config_sha256", "NULL")
 
             def batches():
                 after = 0
-                while rows := ro.execute(f"SELECT {_CHAIN_COLUMNS}, {link} FROM embeds WHERE id > ? ORDER BY id "
+                while rows := ro.execute(f"SELECT {columns}, {link} FROM embeds WHERE id > ? ORDER BY id "
                                          f"LIMIT {_CHAIN_BATCH}", (after,)).fetchall():
                     yield rows
                     after = rows[-1][0]
@@ -519,9 +585,15 @@ class SQLiteLedger:
         return LedgerError(f"cannot {what} the ledger: {e}")
 
     def record(self, *, tenant: str, key_id: str, method: str, model: str, image_sha256: str,
-               request_id: str, source: str, created_at: datetime | None = None) -> bool:
+               request_id: str, source: str, created_at: datetime | None = None,
+               config_sha256: str | None = None, config: str | None = None) -> bool:
         """Append one embed. Returns False if this exact embed was already recorded under
         ``(tenant, request_id)`` (a retry).
+
+        ``config`` is the method's effective configuration as canonical JSON
+        (:func:`shallowmark.server.attestation.config_json`) and ``config_sha256`` its SHA-256: the
+        record holds the digest (in the hash chain) and the ledger keeps each configuration once, so
+        that Verify can check an image under the configuration it was embedded with (:meth:`configs`).
 
         Raises:
             InvalidParameterError: ``request_id`` was already used by this tenant for a *different*
@@ -530,22 +602,27 @@ class SQLiteLedger:
             LedgerError: the write failed, or the head record could not be written (the embed must
                 then not be returned to the caller; its retry completes the head record).
         """
+        _checked_config(config_sha256, config)
         when = _iso(created_at or datetime.now(timezone.utc))
-        row = (key_id, method, model, image_sha256, source)
-        content = _content(tenant, key_id, method, model, image_sha256, when, request_id, source)
+        row = (key_id, method, model, image_sha256, source, config_sha256)
+        content = _content(tenant, key_id, method, model, image_sha256, when, request_id, source, config_sha256)
         with self._lock:
             link = _link(self._head, content)
             try:
+                if config is not None:  # before the record that names it (a left-over one costs nothing)
+                    self._db.execute("INSERT OR IGNORE INTO method_configs (config_sha256, method, config) "
+                                     "VALUES (?, ?, ?)", (config_sha256, method, config))
                 cur = self._db.execute(
                     "INSERT OR IGNORE INTO embeds (tenant, key_id, method, model, image_sha256, created_at, "
-                    "request_id, source, link) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (tenant, key_id, method, model, image_sha256, when, request_id, source, link))
+                    "request_id, source, link, config_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (tenant, key_id, method, model, image_sha256, when, request_id, source, link, config_sha256))
                 inserted = cur.rowcount == 1
                 if inserted:
                     self._count, self._head = self._count + 1, link
                 else:
-                    old = self._db.execute("SELECT key_id, method, model, image_sha256, source FROM embeds "
-                                           "WHERE tenant = ? AND request_id = ?", (tenant, request_id)).fetchone()
+                    old = self._db.execute("SELECT key_id, method, model, image_sha256, source, config_sha256 "
+                                           "FROM embeds WHERE tenant = ? AND request_id = ?",
+                                           (tenant, request_id)).fetchone()
             except sqlite3.Error as e:
                 raise self._failed("write to", e) from None
             if self._head_file is not None and self._acked < self._count:
@@ -571,6 +648,25 @@ class SQLiteLedger:
         except sqlite3.Error as e:
             raise self._failed("read", e) from None
         return _page(rows, page_size, datetime.fromisoformat)
+
+    def configs(self, keys, model: str) -> dict[tuple[str, str], list[tuple[str | None, str | None]]]:
+        """For each ``(key_id, method)`` of ``keys``, every method configuration the key was embedded
+        with by that method on ``model``, by any tenant (the key id is a commitment to the key
+        material, which whoever asks holds): ``(config_sha256, config)`` sorted by digest, with
+        ``(None, None)`` (first) for records made before the configuration was recorded, and an
+        empty list for a key without a record. One query per 500 keys.
+
+        Raises:
+            LedgerIntegrityError: a stored configuration is missing or does not match its digest.
+        """
+        def fetch(sql, args):
+            try:
+                with self._lock:
+                    return self._db.execute(sql, args).fetchall()
+            except sqlite3.Error as e:
+                raise self._failed("read", e) from None
+
+        return _configs(keys, model, fetch, str(self.path), "embeds", "method_configs", "?")
 
     def count(self, tenant: str | None = None) -> int:
         """Number of rows (of one tenant, or all)."""
@@ -602,6 +698,19 @@ CREATE TABLE IF NOT EXISTS {_PG_HEAD} (
 );
 """
 
+_PG_CONFIGS = "shallowmark_method_configs"
+
+# The per-embed method configuration (added after the hash chain; a table without it is migrated by
+# :meth:`PostgresLedger._prepare`). Its own statements, so that the migration can run them alone.
+_PG_CONFIG_SCHEMA = f"""
+CREATE INDEX IF NOT EXISTS {_PG_TABLE}_key ON {_PG_TABLE} (key_id, model);
+CREATE TABLE IF NOT EXISTS {_PG_CONFIGS} (
+    config_sha256 TEXT PRIMARY KEY,
+    method        TEXT NOT NULL,
+    config        TEXT NOT NULL
+);
+"""
+
 _PG_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS {_PG_TABLE} (
     id           BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -614,11 +723,12 @@ CREATE TABLE IF NOT EXISTS {_PG_TABLE} (
     request_id   TEXT NOT NULL,
     source       TEXT NOT NULL,
     link         TEXT,
+    config_sha256 TEXT,
     UNIQUE (tenant, request_id)
 );
 CREATE INDEX IF NOT EXISTS {_PG_TABLE}_tenant_id ON {_PG_TABLE} (tenant, id);
 CREATE INDEX IF NOT EXISTS {_PG_TABLE}_sha ON {_PG_TABLE} (image_sha256);
-{_PG_HEAD_SCHEMA}
+{_PG_CONFIG_SCHEMA}{_PG_HEAD_SCHEMA}
 INSERT INTO {_PG_HEAD} (id, records, head) VALUES (1, 0, '{GENESIS}') ON CONFLICT (id) DO NOTHING;
 """
 
@@ -693,8 +803,8 @@ class PostgresLedger:
     it, in one transaction. With ``head_file``, the newest head this process has seen acknowledged
     is also kept in that local file (see the module docstring): it catches a restore of the whole
     database to an older state, which restores the head row too. A role that only runs the ledger
-    needs SELECT and INSERT on ``shallowmark_embeds`` and SELECT and UPDATE on
-    ``shallowmark_ledger_head``; creating the tables, or adding the chain to a table an older
+    needs SELECT and INSERT on ``shallowmark_embeds`` and ``shallowmark_method_configs``, and SELECT
+    and UPDATE on ``shallowmark_ledger_head``; creating the tables, or adding the chain to a table an older
     version made, needs a role that may (the owner).
 
     Args:
@@ -770,31 +880,42 @@ class PostgresLedger:
                      "local head file %s moved up", self.where, head[0] - local[0], hf)
         self._seen = self._written = head
 
-    def _state(self) -> tuple[bool, bool, bool]:
-        """Whether the embeds table, its link column and the head row exist."""
+    def _column(self, name: str) -> bool:
+        return self._db.execute("SELECT 1 FROM pg_attribute WHERE attrelid = %s::regclass AND attname = %s AND NOT "
+                                "attisdropped", (_PG_TABLE, name)).fetchone() is not None
+
+    def _check_privilege(self, table: str, write: str, doing: str, why: str) -> None:
+        """Refuse at start a role that may not read ``table`` or ``write`` (an SQL privilege) it."""
+        role, can_read, can_write = self._db.execute(
+            f"SELECT current_user, has_table_privilege(%s, 'SELECT'), has_table_privilege(%s, '{write}')",
+            (table, table)).fetchone()
+        if not (can_read and can_write):
+            raise LedgerError(f"the role {role} may not {'read' if not can_read else doing} {table} in {self.where}, "
+                              f"which {why}: GRANT SELECT, {write} ON {table} TO {role}")
+
+    def _state(self) -> tuple[bool, bool, bool, bool]:
+        """Whether the embeds table, its link column and the head row exist, and whether the per-embed
+        configuration (its column and table) does."""
         db = self._db
-        table, head = db.execute("SELECT to_regclass(%s), to_regclass(%s)", (_PG_TABLE, _PG_HEAD)).fetchone()
-        link = table is not None and db.execute(
-            "SELECT 1 FROM pg_attribute WHERE attrelid = %s::regclass AND attname = 'link' AND NOT attisdropped",
-            (_PG_TABLE,)).fetchone() is not None
+        table, head, configs = db.execute("SELECT to_regclass(%s), to_regclass(%s), to_regclass(%s)",
+                                          (_PG_TABLE, _PG_HEAD, _PG_CONFIGS)).fetchone()
+        link = table is not None and self._column("link")
+        configured = table is not None and configs is not None and self._column("config_sha256")
         if head is not None:
-            role, read, write = db.execute("SELECT current_user, has_table_privilege(%s, 'SELECT'), "
-                                           "has_table_privilege(%s, 'UPDATE')", (_PG_HEAD, _PG_HEAD)).fetchone()
-            if not (read and write):
-                raise LedgerError(
-                    f"the role {role} may not {'read' if not read else 'update'} {_PG_HEAD} in {self.where}, which "
-                    f"every embed does (it holds the ledger's hash-chain head): GRANT SELECT, UPDATE ON {_PG_HEAD} "
-                    f"TO {role}")
+            self._check_privilege(_PG_HEAD, "UPDATE", "update", "every embed does (it holds the ledger's hash-chain head)")
+        if configs is not None:
+            self._check_privilege(_PG_CONFIGS, "INSERT", "insert into", "every embed and verify does (it holds the "
+                                  "method configurations images were embedded with)")
         row = head is not None and db.execute(f"SELECT 1 FROM {_PG_HEAD} WHERE id = 1").fetchone() is not None
-        return table is not None, link, row
+        return table is not None, link, row, configured
 
     def _prepare(self, local: tuple[int, str] | None = None) -> None:
         """Create the tables, or add the chain to a ledger an older version made (adoption).
 
         An existing, complete ledger is used as it is: CREATE ... IF NOT EXISTS would still need the
         CREATE privilege on the schema, which a least-privilege role does not have."""
-        table, link, row = self._state()
-        if table and link and row:
+        table, link, row, configured = self._state()
+        if table and link and row and configured:
             return
         if not table and local and local[0]:
             # a database restored to before the ledger existed (or another one): do not create an empty
@@ -805,10 +926,14 @@ class PostgresLedger:
         try:
             with db.transaction():
                 db.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_SCHEMA_LOCK,))
-                table, link, row = self._state()   # another replica may have done it meanwhile
+                table, link, row, configured = self._state()   # another replica may have done it meanwhile
                 if not table:
                     db.execute(_PG_SCHEMA)
-                elif row and not link:
+                    return
+                if not configured:   # made before the per-embed configuration: its records keep NULL
+                    db.execute(f"ALTER TABLE {_PG_TABLE} ADD COLUMN IF NOT EXISTS config_sha256 TEXT")
+                    db.execute(_PG_CONFIG_SCHEMA)
+                if row and not link:
                     raise LedgerIntegrityError(
                         f"the ledger {self.where} has a hash-chain head row in {_PG_HEAD} but {_PG_TABLE} has lost "
                         "its link column, so its records cannot be checked. The server was not started on it. "
@@ -821,7 +946,8 @@ class PostgresLedger:
                 raise LedgerError(f"cannot create the ledger tables in {self.where}: {_pg_message(e)}") from None
             raise LedgerError(
                 f"the ledger in {self.where} was made by an older shallowmark version (or its head row was "
-                f"removed) and needs its hash chain added, which this role may not do ({_pg_message(e)}): start "
+                f"removed) and needs its hash chain or its method-configuration table added, which this role may "
+                f"not do ({_pg_message(e)}): start "
                 f"this version once with the role that owns {_PG_TABLE}, then again with this one") from None
 
     def _adopt(self, has_link: bool) -> None:
@@ -835,7 +961,7 @@ class PostgresLedger:
                                  f"{_CHAIN_BATCH}", (after,)).fetchall():
             links = []
             for r in rows:
-                chain.head = _link(chain.head, _content(*r[1:6], _iso(r[6]), r[7], r[8]))
+                chain.head = _link(chain.head, _content(*r[1:6], _iso(r[6]), r[7], r[8], r[9]))
                 links.append((chain.head, r[0]))
             with db.cursor() as cur:
                 cur.executemany(f"UPDATE {_PG_TABLE} SET link = %s WHERE id = %s", links)
@@ -946,11 +1072,14 @@ class PostgresLedger:
                     raise LedgerError(f"cannot {what} the ledger {self.where}: {_pg_message(e)}") from None
 
     def record(self, *, tenant: str, key_id: str, method: str, model: str, image_sha256: str,
-               request_id: str, source: str, created_at: datetime | None = None) -> bool:
+               request_id: str, source: str, created_at: datetime | None = None,
+               config_sha256: str | None = None, config: str | None = None) -> bool:
         """As :meth:`SQLiteLedger.record`."""
+        _checked_config(config_sha256, config)
         when = (created_at or datetime.now(timezone.utc)).astimezone(timezone.utc)
-        row = (key_id, method, model, image_sha256, source)
-        content = _content(tenant, key_id, method, model, image_sha256, _iso(when), request_id, source)
+        row = (key_id, method, model, image_sha256, source, config_sha256)
+        content = _content(tenant, key_id, method, model, image_sha256, _iso(when), request_id, source,
+                           config_sha256)
 
         def write(db):
             with db.transaction():
@@ -967,18 +1096,22 @@ class PostgresLedger:
                     raise LedgerIntegrityError(_RUNTIME_CORRUPT.format(
                         "it holds fewer records than this server has seen acknowledged"))
                 link = _link(head[1], content)
+                if config is not None:
+                    db.execute(f"INSERT INTO {_PG_CONFIGS} (config_sha256, method, config) VALUES (%s, %s, %s) "
+                               "ON CONFLICT (config_sha256) DO NOTHING", (config_sha256, method, config))
                 cur = db.execute(
                     f"INSERT INTO {_PG_TABLE} (tenant, key_id, method, model, image_sha256, created_at, request_id, "
-                    "source, link) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (tenant, request_id) DO "
-                    "NOTHING RETURNING id", (tenant, key_id, method, model, image_sha256, when, request_id, source,
-                                             link))
+                    "source, link, config_sha256) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT "
+                    "(tenant, request_id) DO NOTHING RETURNING id",
+                    (tenant, key_id, method, model, image_sha256, when, request_id, source, link, config_sha256))
                 if cur.fetchone() is not None:
                     db.execute(f"UPDATE {_PG_HEAD} SET records = records + 1, head = %s WHERE id = 1", (link,))
                     old, new = None, (head[0] + 1, link)
                 else:
                     new = None
-                    old = db.execute(f"SELECT key_id, method, model, image_sha256, source FROM {_PG_TABLE} "
-                                     "WHERE tenant = %s AND request_id = %s", (tenant, request_id)).fetchone()
+                    old = db.execute(f"SELECT key_id, method, model, image_sha256, source, config_sha256 FROM "
+                                     f"{_PG_TABLE} WHERE tenant = %s AND request_id = %s",
+                                     (tenant, request_id)).fetchone()
             if self._seen is None:
                 return old
             # committed (only now: a failed commit must not move it); the local head file goes after the commit
@@ -1008,6 +1141,11 @@ class PostgresLedger:
         sql, args = _list_query(_PG_TABLE, "%s", tenant, key_id, page_size, page_token)
         rows = self._run("read", lambda db: db.execute(sql, args).fetchall())
         return _page(rows, page_size, lambda t: t.astimezone(timezone.utc))
+
+    def configs(self, keys, model: str) -> dict[tuple[str, str], list[tuple[str | None, str | None]]]:
+        """As :meth:`SQLiteLedger.configs`."""
+        return _configs(keys, model, lambda sql, args: self._run("read", lambda db: db.execute(sql, args).fetchall()),
+                        self.where, _PG_TABLE, _PG_CONFIGS, "%s")
 
     def count(self, tenant: str | None = None) -> int:
         """Number of rows (of one tenant, or all)."""

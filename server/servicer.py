@@ -17,7 +17,8 @@ ModelNotReady (loading / failed to load), LedgerError          UNAVAILABLE
 LedgerIntegrityError (the ledger is corrupt; not retried)      DATA_LOSS
 DeadlineTooShort (checked before a model job starts)           DEADLINE_EXCEEDED
 CallEnded (the caller left before the work started)            CANCELLED or DEADLINE_EXCEEDED
-MissingDependencyError (an extra the method needs)             FAILED_PRECONDITION
+MissingDependencyError (an extra the method needs),            FAILED_PRECONDITION
+RecordedConfigUnsupported (a key's recorded configuration)
 anything else (a bug; logged with its traceback)               INTERNAL
 ============================================================  ===================
 
@@ -47,6 +48,7 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
+import json
 import logging
 import math
 import threading
@@ -76,7 +78,7 @@ from shallowmark.imaging import encode_png
 from shallowmark.keys import KeyFamily, check_key_id, keys_searched
 from shallowmark.server import validation
 from shallowmark.server.admission import Admission
-from shallowmark.server.attestation import Signer, config_sha256, verify_payload
+from shallowmark.server.attestation import Signer, config_json, config_sha256, verify_payload
 from shallowmark.server.auth import current_tenant
 from shallowmark.server.batching import (
     BatchJob,
@@ -98,6 +100,7 @@ from shallowmark.server.errors import (
     ModelNotReady,
     PermissionDenied,
     QueueFull,
+    RecordedConfigUnsupported,
     ServerBusy,
     TenantBusy,
     TenantRateLimited,
@@ -131,6 +134,8 @@ class LoadedModel:
     available: tuple[str, ...]
     sec_per_eval: float
     lock: FairLock = field(default_factory=FairLock)
+    #: methods built under the configurations ledger records name (ModelPool.method_as_embedded)
+    recorded: dict[tuple[str, str | None], Any] = field(default_factory=dict)
 
     @property
     def image_size(self) -> int:
@@ -226,6 +231,41 @@ class ModelPool:
 
             m = load_method(name, lm.backend, **dict(self.config.method_options.get(name, {})))
             lm.methods[name] = m
+        return m
+
+    def method_as_embedded(self, lm: LoadedModel, name: str, sha: str | None, config: str | None) -> Any:
+        """The method ``name`` on ``lm`` as a ledger record says it embedded: under the configuration
+        ``config`` (canonical JSON, :func:`config_json`) with digest ``sha``, or, for a record made
+        before configurations were recorded (both None), under the method's
+        ``unrecorded_options`` (its defaults then) with this server's options for it on top.
+        Built once per configuration and model, and the server's own method when it is that one.
+
+        Raises:
+            UnknownNameError: as :meth:`method`.
+            RecordedConfigUnsupported: this version cannot build that configuration.
+        """
+        current = self.method(lm, name)
+        if sha is not None and sha == config_sha256(current.config):
+            return current
+        from shallowmark.core.watermarks import load_method
+
+        with self._state_lock:
+            m = lm.recorded.get((name, sha))
+        if m is None:
+            if sha is None:
+                options = {**type(current).unrecorded_options, **dict(self.config.method_options.get(name, {}))}
+            else:
+                # every option as recorded; one a later version added takes its default
+                options = json.loads(config)
+            try:
+                m = load_method(name, lm.backend, **options)
+            except InvalidParameterError as e:
+                raise RecordedConfigUnsupported(
+                    f"this key was embedded with {name} under a configuration ({(sha or 'unrecorded')[:16]}) that "
+                    f"this server version cannot build ({e}); verify on a server of the version that embedded "
+                    "it") from None
+            with self._state_lock:
+                m = lm.recorded.setdefault((name, sha), m)
         return m
 
     # -- jobs ------------------------------------------------------------------------------------
@@ -498,7 +538,7 @@ def _rpc(fn):
             code, msg = grpc.StatusCode.UNAVAILABLE, str(e)
         except DeadlineTooShort as e:
             code, msg = grpc.StatusCode.DEADLINE_EXCEEDED, str(e)
-        except MissingDependencyError as e:
+        except (MissingDependencyError, RecordedConfigUnsupported) as e:
             code, msg = grpc.StatusCode.FAILED_PRECONDITION, str(e)
         except Exception:  # noqa: BLE001 - a bug; details stay in the server log
             log.exception("request %s (%s) failed", rid, fn.__name__)
@@ -596,8 +636,10 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
             out = self.pool.run_jobs(lm, [job], context.time_remaining, context)[0]
         png = encode_png(out)
         sha = hashlib.sha256(png).hexdigest()
+        config = config_json(method.config)   # what Verify rebuilds this image's method from
         self.ledger.record(tenant=tenant, key_id=mk.key_id, method=method_name, model=lm.name,
-                           image_sha256=sha, request_id=rid, source=source)
+                           image_sha256=sha, request_id=rid, source=source,
+                           config_sha256=hashlib.sha256(config.encode()).hexdigest(), config=config)
         info["image_sha256"] = sha[:16]
         response = pb.EmbedResponse(image=png, key_id=mk.key_id, method=method_name, model=lm.name,
                                     image_sha256=sha, request_id=rid, notes=notes, model_evals=evals)
@@ -611,35 +653,50 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
         nonce = validation.check_nonce(request.nonce)
         target_fpr = validation.check_target_fpr(request.target_fpr)
         lm = self.pool.get(request.model)
-        groups: dict[str, list] = {}
+        # Each key is verified under every configuration the ledger says it was embedded with (the
+        # server's current one when it has no record, e.g. a key family, whose members are
+        # recorded): jobs by (method, configuration), and a key's p-value is its best one times
+        # the number of configurations it was tried under (Bonferroni).
+        groups: dict[tuple[str, str], list] = {}
+        methods: dict[tuple[str, str], Any] = {}
+        tried: list[list[tuple[str, str]]] = []
+        # a key family's members are recorded, each under its own id, not the family's
+        recorded = self.ledger.configs([(k.key_id, k.method) for k in keys if not isinstance(k, KeyFamily)], lm.name)
         for k in keys:
-            groups.setdefault(k.method, []).append(k)
-        methods = {name: self.pool.method(lm, name) for name in groups}
-        for name, m in methods.items():   # keys a method refuses (a family it cannot search) fail here, not in a batch
-            m.check_keys(groups[name])
+            mine = []
+            for m in self._methods_for_key(lm, k, recorded.get((k.key_id, k.method))):
+                g = (k.method, config_sha256(m.config))
+                methods.setdefault(g, m)
+                groups.setdefault(g, []).append(k)
+                mine.append(g)
+            tried.append(mine)
+        for g, m in methods.items():   # keys a method refuses (a family it cannot search) fail here, not in a batch
+            m.check_keys(groups[g])
         n = keys_searched(keys)   # every member of a family counts, in the limit and in the correction
-        info.update(model=lm.name, methods=",".join(groups), keys=n)
+        info.update(model=lm.name, methods=",".join(sorted({g[0] for g in groups})), keys=n)
         img = validation.decode_image(request.image, self.config.max_image_pixels, self.config.max_decode_bytes)
         for m in methods.values():  # every method's limits before any model work
             validation.check_image_shape(img, m)
         # the note is the same for every latent method; post-hoc ones read the pixels as they are
         latent = [m for m in methods.values() if m.inversion is not None]
         notes = img.notes + (validation.grid_notes(img, latent[0], lm.image_size) if latent else [])
+        notes += self._config_notes(keys, tried, lm)
 
         evals = sum(m.model_evals().verify for m in methods.values())
         # latent methods see the image on the model's grid already here, so that requests of any
         # size batch together; post-hoc methods read the pixels as they are
-        jobs = [BatchJob(key=("verify", name), payload=(validation.on_grid(img, methods[name], lm.image_size), group,
-                                                        target_fpr),
-                         run=verify_batch(methods[name]), evals=methods[name].model_evals().verify,
-                         what=f"{name} verify" if len(groups) == 1 else "verify")
-                for name, group in groups.items()]
+        jobs = [BatchJob(key=("verify", g[0], g[1]),
+                         payload=(validation.on_grid(img, methods[g], lm.image_size), group, target_fpr),
+                         run=verify_batch(methods[g]), evals=methods[g].model_evals().verify,
+                         what=f"{g[0]} verify" if len(groups) == 1 else "verify")
+                for g, group in groups.items()]
         detections = dict(zip(groups, self.pool.run_jobs(lm, jobs, context.time_remaining, context)))
 
-        verdicts = []
-        for k in keys:
-            det = detections[k.method]
-            p = float(det.per_key_p[k.key_id])
+        verdicts, best_group = [], []
+        for k, mine in zip(keys, tried):
+            g = min(mine, key=lambda g: (float(detections[g].per_key_p[k.key_id]), g))
+            det = detections[g]
+            p = min(1.0, float(det.per_key_p[k.key_id]) * len(mine))
             p_corr = min(1.0, p * n)
             v = dict(key_id=k.key_id, method=k.method, score=-math.log10(max(p, _P_FLOOR)),
                      p_value=p, p_value_corrected=p_corr, detected=p_corr <= target_fpr)
@@ -647,13 +704,14 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
                 member = int(det.per_key_member[k.key_id])
                 v.update(family_size=k.size, member=member, member_key_id=k.member_id(member))
             verdicts.append(v)
+            best_group.append(g)
         best = min(range(len(keys)), key=lambda i: (verdicts[i]["p_value"], i))
         detected = any(v["detected"] for v in verdicts)
         best_v = verdicts[best]
         best_id = best_v.get("member_key_id", best_v["key_id"])   # the member's id for a family
         identified = best_id if detected else ""
         identified_member = best_v["member"] if detected and "member" in best_v else None
-        best_det = detections[best_v["method"]]
+        best_det = detections[best_group[best]]
         bits = b""
         num_bits = 0
         if best_det.bits is not None and best_det.key_id == best_id:
@@ -665,7 +723,7 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
         payload = verify_payload(request_id=rid, image_sha256=img.sha256, model=lm.name, target_fpr=target_fpr,
                                  detected=detected, identified_key_id=identified, method_score=method_score,
                                  bits_packed=bits, num_bits=num_bits, verdicts=verdicts, tenant=tenant or "",
-                                 methods={name: config_sha256(methods[name].config) for name in groups},
+                                 methods=list(groups),
                                  nonce=nonce, identified_member=identified_member)
         data, sig = self.signer.sign(payload)
         info.update(detected=detected, identified=identified or "-")
@@ -676,6 +734,26 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
             image_sha256=img.sha256, request_id=rid, notes=notes, model_evals=evals,
             attestation=pb.Attestation(payload=data, signature=sig, public_key=self.signer.public_key_raw,
                                        payload_format=payload["format"]))
+
+    def _methods_for_key(self, lm, key, recorded) -> list:
+        """The method instances ``key`` is verified under: one per configuration of ``recorded``
+        (the ledger's ``(config_sha256, config)`` for it on ``lm``), or the server's own when there
+        is none."""
+        if not recorded:
+            return [self.pool.method(lm, key.method)]
+        return [self.pool.method_as_embedded(lm, key.method, sha, config) for sha, config in recorded]
+
+    def _config_notes(self, keys, tried, lm) -> list[str]:
+        """Say when a key is verified under another configuration than the server's current one."""
+        notes = []
+        for k, mine in zip(keys, tried):
+            current = config_sha256(self.pool.method(lm, k.method).config)
+            if mine != [(k.method, current)]:
+                others = ", ".join(sha[:12] for _, sha in mine)
+                notes.append(f"key {k.key_id} verified under the {k.method} configuration(s) it was embedded with "
+                             f"({others}; the server's current one is {current[:12]})"
+                             + (f", its p-value multiplied by {len(mine)}" if len(mine) > 1 else ""))
+        return notes
 
     # -- GetInfo ---------------------------------------------------------------------------------
     @_rpc

@@ -195,6 +195,10 @@ class WatermarkMethod:
     supports_families: bool = False
     supports_embed: bool = True
     config_class: type | None = None
+    #: Options that differ from today's defaults in what the versions before the server recorded
+    #: each embed's configuration used: a ledger record without a configuration is verified with
+    #: these (and the server's options on top). Empty where the defaults did not change.
+    unrecorded_options: dict = {}
     # ways :meth:`embed` can return an existing image (its ``output=`` argument); empty: one way only
     output_modes: tuple[str, ...] = ()
     min_image_size: int = 1

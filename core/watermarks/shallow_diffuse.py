@@ -100,21 +100,24 @@ class ShallowDiffuseConfig:
     radius: int = 16                 # outermost key ring, in frequency bins
     inner_radius: int = 8            # innermost key ring (0: the whole disc)
     ring_centre: str = "dc"          # "dc" or "nyquist" (the reference code's placement)
-    # where the ring pattern sits in space (rings.RingGeometry): "corner", the FFT's origin
-    # (Tree-Ring's and the paper's placement), or "centre" of the latent. A rotation's fill, a zoom
-    # or a platform crop removes the corners, where a corner pattern's energy is concentrated:
-    # with 16 key_variants at strength 1.05, the benchmark's 100 generations kept TPR 1.00 at 1 % FPR
-    # after a 30° rotation, a zoom and a 4:5 crop when centred, 0.54-0.73 at the corner, and 9 keys
-    # of 9 kept every image (docs/reliability/forgery). Still "corner" by default: an image verifies
-    # only under the origin it was embedded with, and the server keeps no per-embed configuration.
-    ring_origin: str = "corner"
+    # where the ring pattern sits in space (rings.RingGeometry): "centre" of the latent, or "corner",
+    # the FFT's origin (Tree-Ring's and the paper's placement). A rotation's fill, a zoom or a
+    # platform crop removes the corners, where a corner pattern's energy is concentrated: with 16
+    # key_variants at strength 1.05, the benchmark's 100 generations kept TPR 1.00 at 1 % FPR after a
+    # 30° rotation, a zoom and a 4:5 crop when centred, 0.54-0.73 at the corner, and 9 keys of 9
+    # kept every image (docs/reliability/forgery). An image verifies only under the origin it was
+    # embedded with: the server records each embed's configuration and verifies under it.
+    ring_origin: str = "centre"
     complex_key: bool = True         # complex ring values (2 numbers per ring) or real (Tree-Ring's)
     # "replace": overwrite the rings with the key (the paper's code); "mean": shift each ring's mean
     # to the key value, the smallest change that gives x_t* the key's ring profile (rings.set_ring_means)
     ring_write: str = "mean"
     # std of the real and imaginary parts of the ring values (ortho-FFT units; a N(0, 1) latent
     # has 1): the x_t* coefficients there have variance ≈ 0.4-1, so the key looks like fresh noise.
-    strength: float = 0.8
+    # 1.05 with 16 key_variants: a variant is a random direction of the 18 numbers whose norm is
+    # strength·√18, so 1.05 gives it the norm (4.45) of the benchmark key that the robustness
+    # figures were first measured with at 0.8 (docs/reliability/forgery/README.md).
+    strength: float = 1.05
     # strength when watermarking an existing image (user scenario). A photo is held to a stricter
     # bar (PSNR against the original itself) than a generated image, and the detector's cosine does
     # not depend on the scale of the key, so the verifier needs no flag. None: ``strength``.
@@ -172,8 +175,10 @@ class ShallowDiffuseConfig:
     # watermarked images then holds many patterns, each weakly. Verification scores every variant
     # (no model cost) and pays ×key_variants in the p-value; the best variant's index is a
     # log2(key_variants)-bit per-image payload. At most the statistic's dimensions (18 by default).
-    # 1: every image carries the key's own values (the paper's).
-    key_variants: int = 1
+    # 16: forgery by averaging 4, 16 or 64 watermarked images turned at most 2 of 99 targets at
+    # every attacker PSNR >= 25 dB (docs/reliability/forgery). 1: every image carries the key's own
+    # values (the paper's), and averaging 16 images forged all 24 targets.
+    key_variants: int = 16
     # Score the ring statistic on x_t* − √ᾱ(t*)·z0, the part of the inverted latent that the encoded
     # image z0 does not explain (the inversion's noise estimate, scaled), instead of on x_t* itself.
     # An unwatermarked image's own content gives its x_t* a ring profile of its own, and that
@@ -219,6 +224,8 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
     supports_embed = True
     output_modes = OUTPUT_MODES
     config_class = ShallowDiffuseConfig
+    # the defaults until the forgery defence became the default (docs/reliability/forgery)
+    unrecorded_options = {"key_variants": 1, "strength": 0.8, "ring_origin": "corner"}
 
     def __init__(self, backend, config: ShallowDiffuseConfig | None = None):
         self._configure(backend, config)

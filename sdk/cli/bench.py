@@ -47,6 +47,8 @@ def register(sub) -> None:
     ca.add_argument("--attacks", default=",".join(("clean", "rotate:15", "crop-centre:0.75", "aspect:0.8")))
     ca.add_argument("--n-keys", type=int, default=20, help="keys each image is scored against (default 20; "
                                                              "the first is the benchmark's test key)")
+    ca.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="an option of the method, e.g. key_variants=1 (repeatable; JSON values)")
     ca.set_defaults(func=_cmd_bench_calibration)
 
     ph = sub.add_parser("bench-photos", help="real photos at their own sizes watermarked and verified through a "
@@ -67,6 +69,8 @@ def register(sub) -> None:
     ident.add_argument("--attacks", default="clean,jpeg:50,jpeg,blur,noise,jitter")
     ident.add_argument("--n-negatives", type=int, default=100, help="unwatermarked generations (default 100)")
     ident.add_argument("--photos-per-source", type=int, default=25, help="photos of each set as negatives (default 25)")
+    ident.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="a Shallow Diffuse option, e.g. key_variants=1 (repeatable; JSON values)")
     ident.set_defaults(func=_cmd_bench_identify)
 
     _register_bench(sub)
@@ -160,9 +164,10 @@ def _cmd_bench_calibration(args) -> int:
     from shallowmark.attacks.calibration import CalibrationConfig, run_calibration
 
     sources = tuple(args.photo_sources.split(",")) if args.photo_sources else None
+    options = _method_options([f"{args.method}:{o}" for o in args.method_option]).get(args.method, {})
     cfg = CalibrationConfig(method=args.method, n_generated=args.n_generated, photo_sources=sources,
                             photos_per_source=args.photos_per_source, attacks=tuple(args.attacks.split(",")),
-                            n_keys=args.n_keys)
+                            n_keys=args.n_keys, method_options=options)
     run_calibration(cfg, Path(args.out), log=log)
     print_report(args.out)
     return 0
@@ -185,9 +190,11 @@ def _cmd_bench_identify(args) -> int:
     need("server", "bench-identify")
     from shallowmark.attacks import identify_report
 
+    method = identify_report.IdentifyConfig.method
+    options = _method_options([f"{method}:{o}" for o in args.method_option]).get(method, {})
     cfg = identify_report.IdentifyConfig(n_marked=args.n, sizes=tuple(int(s) for s in args.sizes.split(",")),
                                          attacks=tuple(args.attacks.split(",")), n_generated_negatives=args.n_negatives,
-                                         photos_per_source=args.photos_per_source)
+                                         photos_per_source=args.photos_per_source, method_options=options)
     identify_report.run(cfg, Path(args.out), log=log, command=args.invocation)
     print_report(args.out)
     return 0

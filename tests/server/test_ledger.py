@@ -15,7 +15,7 @@ from shallowmark.server.ledger import LedgerError, PostgresLedger, SQLiteLedger,
 KEY_A = "sm1_" + "a" * 32
 KEY_B = "sm1_" + "b" * 32
 COLUMNS = {"id", "tenant", "key_id", "method", "model", "image_sha256", "created_at", "request_id", "source",
-           "link"}
+           "link", "config_sha256"}
 
 
 def _write_at_once(ledgers, n: int) -> None:
@@ -35,19 +35,33 @@ def _rec(ledger, tenant, i, key=KEY_A, **kw):
     return ledger.record(**args)
 
 
-def _raw_table(url: str) -> tuple[set[str], list[tuple]]:
-    """Column names and every row, read straight from the database (not through the ledger)."""
+def _raw_table(url: str) -> tuple[list[str], list[tuple]]:
+    """Column names (in the table's order, which differs between a new and a migrated table) and
+    every row, read straight from the database (not through the ledger)."""
     if url.startswith("sqlite:///"):
         db = sqlite3.connect(url[len("sqlite:///"):])
         cur = db.execute("SELECT * FROM embeds")
-        out = {d[0] for d in cur.description}, cur.fetchall()
+        out = [d[0] for d in cur.description], cur.fetchall()
         db.close()
         return out
     import psycopg
 
     with psycopg.connect(url) as db:
         cur = db.execute("SELECT * FROM shallowmark_embeds")
-        return {d.name for d in cur.description}, cur.fetchall()
+        return [d.name for d in cur.description], cur.fetchall()
+
+
+def _configs_of(led, key_id, method, model):
+    """``led.configs`` for one key."""
+    return led.configs([(key_id, method)], model)[(key_id, method)]
+
+
+def _config(tag: str) -> dict:
+    """record() arguments for a method configuration ``{"<tag>": 1}``."""
+    import hashlib
+
+    text = f'{{"{tag}":1}}'
+    return dict(config=text, config_sha256=hashlib.sha256(text.encode()).hexdigest())
 
 
 # -- the contract, on both backends ----------------------------------------------------------------
@@ -95,6 +109,71 @@ def test_key_filter_page_bounds_and_bad_cursors(ledger_url):
     led.close()
 
 
+def test_each_embed_records_its_method_configuration(ledger_url):
+    """The configuration an image was embedded with is kept per record (its digest in the hash chain,
+    the text once per digest), and ``configs`` returns, for one key, method and model, each one it
+    was embedded with, of any tenant."""
+    from shallowmark.server.ledger import LedgerIntegrityError
+
+    led = open_ledger(ledger_url)
+    x, y = _config("x"), _config("y")
+    assert _rec(led, "a", 1, **x) and _rec(led, "b", 2, **x) and _rec(led, "a", 3, **y)
+    assert _rec(led, "a", 4)                                   # no configuration: as older versions wrote
+    assert _rec(led, "a", 5, key=KEY_B, **y) and _rec(led, "a", 6, model="other", **x)
+    found = _configs_of(led, KEY_A, "shallow-diffuse", "tiny-ldm")
+    assert sorted(found, key=lambda c: c[0] or "") == [(None, None), (x["config_sha256"], x["config"]),
+                                                       (y["config_sha256"], y["config"])]
+    assert _configs_of(led, KEY_B, "shallow-diffuse", "tiny-ldm") == [(y["config_sha256"], y["config"])]
+    assert _configs_of(led, KEY_A, "tree-ring", "tiny-ldm") == [] and _configs_of(led, "sm1_" + "c" * 32, "x", "y") == []
+    many = [(f"sm1_{i:032x}", "shallow-diffuse") for i in range(1200)] + [(KEY_B, "shallow-diffuse")]
+    got = led.configs(many, "tiny-ldm")   # one call for many keys (three queries of at most 500)
+    assert got[(KEY_B, "shallow-diffuse")] == [(y["config_sha256"], y["config"])]
+    assert len(got) == 1201 and sum(map(len, got.values())) == 1
+    assert not _rec(led, "a", 1, **x)                          # a retry, recorded once
+    with pytest.raises(InvalidParameterError, match="already used"):
+        _rec(led, "a", 1, **y)                                 # the same request id under another configuration
+    with pytest.raises(InvalidParameterError, match="not the SHA-256"):
+        _rec(led, "a", 7, config='{"x":1}', config_sha256="0" * 64)
+    with pytest.raises(InvalidParameterError, match="pass both or neither"):
+        _rec(led, "a", 7, config='{"x":1}')
+    assert led.count() == 6
+    led.close()
+
+    t = _table(ledger_url)
+    _raw_exec(ledger_url, f"UPDATE {t} SET config_sha256 = '{y['config_sha256']}' WHERE request_id = 'r1'")
+    with pytest.raises(LedgerIntegrityError, match="does not match"):   # the digest is in the chain
+        open_ledger(ledger_url)
+    _raw_exec(ledger_url, f"UPDATE {t} SET config_sha256 = '{x['config_sha256']}' WHERE request_id = 'r1'")
+    configs = "method_configs" if ledger_url.startswith("sqlite:///") else "shallowmark_method_configs"
+    _raw_exec(ledger_url, f"UPDATE {configs} SET config = '{{\"x\":2}}' WHERE config_sha256 = '{x['config_sha256']}'")
+    led = open_ledger(ledger_url)   # the text sits outside the chain; it is checked against its digest when read
+    with pytest.raises(LedgerIntegrityError, match="does not match its digest"):
+        _configs_of(led, KEY_A, "shallow-diffuse", "tiny-ldm")
+    assert _configs_of(led, KEY_B, "shallow-diffuse", "tiny-ldm") == [(y["config_sha256"], y["config"])]
+    led.close()
+
+
+def test_a_ledger_from_before_configurations_is_migrated_with_its_chain(ledger_url, caplog):
+    """A ledger of the version before per-embed configurations (hash chain, no configuration column
+    or table) opens with every record, gains both, and its old records stand for "unrecorded"."""
+    _filled(ledger_url, 4)
+    t = _table(ledger_url)
+    configs = "method_configs" if ledger_url.startswith("sqlite:///") else "shallowmark_method_configs"
+    index = "embeds_key" if ledger_url.startswith("sqlite:///") else "shallowmark_embeds_key"
+    _raw_exec(ledger_url, f"DROP INDEX {index}", f"ALTER TABLE {t} DROP COLUMN config_sha256", f"DROP TABLE {configs}")
+    with caplog.at_level("WARNING", logger="shallowmark.server"):
+        led = open_ledger(ledger_url)
+    assert "adopt" not in caplog.text and "link" not in caplog.text   # the chain is kept as it was
+    assert led.count() == 4 and _configs_of(led, KEY_A, "shallow-diffuse", "tiny-ldm") == [(None, None)]
+    x = _config("x")
+    assert _rec(led, "a", 9, **x)
+    led.close()
+    led = open_ledger(ledger_url)   # and the chain over old and new records verifies
+    assert sorted(_configs_of(led, KEY_A, "shallow-diffuse", "tiny-ldm"), key=lambda c: c[0] or "") == \
+        [(None, None), (x["config_sha256"], x["config"])]
+    led.close()
+
+
 def test_times_are_utc_to_the_microsecond(ledger_url):
     led = open_ledger(ledger_url)
     paris = timezone(timedelta(hours=2))
@@ -133,7 +212,7 @@ def test_survives_reopen_and_concurrent_writers(ledger_url):
     assert again.count("t0") == 60 and again.count("t1") == 60
     assert not _rec(again, "t0", 0)   # and a retry after a restart is still recognised
     cols, rows = _raw_table(ledger_url)
-    assert cols == COLUMNS and len(rows) == 120
+    assert set(cols) == COLUMNS and len(rows) == 120
     again.close()
 
 
@@ -222,7 +301,7 @@ def test_server_on_postgres_records_embeds_per_tenant(tmp_path, pg_url, loader, 
     finally:
         app.stop(1.0)
     cols, rows = _raw_table(pg_url)
-    assert cols == COLUMNS and len(rows) == 1
+    assert set(cols) == COLUMNS and len(rows) == 1
     dump = repr(rows)
     mk = keys[0].for_method("shallow-diffuse")
     for secret in ("token-for-tenant-a", "private prompt", mk.to_bytes().hex(), keys[0].to_hex()):
@@ -241,8 +320,12 @@ def test_a_role_with_only_select_insert_and_the_head_update_can_run_the_ledger(p
         with pytest.raises(LedgerError, match=f"GRANT SELECT, UPDATE ON shallowmark_ledger_head TO {role}"):
             open_ledger(as_role)   # refused at start, not at the first embed
         admin.execute(f"GRANT SELECT, UPDATE ON shallowmark_ledger_head TO {role}")
+        with pytest.raises(LedgerError, match=f"GRANT SELECT, INSERT ON shallowmark_method_configs TO {role}"):
+            open_ledger(as_role)
+        admin.execute(f"GRANT SELECT, INSERT ON shallowmark_method_configs TO {role}")
     led = open_ledger(as_role)
     assert _rec(led, "a", 1) and not _rec(led, "a", 1) and led.count("a") == 1
+    assert _rec(led, "a", 2, **_config("x")) and _configs_of(led, KEY_A, "shallow-diffuse", "tiny-ldm")[-1][1] == '{"x":1}'
     led.close()
     open_ledger(pg_url).close()   # and the chain it wrote verifies
 
@@ -484,7 +567,7 @@ def test_a_ledger_made_by_an_older_version_is_adopted(ledger_url, caplog):
     assert _rec(led, "a", 9)
     led.close()
     cols, rows = _raw_table(ledger_url)
-    assert cols == COLUMNS and len(rows) == 6 and all(r[-1] for r in rows)   # every record linked now
+    assert set(cols) == COLUMNS and len(rows) == 6 and all(r[cols.index("link")] for r in rows)   # every record linked now
     caplog.clear()
     with caplog.at_level("WARNING", logger="shallowmark.server"):
         open_ledger(ledger_url).close()

@@ -434,3 +434,57 @@ def test_an_oversized_nonce_is_refused(server, keys, embedded):
         stub.Verify(req, metadata=md, timeout=60)
     channel.close()
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "nonce" in e.value.details()
+
+
+def test_an_image_verifies_under_the_configuration_it_was_embedded_with(tmp_path, running_server, keys):
+    """The ledger records each embed's method configuration and Verify uses it: an image embedded
+    before the server's options (or a built-in default) changed is still found, the attestation
+    names the configuration, and a key embedded under two is tried under both at twice the p-value.
+    A key with no record is verified under the current configuration, and a record made before
+    configurations were recorded under the method's ``unrecorded_options``."""
+    from shallowmark.core.watermarks.shallow_diffuse import ShallowDiffuse, ShallowDiffuseConfig
+    from shallowmark.server.attestation import config_sha256
+    from shallowmark.server.ledger import open_ledger
+
+    from tests.server.conftest import STEPS, TOKEN_A
+
+    old_options = {**STEPS, "shallow-diffuse": {**STEPS["shallow-diffuse"], **ShallowDiffuse.unrecorded_options}}
+    old_sha = config_sha256(ShallowDiffuseConfig(**old_options["shallow-diffuse"]))
+    new_sha = config_sha256(ShallowDiffuseConfig(**STEPS["shallow-diffuse"]))
+    assert old_sha != new_sha
+    key = keys[2]
+    state = tmp_path / "state"
+    with running_server(state, method_options=old_options) as app, Client(app.address, TOKEN_A, timeout=120) as c:
+        old = c.embed(key, method="shallow-diffuse", seed=11)
+
+    def configs_signed(res, client, image):
+        return [m["config_sha256"] for m in verify_attestation(res, client.info().attestation_public_key,
+                                                                image=image)["methods"]]
+
+    with running_server(state) as app, Client(app.address, TOKEN_A, timeout=120) as c:   # defaults changed since
+        res = c.verify(old.image, [key])
+        assert res.detected and res.identified_key_id == old.key_id
+        assert any(f"embedded with ({old_sha[:12]}; the server's current one is {new_sha[:12]})" in n
+                   for n in res.notes)
+        assert configs_signed(res, c, old.image) == [old_sha]
+        new = c.embed(key, method="shallow-diffuse", seed=12)   # the key now has images under both
+        both = c.verify(new.image, [key])
+        assert both.detected and configs_signed(both, c, new.image) == sorted([old_sha, new_sha])
+        assert any("multiplied by 2" in n for n in both.notes)
+        again = c.verify(old.image, [key])
+        assert again.detected and again.verdicts[0].p_value == pytest.approx(2 * res.verdicts[0].p_value, rel=1e-6)
+
+    with running_server(tmp_path / "fresh") as app, Client(app.address, TOKEN_A, timeout=120) as c:
+        res = c.verify(old.image, [key])   # no record of the key: the current configuration, which misses it
+        assert not res.detected and configs_signed(res, c, old.image) == [new_sha]
+        assert not any("embedded with" in n for n in res.notes)
+
+    # a ledger an older version wrote: the record names no configuration
+    legacy = tmp_path / "legacy"
+    led = open_ledger(str(legacy / "ledger.sqlite3"))
+    led.record(tenant="a", key_id=old.key_id, method="shallow-diffuse", model=old.model,
+               image_sha256=old.image_sha256, request_id="from-an-older-version", source="generate")
+    led.close()
+    with running_server(legacy) as app, Client(app.address, TOKEN_A, timeout=120) as c:
+        res = c.verify(old.image, [key])
+        assert res.detected and configs_signed(res, c, old.image) == [old_sha]

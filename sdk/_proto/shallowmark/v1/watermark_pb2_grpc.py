@@ -65,7 +65,8 @@ class WatermarkServicer:
         """Watermark an image: either generate a new one from a seed (and a prompt, for text-conditioned
         models) with the watermark built in, or watermark an uploaded PNG/JPEG. Returns a PNG. Every
         successful call is recorded in the ledger (tenant, key id, method, model, image hash, time,
-        request id); no secret is stored.
+        request id, and the method's configuration, under which Verify later checks the key); no
+        secret is stored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -73,7 +74,10 @@ class WatermarkServicer:
 
     def Verify(self, request, context):
         """Detect whether an image carries a watermark from any of the candidate keys, and which one.
-        The result is signed by the server (`Attestation`), so it can be shown to a third party.
+        Each key is checked under every method configuration the ledger recorded for it (the current
+        one when there is no record), its p-value corrected for their number; `notes` say when that is
+        not the current configuration. The result is signed by the server (`Attestation`), so it can
+        be shown to a third party.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
