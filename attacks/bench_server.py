@@ -230,10 +230,15 @@ def _negatives(config: BenchConfig, size: int) -> tuple[dict[int, np.ndarray], d
 
 # -- the server executor ----------------------------------------------------------------------------------
 def _score_row(res) -> tuple:
-    """A VerifyResult as the cache stores it (see :mod:`~shallowmark.attacks.bench_grid`)."""
+    """A VerifyResult as the cache stores it (see :mod:`~shallowmark.attacks.bench_grid`). Bits
+    are a payload, and method_score the fraction recovered, only for the methods whose key feeds
+    payload bits: Shallow Diffuse's bits are the variant index it found, and its score a cosine."""
+    from shallowmark.methods import method_spec
+
     best = res.best
+    payload = res.num_bits and "payload_bits" in method_spec(best.method).derivations
     return (float(res.method_score), float(best.p_value), int(res.detected),
-            float(res.method_score) if res.num_bits else None, int(res.model_evals), best.key_id)
+            float(res.method_score) if payload else None, int(res.model_evals), best.key_id)
 
 
 class ServerExecutor:

@@ -69,6 +69,10 @@ def dihedral(x: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+#: Key variants when ``ShallowDiffuseConfig.key_variants`` is None (and the statistic has as many dimensions).
+DEFAULT_KEY_VARIANTS = 16
+
+
 @dataclass(frozen=True)
 class ShallowDiffuseConfig:
     """Parameters, chosen on tiny-ldm (4×64×64 latents from 256² images, f=4).
@@ -175,10 +179,11 @@ class ShallowDiffuseConfig:
     # watermarked images then holds many patterns, each weakly. Verification scores every variant
     # (no model cost) and pays ×key_variants in the p-value; the best variant's index is a
     # log2(key_variants)-bit per-image payload. At most the statistic's dimensions (18 by default).
+    # None: 16, or every dimension when the statistic has fewer (smaller rings or latents).
     # 16: forgery by averaging 4, 16 or 64 watermarked images turned at most 2 of 99 targets at
     # every attacker PSNR >= 25 dB (docs/reliability/forgery). 1: every image carries the key's own
     # values (the paper's), and averaging 16 images forged all 24 targets.
-    key_variants: int = 16
+    key_variants: int | None = None
     # Score the ring statistic on x_t* − √ᾱ(t*)·z0, the part of the inverted latent that the encoded
     # image z0 does not explain (the inversion's noise estimate, scaled), instead of on x_t* itself.
     # An unwatermarked image's own content gives its x_t* a ring profile of its own, and that
@@ -208,7 +213,7 @@ class ShallowDiffuseConfig:
         self.sync_template().validate()
         dims = rings.RingGeometry(latent_shape[-1], self.radius, self.ring_centre, self.inner_radius,
                                   self.complex_key, self.ring_origin).dims
-        if not 1 <= self.key_variants <= dims:
+        if self.key_variants is not None and not 1 <= self.key_variants <= dims:
             raise InvalidParameterError(f"key_variants must be in [1, {dims}] (the variants are orthogonal directions "
                                         f"of the ring statistic's {dims} dimensions); got {self.key_variants}")
         if self.embed_strength is not None and self.embed_strength <= 0:
@@ -239,6 +244,8 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         self.geom = rings.RingGeometry(backend.latent_shape[-1], self.config.radius, self.config.ring_centre,
                                        self.config.inner_radius, self.config.complex_key, self.config.ring_origin)
         self.template = self.config.sync_template() if self.config.sync_amplitude > 0 else None
+        #: the variants a plain key has (the config's key_variants, resolved)
+        self.key_variants = self.config.key_variants or min(DEFAULT_KEY_VARIANTS, self.geom.dims)
 
     @property
     def inversion_position(self) -> int:
@@ -254,7 +261,7 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         """The ring statistic, searched over the dihedral transforms of x_t* and, when configured,
         over its circular shifts (:func:`geometric_p_values`). The score is −log10 of the p-value, so
         ROC curves rank images the way the verdict does."""
-        if self.config.geometric_search == "none" and self.config.shift_window == 0 and self.config.key_variants == 1:
+        if self.config.geometric_search == "none" and self.config.shift_window == 0 and self.key_variants == 1:
             return super()._score(x, keys, target_fpr)
         from shallowmark.core.watermarks.base import KeyRows, best_key, rows_verdict
 
@@ -318,14 +325,14 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         one of its members, whose members are already one pattern each (variants would multiply a
         100 000-member family's rows by their number). Averaging images of one member works as it
         does with one variant (SECURITY.md)."""
-        return 1 if isinstance(key, (KeyFamily, FamilyMember)) else self.config.key_variants
+        return 1 if isinstance(key, (KeyFamily, FamilyMember)) else self.key_variants
 
     def variant_values(self, key: MethodKey) -> torch.Tensor:
         """The ring values of each of the key's variants: (variants_of(key), n_values); a family's
         rows are its members (one variant each)."""
         if self.variants_of(key) == 1:
             return self.key_rows(key)
-        return rings.orthogonal_key_values(ring_variants_seed(key), self.geom, self.config.key_variants,
+        return rings.orthogonal_key_values(ring_variants_seed(key), self.geom, self.key_variants,
                                            self.config.strength)
 
     def variant_for(self, key: MethodKey, token: bytes) -> int:
@@ -334,7 +341,7 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         return 0 if n == 1 else ring_variant_choice(key, token, n)
 
     def _variant_values(self, keys: Sequence[MethodKey], variants: Sequence[int] | None) -> torch.Tensor:
-        if self.config.key_variants == 1:
+        if self.key_variants == 1:
             return self._values(keys)
         variants = [0] * len(keys) if variants is None else variants
         return torch.stack([self.variant_values(k)[int(j)] for k, j in zip(keys, variants)])

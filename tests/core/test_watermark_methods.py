@@ -91,7 +91,7 @@ def test_shallow_diffuse_user_scenario_both_outputs(tiny_ldm, sd):
         if mode == "decode":
             wm_decode = wm
         # 1e-6 before the search over the 16 key variants, which the p-value pays for (x16)
-        assert m.detect(wm, key)[0].p_value < 1e-6 * m.config.key_variants
+        assert m.detect(wm, key)[0].p_value < 1e-6 * m.key_variants
     assert out["residual"] > out["decode"]  # residual keeps the photo's own detail
     # the per-call override (what the service uses) gives the other mode's image exactly
     np.testing.assert_array_equal(m.embed(key, photo, output="decode"), wm_decode)
@@ -271,14 +271,18 @@ def test_shallow_diffuse_undoes_rotation_crop_shift_and_aspect_change_at_no_mode
         attacked = [apply_attack(name, im, s, rng=i) for i, im in enumerate(imgs)]
         assert all(d.detected and d.p_value < bound for d in m.detect(attacked, [key])), name
         assert not any(d.detected for d in m.detect(attacked, [other])), name
-        assert not any(d.detected for d in m.detect([apply_attack(name, im, s, rng=i) for i, im in enumerate(refs)],
-                                                    [key])), name
+        # an unwatermarked image fires at 1 % FPR one time in 100 by design (seed 4 under the aspect
+        # change scores p 0.0097), so the check is the margin: far above the watermarked bound
+        assert all(d.p_value > 1e-3 for d in m.detect([apply_attack(name, im, s, rng=i) for i, im in enumerate(refs)],
+                                                      [key])), name
     lat = m.invert(imgs[:1])
-    vals = m._values([key])
-    c0 = max(float(rings.cosines(v.contiguous(), m.config.channel, vals, m.geom, True)) for v in dihedral(lat))
-    cs = max(float(rings.shifted_cosines(v.contiguous(), m.config.channel, vals, m.geom, 8, True)) for v in dihedral(lat))
+    vals = m.variant_values(key)   # every variant, best one paid for ×key_variants
+    c0 = max(float(rings.cosines(v.contiguous(), m.config.channel, vals, m.geom, True).max()) for v in dihedral(lat))
+    cs = max(float(rings.shifted_cosines(v.contiguous(), m.config.channel, vals, m.geom, 8, True).max())
+             for v in dihedral(lat))
     p0, ps = (float(rings.p_values(torch.tensor([c]), m.geom.dims)[0]) for c in (c0, cs))
-    assert m.score(lat, [key])[0].p_value == pytest.approx(min(1.0, 2 * min(8 * p0, 8 * 17 ** 2 * ps)))
+    assert m.key_variants == 16
+    assert m.score(lat, [key])[0].p_value == pytest.approx(min(1.0, 16 * 2 * min(8 * p0, 8 * 17 ** 2 * ps)))
     assert m.model_evals() == ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(num_steps=20, sync_amplitude=0)).model_evals()
 
 
