@@ -112,7 +112,6 @@ CREATE TABLE IF NOT EXISTS embeds (
 );
 CREATE INDEX IF NOT EXISTS embeds_tenant_id ON embeds (tenant, id);
 CREATE INDEX IF NOT EXISTS embeds_sha ON embeds (image_sha256);
-CREATE INDEX IF NOT EXISTS embeds_key ON embeds (key_id, model);
 CREATE TABLE IF NOT EXISTS method_configs (
     config_sha256 TEXT PRIMARY KEY,
     method        TEXT NOT NULL,
@@ -135,6 +134,15 @@ class LedgerIntegrityError(LedgerError):
 def _check_page_size(page_size: int) -> None:
     if not 1 <= page_size <= 1000:
         raise InvalidParameterError(f"page_size must be in 1..1000; got {page_size}")
+
+
+def _same_embed(old: tuple, new: tuple) -> bool:
+    """Whether a recorded ``(key_id, method, model, image_sha256, source, config_sha256)`` is the
+    embed ``new`` retries. A record without a configuration (made by an older version, before an
+    upgrade, or by an older replica) matches on the rest: the retry is that embed."""
+    if old[-1] is None or new[-1] is None:
+        return old[:-1] == new[:-1]
+    return old == new
 
 
 def _reused_id(request_id: str) -> InvalidParameterError:
@@ -255,8 +263,11 @@ _CONFIGS_CHUNK = 500
 
 
 def _configs_query(embeds: str, configs: str, ph: str, n: int) -> str:
-    return (f"SELECT DISTINCT e.key_id, e.method, e.config_sha256, c.config FROM {embeds} e LEFT JOIN {configs} c "
-            f"ON c.config_sha256 = e.config_sha256 WHERE e.model = {ph} AND e.key_id IN ({', '.join([ph] * n)})")
+    # the distinct triples first, from the covering index (key_id, model, method, config_sha256), then
+    # their texts: a key embedded a million times is a million index entries, not a million joins
+    return (f"SELECT e.key_id, e.method, e.config_sha256, c.config FROM (SELECT DISTINCT key_id, method, "
+            f"config_sha256 FROM {embeds} WHERE model = {ph} AND key_id IN ({', '.join([ph] * n)})) e "
+            f"LEFT JOIN {configs} c ON c.config_sha256 = e.config_sha256")
 
 
 def _configs(keys, model: str, fetch: Callable[[str, list], list], where: str,
@@ -480,6 +491,8 @@ class SQLiteLedger:
             db.execute("ALTER TABLE embeds ADD COLUMN link TEXT")  # made by an older version: _link_trailing
         if "config_sha256" not in cols:
             db.execute("ALTER TABLE embeds ADD COLUMN config_sha256 TEXT")  # its records keep NULL
+        # after the column exists (a ledger from before it gains it just above); covers configs()
+        db.execute("CREATE INDEX IF NOT EXISTS embeds_key ON embeds (key_id, model, method, config_sha256)")
         return db
 
     def _check(self, acked: tuple[int, str] | None) -> _Chain:
@@ -634,7 +647,7 @@ class SQLiteLedger:
                 self._acked = self._count
         if inserted:
             return True
-        if tuple(old) != row:
+        if not _same_embed(tuple(old), row):
             raise _reused_id(request_id)
         return False
 
@@ -703,7 +716,7 @@ _PG_CONFIGS = "shallowmark_method_configs"
 # The per-embed method configuration (added after the hash chain; a table without it is migrated by
 # :meth:`PostgresLedger._prepare`). Its own statements, so that the migration can run them alone.
 _PG_CONFIG_SCHEMA = f"""
-CREATE INDEX IF NOT EXISTS {_PG_TABLE}_key ON {_PG_TABLE} (key_id, model);
+CREATE INDEX IF NOT EXISTS {_PG_TABLE}_key ON {_PG_TABLE} (key_id, model, method, config_sha256);
 CREATE TABLE IF NOT EXISTS {_PG_CONFIGS} (
     config_sha256 TEXT PRIMARY KEY,
     method        TEXT NOT NULL,
@@ -1131,7 +1144,7 @@ class PostgresLedger:
         old = self._run("write to", write)
         if old is None:
             return True
-        if tuple(old) != row:
+        if not _same_embed(tuple(old), row):
             raise _reused_id(request_id)
         return False
 

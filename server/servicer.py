@@ -245,7 +245,7 @@ class ModelPool:
             RecordedConfigUnsupported: this version cannot build that configuration.
         """
         current = self.method(lm, name)
-        if sha is not None and sha == config_sha256(current.config):
+        if sha is not None and sha == config_sha256(current.effective_config()):
             return current
         from shallowmark.core.watermarks import load_method
 
@@ -636,7 +636,7 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
             out = self.pool.run_jobs(lm, [job], context.time_remaining, context)[0]
         png = encode_png(out)
         sha = hashlib.sha256(png).hexdigest()
-        config = config_json(method.config)   # what Verify rebuilds this image's method from
+        config = config_json(method.effective_config())   # what Verify rebuilds this image's method from
         self.ledger.record(tenant=tenant, key_id=mk.key_id, method=method_name, model=lm.name,
                            image_sha256=sha, request_id=rid, source=source,
                            config_sha256=hashlib.sha256(config.encode()).hexdigest(), config=config)
@@ -665,7 +665,9 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
         for k in keys:
             mine = []
             for m in self._methods_for_key(lm, k, recorded.get((k.key_id, k.method))):
-                g = (k.method, config_sha256(m.config))
+                g = (k.method, config_sha256(m.effective_config()))
+                if g in mine:   # e.g. records from before the configuration was recorded that rebuild to a recorded one
+                    continue
                 methods.setdefault(g, m)
                 groups.setdefault(g, []).append(k)
                 mine.append(g)
@@ -747,7 +749,7 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
         """Say when a key is verified under another configuration than the server's current one."""
         notes = []
         for k, mine in zip(keys, tried):
-            current = config_sha256(self.pool.method(lm, k.method).config)
+            current = config_sha256(self.pool.method(lm, k.method).effective_config())
             if mine != [(k.method, current)]:
                 others = ", ".join(sha[:12] for _, sha in mine)
                 notes.append(f"key {k.key_id} verified under the {k.method} configuration(s) it was embedded with "

@@ -212,6 +212,12 @@ class WatermarkMethod:
         config.validate(None if backend is None else tuple(int(s) for s in backend.latent_shape))
         self.backend, self.config = backend, config
 
+    def effective_config(self):
+        """The config with every value the method resolved at build time filled in (what the
+        server records per embed and hashes into attestations, so that a later change of how a
+        default resolves cannot make a recorded configuration mean something else)."""
+        return self.config
+
     # -- hooks ------------------------------------------------------------------------------------
     def generate(self, keys: Sequence[MethodKey], seeds: Sequence[int], prompts=None) -> np.ndarray:
         raise NotImplementedError

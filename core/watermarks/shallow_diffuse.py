@@ -24,6 +24,7 @@ iteration), which the theory says leaves the final image least changed; ``channe
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -246,6 +247,10 @@ class ShallowDiffuse(rings.RingKeyed, LatentMethod):
         self.template = self.config.sync_template() if self.config.sync_amplitude > 0 else None
         #: the variants a plain key has (the config's key_variants, resolved)
         self.key_variants = self.config.key_variants or min(DEFAULT_KEY_VARIANTS, self.geom.dims)
+
+    def effective_config(self) -> ShallowDiffuseConfig:
+        """The config with ``key_variants`` resolved (None: 16, or the statistic's dimensions)."""
+        return dataclasses.replace(self.config, key_variants=self.key_variants)
 
     @property
     def inversion_position(self) -> int:

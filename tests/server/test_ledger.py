@@ -130,6 +130,7 @@ def test_each_embed_records_its_method_configuration(ledger_url):
     assert got[(KEY_B, "shallow-diffuse")] == [(y["config_sha256"], y["config"])]
     assert len(got) == 1201 and sum(map(len, got.values())) == 1
     assert not _rec(led, "a", 1, **x)                          # a retry, recorded once
+    assert not _rec(led, "a", 4, **x)   # a retry of an embed an older version (or replica) recorded without one
     with pytest.raises(InvalidParameterError, match="already used"):
         _rec(led, "a", 1, **y)                                 # the same request id under another configuration
     with pytest.raises(InvalidParameterError, match="not the SHA-256"):

@@ -416,7 +416,9 @@ def test_attestation_binds_tenant_methods_and_the_callers_nonce(server, client_a
     from shallowmark.core.watermarks.shallow_diffuse import ShallowDiffuseConfig
     from shallowmark.server.attestation import config_sha256
 
-    effective = ShallowDiffuseConfig(**dict(server.config.method_options.get("shallow-diffuse", {})))
+    # key_variants unset resolves to 16 on tiny-ldm's rings, and the digest holds the resolved value
+    effective = dataclasses.replace(ShallowDiffuseConfig(**dict(server.config.method_options.get("shallow-diffuse", {}))),
+                                    key_variants=16)
     assert payload["methods"][0]["config_sha256"] == config_sha256(effective)
     assert config_sha256(dataclasses.replace(effective, key_variants=2)) != config_sha256(effective)
     assert {v["key_id"] for v in payload["verdicts"]} == {k.key_id_for("shallow-diffuse") for k in keys[:2]}
@@ -450,7 +452,7 @@ def test_an_image_verifies_under_the_configuration_it_was_embedded_with(tmp_path
 
     old_options = {**STEPS, "shallow-diffuse": {**STEPS["shallow-diffuse"], **ShallowDiffuse.unrecorded_options}}
     old_sha = config_sha256(ShallowDiffuseConfig(**old_options["shallow-diffuse"]))
-    new_sha = config_sha256(ShallowDiffuseConfig(**STEPS["shallow-diffuse"]))
+    new_sha = config_sha256(ShallowDiffuseConfig(**STEPS["shallow-diffuse"], key_variants=16))
     assert old_sha != new_sha
     key = keys[2]
     state = tmp_path / "state"
@@ -477,6 +479,19 @@ def test_an_image_verifies_under_the_configuration_it_was_embedded_with(tmp_path
     with running_server(tmp_path / "fresh") as app, Client(app.address, TOKEN_A, timeout=120) as c:
         res = c.verify(old.image, [key])   # no record of the key: the current configuration, which misses it
         assert not res.detected and configs_signed(res, c, old.image) == [new_sha]
+        assert not any("embedded with" in n for n in res.notes)
+
+    # records without a configuration that rebuild to the recorded one are one hypothesis, not two
+    dup = tmp_path / "dup"
+    with running_server(dup, method_options=old_options) as app, Client(app.address, TOKEN_A, timeout=120) as c:
+        c.embed(key, method="shallow-diffuse", seed=11)
+    led = open_ledger(str(dup / "ledger.sqlite3"))
+    led.record(tenant="a", key_id=old.key_id, method="shallow-diffuse", model=old.model,
+               image_sha256=old.image_sha256, request_id="from-an-older-version", source="generate")
+    led.close()
+    with running_server(dup, method_options=old_options) as app, Client(app.address, TOKEN_A, timeout=120) as c:
+        res = c.verify(old.image, [key])
+        assert res.detected and configs_signed(res, c, old.image) == [old_sha]
         assert not any("embedded with" in n for n in res.notes)
 
     # a ledger an older version wrote: the record names no configuration
