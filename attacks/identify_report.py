@@ -92,7 +92,8 @@ def run(cfg: IdentifyConfig, out_dir: Path, log: Callable = print, command: str 
     marked = _marked_images(method, cfg, family, root, ctx, log)
     negatives = unwatermarked_images(method, CalibrationConfig(
         method=cfg.method, model=cfg.model, n_generated=cfg.n_generated_negatives,
-        photo_sources=cfg.photo_sources, photos_per_source=cfg.photos_per_source, batch=cfg.batch), log)
+        photo_sources=cfg.photo_sources, photos_per_source=cfg.photos_per_source, batch=cfg.batch,
+        cache_dir=cfg.cache_dir), log)   # this run's cache (None: the calibration's, whose generations it shares)
     # an image's name holds its member, so that a run with other members never reads this one's records
     sets = [("marked", s, [(f"{seed}-{member}", im, member) for seed, im, member in marked])
             for s in parse_attacks(",".join(cfg.attacks))]

@@ -13,6 +13,7 @@ def test_identification_report_finds_each_member_and_resumes(tmp_path):
                          photo_sources=(), negative_attacks=("clean",), latency_calls=1, batch=2,
                          cache_dir=str(tmp_path / "cache"))
     rep = run(cfg, tmp_path / "out", log=lambda *_: None)
+    assert len(list((tmp_path / "cache").glob("generated-*/*.png"))) == 2   # the negatives in this run's cache
     rows = {(r["kind"], r["attack"], r["keys"]): r for r in rep["rows"]}
     assert set(rows) == {(k, a, n) for k, attacks in (("marked", ("clean", "jpeg:50")), ("unmarked", ("clean",)))
                          for a in attacks for n in (2, 300)}
