@@ -30,13 +30,13 @@ from shallowmark.reports import markdown_table, write_report
 
 DEFAULT_ATTACKS = ("clean", "jpeg", "blur", "noise", "jitter", "crop", "rotate")
 
-# The candidates of the committed scan: the reference placement, then the annulus around DC that
-# replaced it, with variations of band, value type, channel and strength.
 #: What every candidate shares unless it says otherwise: one pattern at the FFT's corner. The scan
 #: compares placements of the ring pattern, as its committed report ran; the key variants and the
 #: centred origin came later, against forgery, and are measured in docs/reliability/forgery.
 SCAN_BASE = dict(key_variants=1, ring_origin="corner")
 
+# The candidates of the committed scan: the reference placement, then the annulus around DC that
+# replaced it, with variations of band, value type, channel and strength.
 DEFAULT_CANDIDATES = (
     dict(ring_centre="nyquist", inner_radius=0, radius=10, complex_key=False, ring_write="replace", strength=4.0),
     dict(ring_centre="dc", inner_radius=8, radius=16, complex_key=False, ring_write="replace", strength=1.0),

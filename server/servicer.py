@@ -244,14 +244,16 @@ class ModelPool:
             UnknownNameError: as :meth:`method`.
             RecordedConfigUnsupported: this version cannot build that configuration.
         """
-        current = self.method(lm, name)
-        if sha is not None and sha == config_sha256(current.effective_config()):
-            return current
-        from shallowmark.core.watermarks import load_method
-
         with self._state_lock:
             m = lm.recorded.get((name, sha))
-        if m is None:
+        if m is not None:
+            return m
+        current = self.method(lm, name)
+        if sha is not None and sha == config_sha256(current.effective_config()):
+            m = current
+        else:
+            from shallowmark.core.watermarks import load_method
+
             if sha is None:
                 options = {**type(current).unrecorded_options, **dict(self.config.method_options.get(name, {}))}
             else:
@@ -264,9 +266,8 @@ class ModelPool:
                     f"this key was embedded with {name} under a configuration ({(sha or 'unrecorded')[:16]}) that "
                     f"this server version cannot build ({e}); verify on a server of the version that embedded "
                     "it") from None
-            with self._state_lock:
-                m = lm.recorded.setdefault((name, sha), m)
-        return m
+        with self._state_lock:
+            return lm.recorded.setdefault((name, sha), m)
 
     # -- jobs ------------------------------------------------------------------------------------
     @property
@@ -636,10 +637,10 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
             out = self.pool.run_jobs(lm, [job], context.time_remaining, context)[0]
         png = encode_png(out)
         sha = hashlib.sha256(png).hexdigest()
-        config = config_json(method.effective_config())   # what Verify rebuilds this image's method from
+        effective = method.effective_config()   # what Verify rebuilds this image's method from
         self.ledger.record(tenant=tenant, key_id=mk.key_id, method=method_name, model=lm.name,
                            image_sha256=sha, request_id=rid, source=source,
-                           config_sha256=hashlib.sha256(config.encode()).hexdigest(), config=config)
+                           config_sha256=config_sha256(effective), config=config_json(effective))
         info["image_sha256"] = sha[:16]
         response = pb.EmbedResponse(image=png, key_id=mk.key_id, method=method_name, model=lm.name,
                                     image_sha256=sha, request_id=rid, notes=notes, model_evals=evals)
@@ -662,10 +663,17 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
         tried: list[list[tuple[str, str]]] = []
         # a key family's members are recorded, each under its own id, not the family's
         recorded = self.ledger.configs([(k.key_id, k.method) for k in keys if not isinstance(k, KeyFamily)], lm.name)
+        digests: dict[int, str] = {}   # per method instance: a request may name thousands of keys
+
+        def digest(m) -> str:
+            if id(m) not in digests:
+                digests[id(m)] = config_sha256(m.effective_config())
+            return digests[id(m)]
+
         for k in keys:
             mine = []
             for m in self._methods_for_key(lm, k, recorded.get((k.key_id, k.method))):
-                g = (k.method, config_sha256(m.effective_config()))
+                g = (k.method, digest(m))
                 if g in mine:   # e.g. records from before the configuration was recorded that rebuild to a recorded one
                     continue
                 methods.setdefault(g, m)
@@ -682,7 +690,7 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
         # the note is the same for every latent method; post-hoc ones read the pixels as they are
         latent = [m for m in methods.values() if m.inversion is not None]
         notes = img.notes + (validation.grid_notes(img, latent[0], lm.image_size) if latent else [])
-        notes += self._config_notes(keys, tried, lm)
+        notes += self._config_notes(keys, tried, lm, digest)
 
         evals = sum(m.model_evals().verify for m in methods.values())
         # latent methods see the image on the model's grid already here, so that requests of any
@@ -745,11 +753,12 @@ class WatermarkServicer(pb_grpc.WatermarkServicer):
             return [self.pool.method(lm, key.method)]
         return [self.pool.method_as_embedded(lm, key.method, sha, config) for sha, config in recorded]
 
-    def _config_notes(self, keys, tried, lm) -> list[str]:
-        """Say when a key is verified under another configuration than the server's current one."""
+    def _config_notes(self, keys, tried, lm, digest) -> list[str]:
+        """Say when a key is verified under another configuration than the server's current one
+        (``digest(method)``: its configuration's digest)."""
         notes = []
         for k, mine in zip(keys, tried):
-            current = config_sha256(self.pool.method(lm, k.method).effective_config())
+            current = digest(self.pool.method(lm, k.method))
             if mine != [(k.method, current)]:
                 others = ", ".join(sha[:12] for _, sha in mine)
                 notes.append(f"key {k.key_id} verified under the {k.method} configuration(s) it was embedded with "
