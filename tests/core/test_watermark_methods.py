@@ -246,8 +246,10 @@ def test_shallow_diffuse_finds_flipped_and_right_angle_rotated_copies_at_no_mode
     from shallowmark.core.watermarks.shallow_diffuse import dihedral
 
     lat = m.invert(imgs[:1])
-    best = min(plain.score(v.contiguous(), [key])[0].p_value for v in dihedral(lat))
-    assert m.score(lat, [key])[0].p_value == pytest.approx(min(1.0, 8 * best))   # the search is paid for
+    views = [plain.score(v.contiguous(), [key])[0].p_value for v in dihedral(lat)]
+    # the search is paid for: half the budget to the image as it is, half to its 7 other views
+    assert m.hypothesis_shares() == (0.5, 0.5, 0.0)
+    assert m.score(lat, [key])[0].p_value == pytest.approx(min(1.0, 2 * views[0], 14 * min(views[1:])))
     assert not any(d.detected for d in m.detect(imgs, [other]))
     assert m.model_evals() == plain.model_evals()
 
@@ -277,13 +279,36 @@ def test_shallow_diffuse_undoes_rotation_crop_shift_and_aspect_change_at_no_mode
                                                       [key])), name
     lat = m.invert(imgs[:1])
     vals = m.variant_values(key)   # every variant, best one paid for ×key_variants
-    c0 = max(float(rings.cosines(v.contiguous(), m.config.channel, vals, m.geom, True).max()) for v in dihedral(lat))
+    c = [float(rings.cosines(v.contiguous(), m.config.channel, vals, m.geom, True).max()) for v in dihedral(lat)]
     cs = max(float(rings.shifted_cosines(v.contiguous(), m.config.channel, vals, m.geom, 8, True).max())
              for v in dihedral(lat))
-    p0, ps = (float(rings.p_values(torch.tensor([c]), m.geom.dims)[0]) for c in (c0, cs))
+    p_id, p_views, ps = (float(rings.p_values(torch.tensor([x]), m.geom.dims)[0]) for x in (c[0], max(c[1:]), cs))
     assert m.key_variants == 16
-    assert m.score(lat, [key])[0].p_value == pytest.approx(min(1.0, 16 * 2 * min(8 * p0, 8 * 17 ** 2 * ps)))
+    # weighted Bonferroni: 1/2 of the budget to the identity, 1/4 to the 7 other views, 1/4 to all 8×17² shifts
+    assert m.hypothesis_shares() == (0.5, 0.25, 0.25)
+    assert m.score(lat, [key])[0].p_value == pytest.approx(
+        min(1.0, 16 * min(2 * p_id, 4 * 7 * p_views, 4 * 8 * 17 ** 2 * ps)))
     assert m.model_evals() == ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(num_steps=20, sync_amplitude=0)).model_evals()
+
+
+def test_weighted_hypotheses_keep_the_p_value_valid_on_pure_noise(tiny_ldm):
+    """Whatever share of the error budget the identity gets, the corrected p-value of unwatermarked
+    (here: pure noise) latents stays uniform or above: at each level it fires at most at that rate,
+    within 3 standard errors of 300 latents. A share outside (0, 1) is refused with its range."""
+    key = _keys("shallow-diffuse", 1)[0]
+    x = torch.randn(300, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+    for share in (1 / 16, 0.5, 0.9):
+        m = ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(identity_share=share))
+        assert sum(m.hypothesis_shares()) == pytest.approx(1.0)
+        p = m.variant_p_values(x, [key])[0][:, 0]
+        for a in (0.05, 0.2):
+            assert float((p <= a).mean()) <= a + 3 * (a * (1 - a) / len(p)) ** 0.5, (share, a)
+    assert ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(geometric_search="none", shift_window=0)
+                          ).hypothesis_shares() == (1.0, 0.0, 0.0)
+    assert ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(geometric_search="none")).hypothesis_shares() == (0.5, 0.0, 0.5)
+    for bad in (0.0, 1.0, -0.5):
+        with pytest.raises(InvalidParameterError, match="identity_share must be in \\(0, 1\\)"):
+            ShallowDiffuse(tiny_ldm, ShallowDiffuseConfig(identity_share=bad))
 
 
 def test_shifted_cosines_find_a_circularly_shifted_key():
