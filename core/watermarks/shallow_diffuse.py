@@ -150,8 +150,8 @@ class ShallowDiffuseConfig:
     # fallbacks for when the template was not found (JPEG 25 erases it, busy photos hide it), share
     # the rest equally. The template undoes rotations, mirror images and translations before the
     # inversion, so the identity is where the key is expected: on the benchmark's 100 generations,
-    # clean and under 12 attacks (flips and right-angle rotations included), the identity view
-    # held the smallest unshifted p-value for 68-97 of them, the left-right mirror (which shares
+    # clean and under 21 attacks (flips and right-angle rotations included), the identity view
+    # held the smallest unshifted p-value for 67-98 of them, the left-right mirror (which shares
     # much of the ring statistic) for most of the rest (docs/reliability/forgery/hypotheses).
     # 0.5 costs an untouched image ×2 where equal weights over the 8 views cost ×16, and a
     # fallback ×4 (instead of ×2) its family's size. Measured on the same images: brightness
